@@ -1,0 +1,195 @@
+"""Real-time factor per core and peak memory of the whole data-preparation step.
+
+    python -m benchmarks.data_prep --tracks 24 --duration 120 --workers 2 --out /tmp/bench_data_prep
+
+Builds a synthetic tree (real 320 kbit/s stereo MP3s, not timed), then times ``build_dataset`` end to end
+(worker start, decode, features, cache, normalisation stats, TFRecord shards; TensorFlow's import, a
+fixed cost of a few seconds per run, is timed apart) on the MP3s (``hop512``) and
+on ``.npy`` mel-spectrograms of the same lengths (``essentia96``; their values are random, which does not
+change the cost). Real-time factor per core = audio seconds / (wall seconds * workers); on a machine that
+other jobs share, audio seconds per CPU second (all processes) says what an idle machine would give. Peak memory is
+sampled from /proc every 50 ms: the whole process tree's PSS, and the largest single worker's PSS. Decode
+alone and features alone are timed in this process, on one thread, as reference points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import threadpoolctl
+
+from data_prep import build, features, metadata, synthetic
+
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split among their users, so that a sum over processes is right
+    (a fresh fork's RSS would count its parent's pages twice)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            continue
+    return pids
+
+
+class PeakMemory:
+    """Samples the PSS of this process and its descendants in a thread until stopped."""
+
+    def __init__(self, root_pid: int, interval_s: float = 0.05) -> None:
+        self.root_pid, self.interval_s = root_pid, interval_s
+        self.peak_total = self.peak_worker = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            descendants, frontier = [], [self.root_pid]
+            while frontier:
+                children = _children(frontier.pop())
+                descendants += children
+                frontier += children
+            worker_pss = [_pss_bytes(pid) for pid in descendants]
+            self.peak_total = max(self.peak_total, _pss_bytes(self.root_pid) + sum(worker_pss))
+            self.peak_worker = max([self.peak_worker, *worker_pss])
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cpu_seconds(times: os.times_result) -> float:
+    """CPU time of this process and its reaped descendants (the workers, once their pool has closed)."""
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _split_tracks(tree: Path) -> list[metadata.Track]:
+    return [track for part in metadata.SPLIT_PARTS for track in metadata.read_split(tree / "data", 0, part)]
+
+
+def _write_npy_inputs(tree: Path, out: Path) -> None:
+    settings = features.settings_for("essentia96")
+    rng = np.random.default_rng(0)
+    for track in _split_tracks(tree):
+        frames = 1 + int(track.duration * settings.sample_rate) // settings.hop_length
+        target = out / features.source_path(track.path, settings)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        np.save(target, rng.normal(-40, 15, size=(settings.n_mels, frames)).astype(np.float32))
+
+
+def _timed_build(input_dir: Path, tree: Path, data_dir: Path, config_name: str, workers: int) -> dict:
+    audio_seconds = sum(track.duration for track in _split_tracks(tree))
+    cpu_before = os.times()
+    with PeakMemory(os.getpid()) as memory:
+        start = time.perf_counter()
+        summary = build.build_dataset(input_dir, tree / "data", data_dir, config_name, workers=workers, progress=False)
+        wall = time.perf_counter() - start
+    cpu = _cpu_seconds(os.times()) - _cpu_seconds(cpu_before)
+    assert not summary.failures, summary
+    return {
+        "config": config_name,
+        "tracks": sum(summary.tracks.values()),
+        "audio_seconds": round(audio_seconds, 1),
+        "wall_seconds": round(wall, 2),
+        "workers": workers,
+        "rtf_per_core": round(audio_seconds / (wall * workers), 1),
+        "cpu_seconds": round(cpu, 2),
+        "rtf_per_cpu_second": round(audio_seconds / cpu, 1),
+        "peak_pss_total_mib": round(memory.peak_total / 2**20),
+        "peak_pss_worker_mib": round(memory.peak_worker / 2**20),
+    }
+
+
+def _single_thread_reference(tree: Path, max_tracks: int = 4) -> dict:
+    """Decode alone, features alone and librosa's pipeline, one thread, in this process: where the time goes."""
+    tracks = _split_tracks(tree)[:max_tracks]
+    data = [(tree / "audio" / track.path).read_bytes() for track in tracks]
+    seconds = sum(track.duration for track in tracks)
+    settings = features.settings_for("hop512")
+    with threadpoolctl.threadpool_limits(limits=1):
+        features.audio_features(data[0], "warm-up", settings)
+        start = time.perf_counter()
+        decoded = [features.decode_audio(blob, "track") for blob in data]
+        decode = time.perf_counter() - start
+        start = time.perf_counter()
+        for waveform, sample_rate in decoded:
+            features.spectrogram(waveform, sample_rate)
+        spectrogram = time.perf_counter() - start
+        _librosa_pipeline(tree / "audio" / tracks[0].path)  # warm-up: librosa compiles and caches on first use
+        start = time.perf_counter()
+        for track in tracks:
+            _librosa_pipeline(tree / "audio" / track.path)
+        reference = time.perf_counter() - start
+    return {
+        "decode_rtf": round(seconds / decode, 1),
+        "features_rtf": round(seconds / spectrogram, 1),
+        "librosa_pipeline_rtf": round(seconds / reference, 1),
+    }
+
+
+def _librosa_pipeline(path: Path) -> np.ndarray:
+    """The straightforward way, for comparison: librosa.load, then librosa's functions step by step."""
+    import librosa
+
+    waveform, sample_rate = librosa.load(path, sr=44100, mono=True)
+    magnitude = np.abs(librosa.stft(waveform, n_fft=2048, hop_length=512, pad_mode="reflect"))
+    frequencies = librosa.fft_frequencies(sr=sample_rate, n_fft=2048)
+    with np.errstate(divide="ignore"):
+        weighted = librosa.perceptual_weighting(magnitude**2, frequencies, ref=1.0, amin=1e-10, top_db=80)
+    return librosa.feature.melspectrogram(S=weighted, sr=sample_rate, n_mels=256)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tracks", type=int, default=24, help="tracks in the synthetic tree")
+    parser.add_argument("--duration", type=float, default=120.0, help="typical track length in seconds")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=None, help="work dir; its synthetic tree is reused between runs")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
+    tree = out / "tree"
+    if not (tree / "data").exists():
+        synthetic.make_synthetic(tree, num_tracks=args.tracks, seed=0, duration=args.duration, long_tracks=0,
+                                 duplicate_groups=0)
+    if not (out / "npy").exists():
+        _write_npy_inputs(tree, out / "npy")
+    for stale in ("built_mp3", "built_npy"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+
+    start = time.perf_counter()
+    import data_prep.builder  # noqa: F401  (TensorFlow: a fixed start-up cost, reported apart)
+
+    results = {
+        "tensorflow_import_seconds": round(time.perf_counter() - start, 1),
+        "mp3": _timed_build(tree / "audio", tree, out / "built_mp3", "hop512", args.workers),
+        "npy": _timed_build(out / "npy", tree, out / "built_npy", "essentia96", args.workers),
+        "single_thread": _single_thread_reference(tree),
+    }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

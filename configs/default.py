@@ -1,0 +1,135 @@
+"""The paper's recipe (DESIGN.md §4) as one ConfigDict; model files override the model, variants shrink it.
+
+Values the paper or the authors' code do not confirm for MediaEval are marked UNVERIFIED.
+Variants (`--config=configs/faresnet.py:demo`):
+    (none)  the paper: 200 epochs on the prepared MTG-Jamendo split-0 shards (`dataset.data_dir`).
+    demo    the embedded default: a synthetic MTG-Jamendo made in the workdir, a small net, ~5 min on 2 CPU cores.
+    test    tiny and fast, for the unit tests.
+"""
+
+import ml_collections
+
+# The authors' DCASE schedule (400 epochs: constant to 50, linear decay to 250, SWA/snapshots from 250) scaled to
+# the 200 epochs the MediaEval paper reports. The scaling itself is UNVERIFIED.
+_PAPER_EPOCHS = 200
+_DCASE_EPOCHS = 400
+
+
+def _scaled(dcase_epoch: int) -> float:
+    return dcase_epoch * _PAPER_EPOCHS / _DCASE_EPOCHS
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.data_dir = ""  # TFDS data_dir of `python -m data_prep.build`; "" = <workdir>/data (demo)
+    config.dataset.config_name = "hop512"  # builder config = feature setting (DESIGN §3)
+    config.dataset.split_index = 0  # split-0 is the MediaEval split
+    config.dataset.synthetic_tracks = 0  # > 0: make a synthetic MTG-Jamendo in the workdir when no data is prepared
+    config.dataset.synthetic_seed = 0
+    config.dataset.workers = 2  # processes for the on-the-fly build of the synthetic data
+
+    config.num_classes = 56  # must equal the prepared dataset's tag count
+
+    config.model = ml_collections.ConfigDict()
+    config.model.rho = 5  # the authors' default ρ
+    config.model.max_rf = 0  # > 0: use the largest-RF ρ whose published RF is not above this, instead of `rho`
+    config.model.base_channels = 128
+    config.model.frequency_aware = False
+    config.model.shake_shake = False
+
+    config.input = ml_collections.ConfigDict()
+    config.input.crop_frames = 861  # UNVERIFIED: training crop length; 861 frames = 10 s at 86.13 frames/s
+    config.input.max_time_shift = 50  # the authors' random circular shift of up to ±50 frames
+    config.input.shuffle_buffer = 2000
+    config.input.eval_window_frames = 1722  # bounded evaluation windows (20 s); logits averaged by window length
+
+    config.batch_size = 16  # UNVERIFIED for MediaEval (10 in the authors' DCASE code); global, over all devices
+    config.eval_batch_size = 16
+    config.num_epochs = _PAPER_EPOCHS
+
+    config.learning_rate = 1e-4  # Adam, betas (0.9, 0.999), no weight decay
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.lr_constant_epochs = _scaled(50)
+    config.lr_decay_end_epoch = _scaled(250)
+    config.lr_final_factor = 0.01  # linear decay towards 0, then lr/100 (the authors' rampdown's last value)
+
+    config.mixup_alpha = 0.3  # one λ ~ Beta(α, α) per example, replaced by max(λ, 1 - λ); 0 disables mixup
+
+    config.weight_average = ml_collections.ConfigDict()
+    config.weight_average.kind = "swa"  # "swa": equal-weight running average (the authors'); "ema"; "none"
+    config.weight_average.start_epoch = _scaled(250)
+    config.weight_average.every_epochs = 3.0  # UNVERIFIED for MediaEval: the DCASE interval, not scaled
+    config.weight_average.ema_decay = 0.999  # only for kind="ema"
+    config.bn_reestimate_batches = 0  # batches to re-estimate BN of the averaged weights; 0 = one training epoch
+
+    config.snapshots = ml_collections.ConfigDict()
+    config.snapshots.start_epoch = _scaled(250)
+    config.snapshots.every_epochs = 5.0  # the authors' interval; UNVERIFIED whether it was scaled for MediaEval
+    config.snapshots.ensemble_size = 5  # "snapshot averaging" averages the last 5 snapshots' predictions
+
+    config.selection_metric = "loss"  # the authors selected the lowest validation loss; or "PR-AUC-macro"
+    config.eval_every_epochs = 5.0
+    config.checkpoint_every_steps = 1000
+    config.log_every_steps = 100
+    config.half_precision = False  # bfloat16 compute, float32 parameters
+
+    if variant:
+        _apply_variant(config, variant)
+    return config
+
+
+def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+    if variant == "demo":
+        config.dataset.synthetic_tracks = 320
+        config.num_classes = 9  # the synthetic MTG-Jamendo's tags (data_prep.synthetic)
+        config.model.base_channels = 16
+        config.model.rho = 5
+        config.input.crop_frames = 256
+        config.input.max_time_shift = 0
+        config.input.shuffle_buffer = 512
+        config.input.eval_window_frames = 516
+        config.batch_size = 16
+        config.eval_batch_size = 32
+        config.num_epochs = 24
+        config.learning_rate = 1e-3  # the small net on synthetic data learns faster with a larger step
+        config.lr_constant_epochs = 8
+        config.lr_decay_end_epoch = 16
+        config.weight_average.start_epoch = 16
+        config.weight_average.every_epochs = 1.0
+        config.snapshots.start_epoch = 16
+        config.snapshots.every_epochs = 2.0
+        config.snapshots.ensemble_size = 5
+        config.selection_metric = "PR-AUC-macro"
+        config.eval_every_epochs = 4.0
+        config.checkpoint_every_steps = 50
+        config.log_every_steps = 20
+        config.bn_reestimate_batches = 8
+    elif variant == "test":
+        config.dataset.synthetic_tracks = 0
+        config.num_classes = 9
+        config.model.base_channels = 4
+        config.model.rho = 2
+        config.input.crop_frames = 64
+        config.input.max_time_shift = 8
+        config.input.shuffle_buffer = 64
+        config.input.eval_window_frames = 128
+        config.batch_size = 4
+        config.eval_batch_size = 8
+        config.num_epochs = 2
+        config.lr_constant_epochs = 0.5
+        config.lr_decay_end_epoch = 1.5
+        config.weight_average.start_epoch = 1
+        config.weight_average.every_epochs = 0.5
+        config.snapshots.start_epoch = 1
+        config.snapshots.every_epochs = 0.5
+        config.snapshots.ensemble_size = 2
+        config.eval_every_epochs = 1.0
+        config.checkpoint_every_steps = 4
+        config.log_every_steps = 2
+        config.bn_reestimate_batches = 2
+    else:
+        raise ValueError(f"unknown config variant {variant!r}: use 'demo', 'test' or none")

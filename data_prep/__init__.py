@@ -1,0 +1,1 @@
+"""Data preparation: MTG-Jamendo metadata, a synthetic MTG-Jamendo, spectrogram features, TFRecord shards."""

@@ -1,0 +1,1 @@
+"""emorf_jax: receptive-field-regularised ResNets for music emotion and theme tagging (JAX/Flax)."""

@@ -1,0 +1,107 @@
+"""Orbax checkpoints of a run: the resumable state, kept snapshot members, the SWA model and the selected model.
+
+Every checkpoint holds two items: `weights` (a pytree) and `meta` (JSON: model fields, tag list, feature settings,
+normalisation statistics), so a checkpoint can be loaded and used without the training config.
+
+Layout of a workdir:
+    config.json            the run's config; another config in the same workdir is refused
+    checkpoints/<step>/    latest TrainState (step, params, batch_stats, opt_state, average), for resuming
+    snapshots/<step>/      snapshot-ensemble members (params, batch_stats), kept for good
+    swa/<step>/            the averaged weights with re-estimated BatchNorm statistics
+    best/<step>/           the weights chosen by validation (config.selection_metric)
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+LATEST = "checkpoints"
+SNAPSHOTS = "snapshots"
+SWA = "swa"
+BEST = "best"
+_ITEMS = ("weights", "meta")
+
+
+def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """A CheckpointManager for one kind of checkpoint of a run (see the module docstring)."""
+    keep = {LATEST: 2, SNAPSHOTS: None, SWA: 1, BEST: 1}
+    if kind not in keep:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(keep)}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep[kind],
+        read_only=read_only,
+        create=not read_only,
+        enable_async_checkpointing=False,
+        best_fn=(lambda metrics: metrics["score"]) if kind == BEST else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=kind != BEST,
+    )
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), kind), options=options,
+                                 item_names=_ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str, Any],
+         score: float | None = None) -> None:
+    """Saves host-local (unreplicated) `weights` and their metadata at `step`."""
+    args = ocp.args.Composite(weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args, metrics=None if score is None else {"score": float(score)}, force=True)
+    manager.wait_until_finished()
+
+
+def restore(manager: ocp.CheckpointManager, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+    """(weights, meta) at `step` (default: the latest); `target` gives the structure when it is not plain dicts."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    weights_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+    restored = manager.restore(step, args=ocp.args.Composite(weights=weights_args, meta=ocp.args.JsonRestore()))
+    return restored["weights"], restored["meta"]
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(variables, meta) from a step directory (`<workdir>/snapshots/1200`) or a kind directory (its latest step).
+
+    Needs no training config: the model is described by `meta["model"]`. For a resumable-state checkpoint the
+    returned variables are its current parameters and BatchNorm statistics.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if os.path.isdir(os.path.join(path, "meta")):
+        directory, step = os.path.dirname(path), int(os.path.basename(path))
+    else:
+        directory, step = path, None
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(directory, options=options, item_names=_ITEMS) as manager:
+        weights, meta = restore(manager, step)
+    variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}
+    return jax.tree.map(jax.numpy.asarray, variables), meta
+
+
+def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Records the run's config in the workdir, or refuses a workdir that holds a run of another config."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous != current:
+            changed = sorted(_differences(previous, current))
+            raise ValueError(
+                f"workdir {workdir} holds a run of another config (differences: {', '.join(changed)}); "
+                "use a new --workdir, or the config that run was started with")
+        return
+    with open(path, "w") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]

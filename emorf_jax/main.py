@@ -1,0 +1,47 @@
+"""Trains and evaluates a model: `python -m emorf_jax.main --config=configs/faresnet.py --workdir=runs/fa`.
+
+All hyper-parameters live in the config (`configs/`); a config variant follows a colon, e.g.
+`--config=configs/faresnet.py:demo`, and single fields can be overridden, e.g. `--config.batch_size=32`.
+"""
+
+import logging as python_logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data here: keep its C++ chatter out
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from emorf_jax import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and the test report.")
+flags.DEFINE_bool("verbose_libraries", False, "Also show the INFO logs of orbax, TFDS and other libraries.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+_OWN_CODE = (f"{os.sep}emorf_jax{os.sep}", f"{os.sep}data_prep{os.sep}", f"{os.sep}clu{os.sep}")
+
+
+class _OwnInfoOnly(python_logging.Filter):
+    """Passes our own INFO lines (and clu's metric lines) and every library's warnings and errors."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        if record.levelno >= python_logging.WARNING:
+            return "is an ordered dataset" not in record.getMessage()  # expected: training shuffles ordered shards
+        return any(part in record.pathname for part in _OWN_CODE)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.verbose_libraries:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,192 @@
+"""CP-ResNet, its frequency-aware (FA) variant and Shake-Shake FA-ResNet as Flax Linen modules (DESIGN.md §2).
+
+Inputs are NHWC: (batch, frequency, time, channels), row 0 of the frequency axis being the lowest mel bin.
+Module names follow the authors' PyTorch names (`in_c`, `stage1_block1`, `feed_forward`) so that importing their
+weights is a plain renaming (see torch_import.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BN_EPSILON = 1e-5  # PyTorch's default
+BN_MOMENTUM = 0.9  # Flax convention for PyTorch's running-average momentum 0.1
+STEM_KERNEL = 5
+STEM_STRIDE = 2
+STEM_PADDING = 1  # on both sides, not "same": 256 mel bins become 127
+# The smallest frequency/time size that survives the stem (5x5, stride 2, padding 1) and three 2x2 pools.
+MIN_INPUT_SIZE = 17
+NUM_STAGES = 3
+BLOCKS_PER_STAGE = 4
+# (stage, block) after which a 2x2, stride-2 max-pool halves both axes.
+POOLED_BLOCKS = frozenset({(1, 1), (1, 2), (1, 4)})
+# Stage 1, block 1 is fixed at conv1 3x3 and conv2 1x1; ρ counts the 22 block convs after it.
+FIXED_KERNELS = (3, 1)
+MAX_RHO = NUM_STAGES * BLOCKS_PER_STAGE * 2 - len(FIXED_KERNELS)
+
+# Kaiming-normal with ReLU gain, as torch.nn.init.kaiming_normal_ (a plain, not truncated, normal).
+kaiming_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def fixup_conv1_init(block_number: int) -> nn.initializers.Initializer:
+    """N(0, L^-0.5 * sqrt(2/n)) with n = k*k*out_channels (Flax's conv fan_out), for block L counted from 1."""
+    return nn.initializers.variance_scaling(2.0 / block_number, "fan_out", "normal")
+
+
+shortcut_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def block_names() -> list[tuple[int, int]]:
+    """(stage, block) of the 12 basic blocks in network order, both counted from 1."""
+    return [(stage, block) for stage in range(1, NUM_STAGES + 1) for block in range(1, BLOCKS_PER_STAGE + 1)]
+
+
+def _check_rho(rho: int) -> None:
+    if isinstance(rho, bool) or not isinstance(rho, (int, np.integer)) or not 0 <= rho <= MAX_RHO:
+        raise ValueError(f"rho must be an integer in 0..{MAX_RHO}, got {rho!r}")
+
+
+def kernel_schedule(rho: int) -> list[tuple[str, int]]:
+    """The 24 block convs in network order as ("stage1.block1.conv1", kernel): conv j (after the fixed first
+    block) is 3x3 if j <= ρ, else 1x1. The stem is always 5x5 and the shortcuts and head 1x1."""
+    _check_rho(rho)
+    schedule = []
+    for stage, block in block_names():
+        for conv in (1, 2):
+            name = f"stage{stage}.block{block}.conv{conv}"
+            j = len(schedule) + 1 - len(FIXED_KERNELS)
+            kernel = FIXED_KERNELS[conv - 1] if (stage, block) == (1, 1) else (3 if j <= rho else 1)
+            schedule.append((name, kernel))
+    return schedule
+
+
+def frequency_channel(x: jax.Array) -> jax.Array:
+    """The FA channel for an NHWC map with F rows: 2*f/F - 1 at row f (-1 at the lowest bin), constant in time."""
+    num_rows = x.shape[1]
+    rows = 2.0 * jnp.arange(num_rows, dtype=jnp.float32) / num_rows - 1.0
+    return jnp.broadcast_to(rows[None, :, None, None], (*x.shape[:3], 1)).astype(x.dtype)
+
+
+def with_frequency_channel(x: jax.Array) -> jax.Array:
+    """`x` with the FA channel appended as its last channel."""
+    return jnp.concatenate([x, frequency_channel(x)], axis=-1)
+
+
+def shake_shake(branch1: jax.Array, branch2: jax.Array, alpha: jax.Array, beta: jax.Array) -> jax.Array:
+    """α·b1 + (1-α)·b2 in the forward pass, while gradients flow as for β·b1 + (1-β)·b2 (Gastaldi 2017).
+
+    Written as the β-mix plus a stop-gradient correction, so that no custom VJP is needed.
+    """
+    backward_mix = beta * branch1 + (1 - beta) * branch2
+    forward_mix = alpha * branch1 + (1 - alpha) * branch2
+    return backward_mix + jax.lax.stop_gradient(forward_mix - backward_mix)
+
+
+def batch_norm(owner: nn.Module, train: bool, name: str) -> nn.BatchNorm:
+    """PyTorch-style BatchNorm (eps 1e-5) with the owner's momentum, sync axis and compute dtype."""
+    return nn.BatchNorm(use_running_average=not train, momentum=owner.bn_momentum, epsilon=BN_EPSILON,
+                        axis_name=owner.bn_axis_name, dtype=owner.dtype, name=name)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block: conv-BN-ReLU-conv-BN (+ FA channel before each conv), shortcut, ReLU."""
+
+    features: int
+    kernels: tuple[int, int]
+    block_number: int  # L in the fixup initialisation, 1..12 over the network
+    frequency_aware: bool
+    shake_shake: bool
+    bn_axis_name: str | None
+    bn_momentum: float
+    dtype: Any
+
+    def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Conv:
+        padding = kernel // 3  # the authors' padding: 1 for 3x3, 0 for 1x1
+        return nn.Conv(features, (kernel, kernel), padding=[(padding, padding)] * 2, use_bias=False,
+                       kernel_init=init, dtype=self.dtype, name=name)
+
+    def _branch(self, x: jax.Array, train: bool, prefix: str) -> jax.Array:
+        add_frequency = with_frequency_channel if self.frequency_aware else (lambda y: y)
+        kernel1, kernel2 = self.kernels
+        y = self._conv(self.features, kernel1, fixup_conv1_init(self.block_number), f"{prefix}conv1")(add_frequency(x))
+        y = nn.relu(batch_norm(self, train, f"{prefix}bn1")(y))
+        y = self._conv(self.features, kernel2, nn.initializers.zeros, f"{prefix}conv2")(add_frequency(y))
+        return batch_norm(self, train, f"{prefix}bn2")(y)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        shortcut = x
+        if x.shape[-1] != self.features:
+            shortcut = self._conv(self.features, 1, shortcut_init, "shortcut_conv")(x)
+            shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
+        if not self.shake_shake:
+            return nn.relu(shortcut + self._branch(x, train, ""))
+        branch1 = self._branch(x, train, "branch1_")
+        branch2 = self._branch(x, train, "branch2_")
+        if train:
+            alpha_key, beta_key = jax.random.split(self.make_rng("shake"))
+            per_example = (x.shape[0], 1, 1, 1)
+            alpha = jax.random.uniform(alpha_key, per_example, self.dtype)
+            beta = jax.random.uniform(beta_key, per_example, self.dtype)
+        else:
+            alpha = beta = jnp.asarray(0.5, self.dtype)
+        return nn.relu(shortcut + shake_shake(branch1, branch2, alpha, beta))
+
+
+class CPResNet(nn.Module):
+    """The receptive-field-regularised ResNet of CP-JKU: `apply(variables, x, train=False)` -> logits (batch, tags).
+
+    Fully convolutional: any frequency and time size of at least `MIN_INPUT_SIZE` works. In training mode with
+    `shake_shake`, the α/β of every block come from the rng stream "shake", one pair per example. The head
+    map (before global pooling) is sown as intermediates["feature_map"] for receptive-field analysis.
+    """
+
+    num_classes: int
+    rho: int = 5
+    base_channels: int = 128
+    frequency_aware: bool = False
+    shake_shake: bool = False
+    bn_axis_name: str | None = None  # axis of a pmap/shard_map for batch statistics synchronised across devices
+    bn_momentum: float = BN_MOMENTUM  # Flax convention; 0.0 makes the running statistics this batch's statistics
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32 and logits are returned as float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_input(x)
+        x = x.astype(self.dtype)
+        pad = [(STEM_PADDING, STEM_PADDING)] * 2
+        x = nn.Conv(self.base_channels, (STEM_KERNEL,) * 2, strides=STEM_STRIDE,
+                    padding=pad, use_bias=False, kernel_init=kaiming_fan_in, dtype=self.dtype, name="in_c_conv")(x)
+        x = nn.relu(batch_norm(self, train, "in_c_bn")(x))
+
+        kernels = dict(kernel_schedule(self.rho))
+        for number, (stage, block) in enumerate(block_names(), start=1):
+            prefix = f"stage{stage}.block{block}"
+            x = BasicBlock(features=self.base_channels * 2 ** (stage - 1),
+                           kernels=(kernels[f"{prefix}.conv1"], kernels[f"{prefix}.conv2"]), block_number=number,
+                           frequency_aware=self.frequency_aware, shake_shake=self.shake_shake,
+                           bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum, dtype=self.dtype,
+                           name=f"stage{stage}_block{block}")(x, train)
+            if (stage, block) in POOLED_BLOCKS:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+        x = nn.Conv(self.num_classes, (1, 1), use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                    name="feed_forward_conv")(x)
+        x = batch_norm(self, train, "feed_forward_bn")(x)
+        self.sow("intermediates", "feature_map", x)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def check_input(x: jax.Array) -> None:
+    """Reject inputs the network cannot take, naming the offending axis, instead of failing deep inside."""
+    if x.ndim != 4:
+        raise ValueError(f"CPResNet expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+    for axis, name in ((1, "frequency"), (2, "time")):
+        if x.shape[axis] < MIN_INPUT_SIZE:
+            raise ValueError(f"CPResNet input {name} size {x.shape[axis]} (axis {axis} of {x.shape}) is below the "
+                             f"minimum {MIN_INPUT_SIZE}")

@@ -1,0 +1,65 @@
+"""Stochastic weight averaging (the authors' equal-weight running average) or an EMA of the parameters.
+
+The average is updated inside the train step with `optax.incremental_update`; its BatchNorm statistics are not
+averaged but re-estimated on training batches before the averaged weights are evaluated or saved, as the
+authors did after every SWA update (PyTorch's `bn_update`: a cumulative average of per-batch statistics).
+"""
+
+from collections.abc import Callable, Iterator
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingSchedule:
+    """When the average takes in the current weights, counted in optimiser steps."""
+
+    kind: str  # "swa", "ema" or "none"
+    start_step: int
+    every_steps: int = 1  # SWA only
+    ema_decay: float = 0.999  # EMA only
+
+    def __post_init__(self):
+        if self.kind not in ("swa", "ema", "none"):
+            raise ValueError(f"weight_average.kind must be 'swa', 'ema' or 'none', not {self.kind!r}")
+        if self.every_steps < 1:
+            raise ValueError(f"the SWA interval must be at least one step, got {self.every_steps}")
+
+
+def update_average(average: Any, params: Any, count: jax.Array, step: jax.Array,
+                   schedule: AveragingSchedule) -> tuple[Any, jax.Array]:
+    """The average after optimiser step `step` (1-based) produced `params`; `count` = weights averaged so far.
+
+    SWA: at step start_step and every `every_steps` after it, new = old + (w - old) / (count + 1).
+    EMA: from start_step on, every step, new = decay * old + (1 - decay) * w. Either way the first update copies w.
+    """
+    if schedule.kind == "none":
+        return average, count
+    due = step >= schedule.start_step
+    if schedule.kind == "swa":
+        due &= (step - schedule.start_step) % schedule.every_steps == 0
+        step_size = 1.0 / (count + 1).astype(jnp.float32)
+    else:
+        step_size = jnp.where(count == 0, 1.0, 1.0 - schedule.ema_decay)
+    step_size = jnp.where(due, step_size, 0.0)
+    return optax.incremental_update(params, average, step_size), count + due.astype(count.dtype)
+
+
+def reestimate_batch_stats(batch_stats_fn: Callable[[Any, Any], Any], params: Any,
+                           batches: Iterator[Any], num_batches: int) -> Any:
+    """Equal-weight mean over `num_batches` batches of the BatchNorm statistics that `params` produce.
+
+    `batch_stats_fn(params, batch)` returns one batch's statistics (a model whose BatchNorm momentum is 0 run in
+    training mode); it may be pmapped, in which case `params` and the result are replicated.
+    """
+    if num_batches < 1:
+        raise ValueError(f"BatchNorm re-estimation needs at least one batch, got {num_batches}")
+    total = None
+    for _, batch in zip(range(num_batches), batches):
+        stats = batch_stats_fn(params, batch)
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+    return jax.tree.map(lambda x: x / num_batches, total)

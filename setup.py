@@ -1,0 +1,45 @@
+"""emorf_jax: receptive-field-regularised ResNets for music emotion/theme tagging, in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="emorf_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax reimplementation of the CP-JKU system that won MediaEval 2019 "
+        "Emotion and Theme Recognition in Music"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["emorf_jax", "emorf_jax.*", "data_prep", "data_prep.*"]),
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8.5",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "clu>=0.0.10",
+        "ml-collections>=0.1.1",
+        "absl-py>=1.4",
+        "numpy>=1.26",
+        "tensorflow-cpu>=2.16",
+        "tensorboard>=2.16",
+        "tensorflow-datasets>=4.9.4",
+        "importlib_resources>=5",  # needed by tensorflow-datasets builders, which do not declare it
+        "librosa>=0.10.1",
+        "soundfile>=0.12.1",
+        "scikit-learn>=1.3",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # Only needed to read the authors' .pth files; the importer itself works on numpy arrays.
+        "torch": ["torch>=2.1"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            # Capped so that a CPU-only machine takes its local CPU wheel instead of the newest CUDA build.
+            "torch>=2.1,<2.14",
+        ],
+    },
+)

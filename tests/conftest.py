@@ -1,0 +1,39 @@
+"""Test-session settings and the fixtures shared by the data and training tests.
+
+Every test process (and the subprocesses the tests start) sees two CPU devices, so the pmapped code runs on
+several devices for real, and shares a persistent XLA compilation cache: on CPU, compiling a CP-ResNet takes
+longer than running it, and the end-to-end tests compile the same programs in several processes.
+"""
+
+import os
+from pathlib import Path
+import tempfile
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "emorf_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+from data_prep import build, synthetic
+
+SYNTHETIC_TRACKS = 24
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory) -> Path:
+    """Root of a synthetic MTG-Jamendo tree (``audio/``, ``data/``) with two tracks long enough to chunk."""
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.make_synthetic(root, num_tracks=SYNTHETIC_TRACKS, seed=0, long_tracks=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared_data_dir(synthetic_tree, tmp_path_factory) -> tuple[Path, str]:
+    """(data_dir, config_name) of the hop512 dataset of ``synthetic_tree``, built by the real CLI code path."""
+    data_dir = tmp_path_factory.mktemp("prepared")
+    build.build_dataset(
+        synthetic_tree / "audio", synthetic_tree / "data", data_dir, "hop512", split_index=0, workers=2, progress=False
+    )
+    return data_dir, "hop512"

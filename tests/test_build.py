@@ -1,0 +1,281 @@
+"""The batch step end to end on the synthetic tree: shards, labels, features, stats, resumption, bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+import soundfile
+
+from data_prep import build, builder, extract, features, layout, metadata
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _examples(prepared: builder.PreparedDataset, part: str) -> list[dict]:
+    return list(prepared.builder.as_dataset(split=part).as_numpy_iterator())
+
+
+def _whole_tracks(examples: list[dict]) -> dict[str, dict]:
+    """Chunks concatenated per track, relying on the documented order (a track's chunks are consecutive)."""
+    tracks: dict[str, dict] = {}
+    for example in examples:
+        track_id = example["track_id"].decode()
+        if example["chunk_index"] == 0:
+            assert track_id not in tracks, f"{track_id} starts twice"
+            tracks[track_id] = {**example, "chunks": [example["spectrogram"]]}
+        else:
+            assert list(tracks)[-1] == track_id, f"chunk {example['chunk_index']} of {track_id} out of order"
+            tracks[track_id]["chunks"].append(example["spectrogram"])
+    for track in tracks.values():
+        assert len(track["chunks"]) == track["num_chunks"]
+        track["spectrogram"] = np.concatenate(track["chunks"], axis=1)
+    return tracks
+
+
+def test_shards_hold_every_track_of_every_part_with_the_tsv_labels(synthetic_tree, prepared_data_dir):
+    prepared = builder.load_prepared(*prepared_data_dir)
+    tags = metadata.read_tag_list(synthetic_tree / "data")
+    assert prepared.tags == tags
+    assert prepared.failures == {}
+    for part in builder.PARTS:
+        expected = metadata.read_split(synthetic_tree / "data", 0, part)
+        examples = _examples(prepared, part)
+        tracks = _whole_tracks(examples)
+        assert list(tracks) == [track.track_id for track in expected] == list(prepared.track_ids[part])
+        assert prepared.num_examples[part] == len(examples)
+        for track in expected:
+            stored = tracks[track.track_id]
+            np.testing.assert_array_equal(stored["labels"], metadata.multi_hot(track.tags, tags))
+            assert stored["artist_id"].decode() == track.artist_id
+            assert stored["duration"] == np.float32(track.duration)
+            assert stored["num_frames"] == stored["spectrogram"].shape[1]
+
+
+def test_long_tracks_are_split_into_chunks_of_at_most_chunk_frames(prepared_data_dir):
+    prepared = builder.load_prepared(*prepared_data_dir)
+    examples = [example for part in builder.PARTS for example in _examples(prepared, part)]
+    lengths = [example["spectrogram"].shape[1] for example in examples]
+    assert max(lengths) == prepared.chunk_frames == 1722
+    assert any(example["num_chunks"] > 1 for example in examples)
+    assert all(example["spectrogram"].dtype == np.float16 for example in examples)
+
+
+def test_stored_spectrogram_equals_a_direct_computation(synthetic_tree, prepared_data_dir):
+    prepared = builder.load_prepared(*prepared_data_dir)
+    tracks = _whole_tracks(_examples(prepared, "test"))
+    longest = max(metadata.read_split(synthetic_tree / "data", 0, "test"), key=lambda track: track.duration)
+    waveform, sample_rate = soundfile.read(synthetic_tree / "audio" / longest.path, dtype="float32")
+    direct = features.spectrogram(waveform, sample_rate)
+    np.testing.assert_array_equal(tracks[longest.track_id]["spectrogram"], direct.astype(np.float16))
+
+
+def test_normalisation_stats_are_over_all_training_frames(prepared_data_dir):
+    prepared = builder.load_prepared(*prepared_data_dir)
+    frames = np.concatenate([ex["spectrogram"] for ex in _examples(prepared, "train")], axis=1).astype(np.float64)
+    assert prepared.mean.shape == prepared.std.shape == (256,)
+    assert prepared.mean.dtype == prepared.std.dtype == np.float32
+    np.testing.assert_allclose(prepared.mean, frames.mean(axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prepared.std, frames.std(axis=1), rtol=1e-5)
+
+
+def test_load_prepared_works_in_a_fresh_process_with_only_the_builder(prepared_data_dir):
+    data_dir, config_name = prepared_data_dir
+    script = (
+        "import sys\n"
+        "from data_prep import builder\n"
+        f"prepared = builder.load_prepared({str(data_dir)!r}, {config_name!r}, 0)\n"
+        "assert 'data_prep.build' not in sys.modules and 'librosa' not in sys.modules\n"
+        "print(prepared.num_examples['train'], prepared.features['hop_length'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    expected = builder.load_prepared(data_dir, config_name)
+    assert result.stdout.split() == [str(expected.num_examples["train"]), "512"]
+
+
+def test_absent_dataset_error_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python -m data_prep\.build .*--config hop1536 --split 3"):
+        builder.load_prepared(tmp_path, "hop1536", 3)
+
+
+def _shard_bytes(data_dir: Path, config_name: str) -> dict[str, bytes]:
+    directory = layout.dataset_dir(data_dir, config_name, 0)
+    return {path.name: path.read_bytes() for path in sorted(directory.glob("*.tfrecord*"))}
+
+
+def _cli(tree: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "data_prep.build", "--audio_dir", str(tree / "audio"), "--metadata_dir",
+        str(tree / "data"), "--data_dir", str(data_dir), "--workers", "2", "--no_progress", *extra,
+    ]
+
+
+def test_build_killed_half_way_resumes_and_gives_identical_shards(synthetic_tree, prepared_data_dir, tmp_path):
+    journal = tmp_path / "cache" / "hop512" / extract.JOURNAL_NAME
+    process = subprocess.Popen(
+        _cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 4):
+        assert process.poll() is None, "the build ended before it could be killed"
+        assert time.monotonic() < deadline, "no journal entries within 120 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished_before = len(journal.read_text().splitlines())
+    total = sum(len(metadata.read_split(synthetic_tree / "data", 0, part)) for part in builder.PARTS)
+    assert finished_before < total, "the kill came too late to test resumption"
+
+    subprocess.run(_cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, check=True, capture_output=True)
+
+    records = journal.read_text().splitlines()
+    assert len(records) == total, "a track finished before the kill was extracted again"
+    clean = _shard_bytes(*prepared_data_dir)
+    assert clean and _shard_bytes(tmp_path, "hop512") == clean
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    """Process ids of the extraction workers among a process's children (not the resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def test_build_survives_a_killed_worker_and_gives_identical_shards(synthetic_tree, prepared_data_dir, tmp_path):
+    process = subprocess.Popen(
+        _cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (workers := _spawned_workers(process.pid)):
+        assert process.poll() is None and time.monotonic() < deadline, "no worker was started"
+        time.sleep(0.01)
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+
+    assert process.returncode == 0, stderr
+    assert "a worker died" in stderr
+    assert builder.load_prepared(tmp_path).failures == {}
+    assert _shard_bytes(tmp_path, "hop512") == _shard_bytes(*prepared_data_dir)
+
+
+def _break_inputs(tree: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the tree's audio with one missing, empty, corrupt, truncated and wrong-rate file each."""
+    audio = tmp_path / "audio"
+    shutil.copytree(tree / "audio", audio)
+    train = metadata.read_split(tree / "data", 0, "train")
+    by_length = sorted(train, key=lambda track: -track.duration)
+    broken = dict(zip(("truncated", "missing", "empty", "corrupt", "sample_rate"), by_length))
+    data = (audio / broken["truncated"].path).read_bytes()
+    (audio / broken["truncated"].path).write_bytes(data[: len(data) // 3])
+    (audio / broken["missing"].path).unlink()
+    (audio / broken["empty"].path).write_bytes(b"")
+    (audio / broken["corrupt"].path).write_bytes(os.urandom(20000))
+    silence = np.zeros((48000 * 5, 2), np.float32)
+    soundfile.write(audio / broken["sample_rate"].path, silence, 48000, format="WAV")
+    return audio, {kind: track.track_id for kind, track in broken.items()}
+
+
+def test_bad_files_land_in_the_failures_report_while_the_rest_is_built(synthetic_tree, tmp_path):
+    audio, broken = _break_inputs(synthetic_tree, tmp_path)
+    summary = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False)
+
+    report = (summary.failures_report).read_text().splitlines()
+    reported = {line.split("\t")[0]: line.split("\t")[3] for line in report[1:]}
+    assert reported == {track_id: kind for kind, track_id in broken.items()}
+    assert summary.failures == {kind: 1 for kind in broken}
+    prepared = builder.load_prepared(tmp_path / "out")
+    assert set(prepared.failures) == set(broken.values())
+    for part in builder.PARTS:
+        listed = [track.track_id for track in metadata.read_split(synthetic_tree / "data", 0, part)]
+        assert list(prepared.track_ids[part]) == [track_id for track_id in listed if track_id not in reported]
+    assert "failed: 5 tracks" in str(summary)
+
+
+def test_byte_identical_files_are_reported_and_can_be_dropped(synthetic_tree, prepared_data_dir, tmp_path):
+    data_dir, config_name = prepared_data_dir
+    report = (layout.dataset_dir(data_dir, config_name, 0) / "duplicates.tsv").read_text().splitlines()
+    groups: dict[str, list[list[str]]] = {}
+    for line in report[1:]:
+        fields = line.split("\t")
+        groups.setdefault(fields[0], []).append(fields)
+    assert groups and all(len(group) >= 2 for group in groups.values())
+    for group in groups.values():
+        contents = {(synthetic_tree / "audio" / metadata.audio_path_for(row[2])).read_bytes() for row in group}
+        assert len(contents) == 1
+
+    # Reusing the clean build's cache: only stage 2 runs again.
+    summary = build.build_dataset(
+        synthetic_tree / "audio", synthetic_tree / "data", tmp_path, workers=2, progress=False,
+        drop_duplicates="keep_one", cache_dir=data_dir / "cache" / config_name,
+    )
+    assert summary.failures == {"duplicate": sum(len(group) - 1 for group in groups.values())}
+    kept = builder.load_prepared(tmp_path)
+    for group in groups.values():
+        ids = {row[2] for row in group}
+        assert sum(track_id in kept.track_ids[part] for part in builder.PARTS for track_id in ids) == 1
+
+
+def _write_essentia_like_npy(tree: Path, out: Path) -> None:
+    """Organisers-style input from the synthetic audio: 12 kHz, frame 512, hop 256, 96 bands, dB, (96, T)."""
+    for part in builder.PARTS:
+        for track in metadata.read_split(tree / "data", 0, part):
+            stereo, sample_rate = soundfile.read(tree / "audio" / track.path, dtype="float32")
+            waveform = librosa.resample(stereo.mean(axis=1), orig_sr=sample_rate, target_sr=12000)
+            mels = librosa.feature.melspectrogram(y=waveform, sr=12000, n_fft=512, hop_length=256, n_mels=96)
+            target = out / features.source_path(track.path, features.settings_for("essentia96"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.save(target, librosa.power_to_db(mels))
+
+
+def test_precomputed_npy_input_builds_the_essentia96_dataset(synthetic_tree, tmp_path):
+    _write_essentia_like_npy(synthetic_tree, tmp_path / "npy")
+    build.build_dataset(
+        tmp_path / "npy", synthetic_tree / "data", tmp_path / "out", "essentia96", workers=2, progress=False
+    )
+    prepared = builder.load_prepared(tmp_path / "out", "essentia96")
+    assert prepared.features["n_mels"] == 96 and prepared.chunk_frames == 938
+    tracks = _whole_tracks(_examples(prepared, "validation"))
+    for track in metadata.read_split(synthetic_tree / "data", 0, "validation"):
+        source = np.load(tmp_path / "npy" / features.source_path(track.path, features.settings_for("essentia96")))
+        np.testing.assert_array_equal(tracks[track.track_id]["spectrogram"], source.astype(np.float16))
+
+
+def test_training_reads_shuffled_files_of_the_ordered_dataset(prepared_data_dir):
+    prepared = builder.load_prepared(*prepared_data_dir)
+    dataset = prepared.builder.as_dataset(
+        split="train", shuffle_files=True, read_config=builder.training_read_config(seed=0)
+    )
+    assert sum(1 for _ in dataset) == prepared.num_examples["train"]
+
+
+def test_a_cache_made_with_other_settings_is_refused(tmp_path):
+    cache = extract.TrackCache(tmp_path)
+    cache.claim(features.settings_for("hop512"))
+    cache.claim(features.settings_for("hop512"))
+    with pytest.raises(ValueError, match="other settings"):
+        cache.claim(features.settings_for("hop1536"))
+
+
+def test_journal_of_a_killed_run_keeps_only_finished_tracks(tmp_path):
+    cache = extract.TrackCache(tmp_path)
+    np.save(cache.feature_path("track_0000001"), np.zeros((4, 3), np.float16))
+    cache.append(extract.Outcome("track_0000001", "ok", "01/1.mp3", frames=3, sha256="ab"))
+    cache.append(extract.Outcome("track_0000002", "ok", "02/2.mp3", frames=3, sha256="cd"))  # its file is gone
+    cache.append(extract.Outcome("track_0000003", "missing", "03/3.mp3", reason="file not found"))
+    with cache.journal_path.open("a") as journal:
+        journal.write('{"track_id": "track_0000004", "ki')  # killed mid-line
+    (tmp_path / ".track_0000005.123.tmp.npy").write_bytes(b"half")
+
+    cache.tidy()
+    cache.append(extract.Outcome("track_0000006", "empty", "06/6.mp3", reason="empty file"))
+
+    assert sorted(cache.read_journal()) == ["track_0000001", "track_0000003", "track_0000006"]
+    assert not list(tmp_path.glob(".*.tmp.npy"))

@@ -1,0 +1,140 @@
+"""The pmapped train step on real forced CPU devices: device-count invariance, SWA, mixup, schedules."""
+
+import functools
+
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import faresnet
+from emorf_jax import train, weight_averaging
+
+# Large enough that every BatchNorm normalises over many values: tiny maps make its statistics ill-conditioned.
+N_MELS, FRAMES, TAGS, GLOBAL_BATCH = 64, 48, 5, 8
+
+
+def _model_and_state(tx: optax.GradientTransformation, seed: int = 0):
+    """A tiny FA-ResNet whose zero-initialised layers are perturbed, so that every layer gets gradients."""
+    fields = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
+    model = train.create_model(fields, axis_name="batch")
+    state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(seed),
+                                (1, N_MELS, FRAMES, 1))
+    leaves, treedef = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    params = jax.tree.unflatten(treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape)
+                                          for leaf, k in zip(leaves, keys)])
+    return model, state.replace(params=params, opt_state=tx.init(params), average_params=params)
+
+
+def _batch(seed: int):
+    rng = np.random.default_rng(seed)
+    return {"spectrogram": rng.normal(size=(GLOBAL_BATCH, N_MELS, FRAMES, 1)).astype(np.float32),
+            "labels": (rng.random((GLOBAL_BATCH, TAGS)) < 0.4).astype(np.float32)}
+
+
+def _first_replica(tree):
+    return jax.tree.map(lambda x: np.asarray(x)[0], tree)
+
+
+# SGD, not Adam: Adam's first steps divide by |gradient| and so magnify float rounding in near-zero gradients.
+_TX = optax.sgd(0.02)
+_SWA = weight_averaging.AveragingSchedule("swa", start_step=2, every_steps=2)
+_STEPS = 7
+
+
+def _run_steps(num_devices: int):
+    """(initial state, final state, state after every step) of `_STEPS` pmapped steps on `num_devices`."""
+    model, initial = _model_and_state(_TX)
+    devices = jax.devices()[:num_devices]
+    step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.0, averaging=_SWA,
+                                      learning_rate=optax.constant_schedule(0.02)),
+                    axis_name="batch", devices=devices)
+    state = jax_utils.replicate(initial, devices=devices)
+    rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=devices)
+    history = []
+    for i in range(_STEPS):
+        batch = {k: v.reshape((num_devices, GLOBAL_BATCH // num_devices) + v.shape[1:])
+                 for k, v in _batch(seed=10 + i).items()}
+        state, _ = step(state, batch, rng)
+        history.append(_first_replica(state))
+    return initial, _first_replica(state), history
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    return _run_steps(1)
+
+
+@pytest.fixture(scope="module")
+def two_device_run():
+    assert jax.device_count() >= 2, "conftest forces 2 CPU devices"
+    return _run_steps(2)
+
+
+def test_two_devices_give_the_same_steps_as_one(one_device_run, two_device_run):
+    initial, one, one_history = one_device_run
+    _, two, two_history = two_device_run
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), one.params, initial.params))
+    assert min(moved) > 0, "every parameter must have been updated"
+    # One step: equal to float precision (parameters, synchronised BatchNorm statistics, optimiser state).
+    for name in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                     getattr(one_history[0], name), getattr(two_history[0], name))
+    # Several steps: rounding differences grow through 12 BatchNorms, but the runs stay together.
+    for name in ("params", "batch_stats", "average_params"):
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=1e-4),
+                     getattr(one, name), getattr(two, name))
+
+
+def test_swa_equals_the_mean_of_the_weights_it_averaged(two_device_run):
+    _, state, history = two_device_run
+    averaged = [history[s - 1].params for s in (2, 4, 6)]  # after steps 2, 4 and 6
+    expected = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *averaged)
+    assert int(state.average_count) == 3
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), state.average_params,
+                 expected)
+    # It really is an average: it differs from the last weights.
+    assert not np.allclose(jax.tree.leaves(state.average_params)[0], jax.tree.leaves(history[-1].params)[0])
+
+
+def test_ema_follows_its_decay():
+    schedule = weight_averaging.AveragingSchedule("ema", start_step=2, ema_decay=0.75)
+    weights = [np.full(3, float(i)) for i in range(1, 6)]
+    average, count = np.zeros(3), jnp.zeros((), jnp.int32)
+    for step, w in enumerate(weights, start=1):
+        average, count = weight_averaging.update_average(average, w, count, jnp.int32(step), schedule)
+    expected = weights[1]  # the first update (step 2) copies
+    for w in weights[2:]:
+        expected = 0.75 * expected + 0.25 * w
+    np.testing.assert_allclose(average, expected, rtol=1e-6)
+    assert int(count) == 4
+
+
+def test_mixup_mixes_inputs_and_targets_with_the_same_lambda():
+    inputs = jnp.arange(8, dtype=jnp.float32).reshape(8, 1, 1, 1) * jnp.ones((8, 2, 3, 1))
+    targets = jnp.eye(8)
+    mixed_inputs, mixed_targets = train.mixup(jax.random.PRNGKey(0), inputs, targets, alpha=0.3)
+    own_weight = np.diag(np.asarray(mixed_targets))  # λ of each example (or 1 where it met itself)
+    assert np.all(own_weight >= 0.5)
+    np.testing.assert_allclose(np.asarray(mixed_targets).sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(mixed_inputs)[:, 0, 0, 0], np.asarray(mixed_targets) @ np.arange(8.0),
+                               rtol=1e-5)
+
+
+def test_learning_rate_schedule_is_constant_then_linear_then_lr_over_100():
+    config = faresnet.get_config()
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
+    assert float(schedule(0)) == pytest.approx(1e-4)
+    assert float(schedule(249)) == pytest.approx(1e-4)  # constant until epoch 25 (DCASE's 50 of 400, scaled)
+    assert float(schedule(750)) == pytest.approx(1e-4 * (1 + 0.01) / 2, rel=1e-3)  # half-way through the decay
+    assert float(schedule(1250)) == pytest.approx(1e-6)
+    assert float(schedule(1999)) == pytest.approx(1e-6)
+
+
+def test_snapshot_steps_follow_the_config():
+    config = faresnet.get_config()
+    steps = train.snapshot_steps(config, steps_per_epoch=10, total_steps=2000)
+    assert steps[0] == 1250 and steps[1] - steps[0] == 50 and steps[-1] == 2000
