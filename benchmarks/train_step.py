@@ -35,13 +35,12 @@ SIZES = {"paper": (256, 431), "small": (64, 128)}
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What both frameworks run: input shape, batch and model width, on which device."""
+    """What both frameworks run: input shape, batch and model width."""
 
     mel_bins: int
     frames: int
     batch_size: int
     base_channels: int
-    device: str  # "cpu" or "gpu"
 
     @property
     def input_label(self) -> str:
@@ -100,24 +99,24 @@ def jax_contender(setup: Setup, warmup: int) -> Contender:
     sharding = jax.NamedSharding(jax.sharding.Mesh(np.array([device]), ("batch",)), jax.P("batch"))
     batch = jax.device_put({"spectrogram": spectrograms[None], "labels": labels[None]}, sharding)
     rng = jax_utils.replicate(jax.random.PRNGKey(1), devices=[device])
-    holder = {"state": jax_utils.replicate(state, devices=[device])}
-    compiled = {}
-
-    def compile_step() -> None:
-        compiled["step"] = p_train_step.lower(holder["state"], batch, rng).compile()
+    replicated = jax_utils.replicate(state, devices=[device])
+    start = time.perf_counter()
+    step = p_train_step.lower(replicated, batch, rng).compile()
+    compile_seconds = time.perf_counter() - start
 
     def run(num_steps: int) -> None:
+        nonlocal replicated
         metrics = None
         for _ in range(num_steps):
-            holder["state"], metrics = compiled["step"](holder["state"], batch, rng)
-        jax.block_until_ready((holder["state"], metrics))
+            replicated, metrics = step(replicated, batch, rng)
+        jax.block_until_ready((replicated, metrics))
 
-    compile_seconds = timed(compile_step)
     warmup_seconds = timed(lambda: run(warmup))
-    return Contender("emorf_jax", f"{device.platform}", compile_seconds, warmup_seconds, run)
+    return Contender("emorf_jax", device.platform, compile_seconds, warmup_seconds, run)
 
 
 def torch_device(requested: str) -> str:
+    """The torch device type for --device, checked before any work so that a missing CUDA fails at once."""
     import torch
 
     if requested == "cpu":
@@ -128,14 +127,14 @@ def torch_device(requested: str) -> str:
     return "cuda"
 
 
-def torch_contender(setup: Setup, warmup: int, threads: int) -> Contender:
+def torch_contender(setup: Setup, warmup: int, threads: int, device_type: str) -> Contender:
     """The authors' architecture in PyTorch (NCHW) with Adam and BCE on logits, train mode."""
     import torch
 
     from tests.torch_reference import TorchCPResNet
 
     torch.set_num_threads(threads)
-    device = torch.device(torch_device(setup.device))
+    device = torch.device(device_type)
     model = TorchCPResNet(NUM_TAGS, RHO, setup.base_channels, frequency_aware=True).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     criterion = torch.nn.BCEWithLogitsLoss()
@@ -247,15 +246,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mel_bins, frames = SIZES[args.size]
-    setup = Setup(mel_bins, frames, args.batch_size, args.base_channels, args.device)
+    setup = Setup(mel_bins, frames, args.batch_size, args.base_channels)
     select_jax_platform(args.device)
+    torch_device_type = torch_device(args.device) if "torch" in args.frameworks else None
     threads = usable_cores()
     load_before = os.getloadavg()
     contenders = []
     if "jax" in args.frameworks:
         contenders.append(jax_contender(setup, args.warmup))
     if "torch" in args.frameworks:
-        contenders.append(torch_contender(setup, args.warmup, threads))
+        contenders.append(torch_contender(setup, args.warmup, threads, torch_device_type))
     seconds = measure(contenders, args.steps, args.repeats)
     rows = summarise(setup, contenders, seconds)
     ratio = jax_over_torch(rows)

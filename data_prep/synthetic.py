@@ -13,13 +13,13 @@ Run ``python -m data_prep.synthetic --out DIR --tracks N --seed S``; the same ar
 files. The tags are real MTG-Jamendo mood/theme names, each planted by a layer of sound that lasts the
 whole track, so that any ~3 s crop carries the evidence:
 
-* ``deep`` (register): every track has a melody of pure-tone notes whose pitches are a centre frequency plus
-  offsets of -60..+60 Hz; the centre is 140-180 Hz for ``deep`` tracks and 450-650 Hz for the others. Note
-  lengths, levels and offsets follow the same distribution, and both registers lie where the Slaney mel
-  scale is linear (< 1 kHz), so the notes look the same after a shift along the mel axis: only the absolute
-  register tells the tag. The frequency-aware channel sees it; a translation-invariant network has only
-  indirect hints (the A-weighting's level difference, the background noise's slope, and what zero padding
-  at the spectrogram's lower edge reveals within its receptive field).
+* ``deep`` (register): every track has a melody of pure-tone notes (0.15-0.45 s, vibrato of +-1 semitone)
+  within +-2 semitones of a centre; the centre is 1.2-1.4 kHz for ``deep`` tracks and a fifth higher
+  (1.8-2.1 kHz) for the others. Offsets, vibrato, lengths and levels follow the same distribution and both
+  registers lie where the Slaney mel scale is logarithmic (> 1 kHz), far from the spectrogram's edges, so a
+  deep melody is the other kind shifted along the mel axis: only the absolute register tells the tag. The
+  frequency-aware channel reads it directly; a translation-invariant network only has indirect hints (a
+  partial's width in mel bands, per-band normalisation statistics).
 * ``fast`` (tempo): every track that is not ``calm`` has noise-burst percussion (2-12 kHz) on a steady beat;
   150-180 BPM for ``fast`` tracks, 70-110 BPM for the others.
 * ``calm``: no percussion and no ``heavy`` layer (so never together with ``fast`` or ``heavy``).
@@ -29,7 +29,7 @@ whole track, so that any ~3 s crop carries the evidence:
 * ``christmas``: struck bells with inharmonic partials (f0 0.9-1.4 kHz) on a steady 0.4-0.7 s pulse.
 * ``heavy``: chugging band noise (300-3000 Hz) gated at 7-9 Hz.
 * ``space``: a sine gliding slowly (period 2-4 s) half an octave around 1.5-2.5 kHz, with an echo.
-* ``retro``: an 8-bit square-wave arpeggio (root 500-900 Hz, major triad, 8-10 notes per second).
+* ``retro``: an 8-bit square-wave arpeggio (root 250-450 Hz, major triad, 8-10 notes per second).
 
 Distractors that carry no tag: background noise whose level and slope (white to pink) belong to the
 artist, random clicks (Poisson, about one per second) and, for half of the artists, a steady sine drone at
@@ -80,7 +80,8 @@ TAG_PROBABILITIES: dict[str, float] = {
     "space": 0.05,
 }
 LABEL_TAGS: tuple[str, ...] = tuple(TAG_PREFIX + name for name in sorted(TAG_PROBABILITIES))
-DROPPED_TAG = TAG_PREFIX + "mellow"  # in the full TSV only, like the real ambiental/horror/mellow
+DROPPED_NAME = "mellow"  # in the full TSV only, like the real ambiental/horror/mellow
+DROPPED_TAG = TAG_PREFIX + DROPPED_NAME
 DROPPED_FRACTION = 0.03
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.55, "validation": 0.20, "test": 0.25}
 MAX_TAGS_PER_TRACK = 3
@@ -177,6 +178,8 @@ def plan_tracks(
     artist_numbers = rng.choice(np.arange(1, 500_000), len(sizes), replace=False)
     album_numbers = iter(rng.choice(np.arange(1, 170_000), 2 * len(sizes), replace=False))
     long_count = round(0.02 * num_tracks) if long_tracks is None else long_tracks
+    if not 0 <= long_count <= num_tracks:
+        raise ValueError(f"long_tracks must be between 0 and num_tracks ({num_tracks}), got {long_tracks}")
     long_indices = set(rng.choice(num_tracks, long_count, replace=False).tolist())
     dropped_indices = set(rng.choice(num_tracks, round(DROPPED_FRACTION * num_tracks), replace=False).tolist())
     plans = []
@@ -188,7 +191,7 @@ def plan_tracks(
         albums = [next(album_numbers) for _ in range(1 + int(rng.random() < 0.4))]
         for index in range(starts[artist_index], starts[artist_index] + sizes[artist_index]):
             if index in dropped_indices:
-                tags = (DROPPED_TAG.removeprefix(TAG_PREFIX),)
+                tags = (DROPPED_NAME,)
             else:
                 tags = signature if rng.random() < 0.5 else _draw_tags(rng)
             span = long_duration if index in long_indices else (0.9 * duration, 1.1 * duration)
@@ -224,7 +227,7 @@ def _tags_missing(plans: Sequence[TrackPlan], part_of: dict[int, str]) -> int:
 
 def assign_split(plans: Sequence[TrackPlan], seed: int) -> dict[str, list[TrackPlan]]:
     """Artist-disjoint train/validation/test; among a few artist orders, the first with every tag in every part."""
-    in_split = [plan for plan in plans if DROPPED_TAG.removeprefix(TAG_PREFIX) not in plan.tags]
+    in_split = [plan for plan in plans if DROPPED_NAME not in plan.tags]
     sizes: dict[int, int] = {}
     for plan in in_split:
         sizes[plan.artist_number] = sizes.get(plan.artist_number, 0) + 1
@@ -315,10 +318,10 @@ def _poisson_onsets(num_samples: int, rate_hz: float, rng: np.random.Generator) 
 
 
 def melody(num_samples: int, deep: bool, rng: np.random.Generator) -> np.ndarray:
-    """Pure-tone notes within +-3 semitones of a centre of 1.2-1.5 kHz (deep) or one octave higher.
+    """Pure-tone notes around a centre of 1.2-1.4 kHz (deep) or a fifth higher; same statistics otherwise.
 
-    Offsets and vibrato are in semitones and both registers lie where the mel scale is logarithmic, so a
-    deep melody is the other kind shifted down along the mel axis: only the absolute position differs.
+    Offsets and vibrato are in semitones and both registers lie where the mel scale is logarithmic, so with
+    the same random draws a deep melody is exactly the other one shifted down along the mel axis.
     """
     centre = rng.uniform(1200, 1400) * (1 if deep else 1.5)
     out = np.zeros(num_samples)
