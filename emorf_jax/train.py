@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import functools
 import json
 import os
-import time
 from typing import Any
 
 from absl import logging

@@ -197,6 +197,7 @@ def test_thresholds_file_round_trip_keeps_decisions(tmp_path):
     tags, read_back = evaluate.read_thresholds(tmp_path / "thresholds.txt")
     assert tags == ["mood/theme---calm", "mood/theme---dark"]
     np.testing.assert_array_equal(read_back, thresholds)
+    np.testing.assert_array_equal(metrics.decide(predictions, read_back), metrics.decide(predictions, thresholds))
     (tmp_path / "broken.txt").write_text("mood/theme---calm\t0.5\nmood/theme---dark 0.5\n")
     with pytest.raises(ValueError, match=r"broken.txt, line 2: expected 2 tab-separated fields, got 1"):
         evaluate.read_thresholds(tmp_path / "broken.txt")

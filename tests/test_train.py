@@ -1,7 +1,6 @@
 """The main job end to end on real shards: `python -m emorf_jax.main` in subprocesses, killed and resumed for real."""
 
 import json
-import os
 from pathlib import Path
 import signal
 import subprocess
