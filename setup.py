@@ -29,6 +29,7 @@ setuptools.setup(
         "librosa>=0.10.1",
         "soundfile>=0.12.1",
         "scikit-learn>=1.3",
+        "scipy>=1.10",
         "tqdm>=4.66",
         "matplotlib>=3.8",
     ],

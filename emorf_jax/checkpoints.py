@@ -57,8 +57,8 @@ def restore(manager: ocp.CheckpointManager, step: int | None = None, target: Any
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    weights_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(weights=weights_args, meta=ocp.args.JsonRestore()))
+    args = ocp.args.Composite(weights=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
     return restored["weights"], restored["meta"]
 
 

@@ -13,6 +13,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import expit
 
 from data_prep import features
 from data_prep.builder import PreparedDataset
@@ -41,6 +42,11 @@ class Predictor:
 
     def predict(self, variables: dict[str, Any], split: str) -> Predictions:
         """Probabilities of every track of `split` (host-local `variables`), in the split's TSV order."""
+        logits, labels = self._track_logits(variables, split)
+        return Predictions(expit(logits), labels)
+
+    def _track_logits(self, variables: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(tracks, tags) window logits averaged by length, and the tracks' bool labels."""
         num_tracks = len(self.prepared.track_ids[split])
         num_tags = len(self.prepared.tags)
         logit_sums = np.zeros((num_tracks, num_tags), np.float64)
@@ -61,20 +67,18 @@ class Predictor:
         if missing.size:
             raise RuntimeError(f"{missing.size} tracks of {split} got no window, e.g. "
                                f"{self.prepared.track_ids[split][missing[0]]}")
-        return Predictions(_sigmoid(logit_sums / weights[:, None]), labels > 0)
+        return logit_sums / weights[:, None], labels > 0
 
     def evaluate(self, variables: dict[str, Any], split: str) -> dict[str, float]:
         """Macro PR-AUC and ROC-AUC and the mean BCE of the track-level logits, for validation and selection."""
-        predictions = self.predict(variables, split)
-        figures = metrics.mediaeval_metrics(predictions.labels, predictions.probabilities)
-        logits = np.log(predictions.probabilities) - np.log1p(-predictions.probabilities)
-        loss = np.mean(np.logaddexp(0.0, logits) - predictions.labels * logits)  # BCE on logits
+        logits, labels = self._track_logits(variables, split)
+        figures = metrics.mediaeval_metrics(labels, expit(logits))
+        loss = np.mean(np.logaddexp(0.0, logits) - labels * logits)  # BCE on logits
         return {"loss": float(loss), "PR-AUC-macro": figures["PR-AUC-macro"],
                 "ROC-AUC-macro": figures["ROC-AUC-macro"]}
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+_jitted_logits = jax.jit(_logits_step, static_argnames="model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +100,9 @@ class Tagger:
                                                np.asarray(norm["std"], np.float32))
         windows = input_pipeline.split_into_windows(spectrogram, window_frames)
         inputs = np.stack([w for w, _ in windows])[..., None]
-        logits = np.asarray(_jitted_logits(self.model, self.variables, inputs))
+        logits = np.asarray(_jitted_logits(self.variables, inputs, model=self.model))
         weights = np.array([weight for _, weight in windows], np.float64)
-        return _sigmoid((logits * weights[:, None]).sum(axis=0) / weights.sum())
+        return expit((logits * weights[:, None]).sum(axis=0) / weights.sum())
 
     def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int = 1722) -> dict[str, float]:
         """{tag: probability} for a waveform, computing the features exactly as the training shards did."""
@@ -112,11 +116,6 @@ class Tagger:
         options = {k: settings[k] for k in ("n_fft", "hop_length", "n_mels", "order")}
         spectrogram = features.spectrogram(waveform, sample_rate, **options)
         return dict(zip(self.tags, self.tag_spectrogram(spectrogram, window_frames).tolist()))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jitted_logits(model: CPResNet, variables: Any, inputs: jax.Array) -> jax.Array:
-    return model.apply(variables, inputs, train=False).astype(jnp.float32)
 
 
 def load_tagger(path: str) -> Tagger:

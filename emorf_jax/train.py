@@ -15,7 +15,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers, periodic_actions
 import flax
-from flax import jax_utils
+from flax import jax_utils, traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -267,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+        writer.write_hparams(traverse_util.flatten_dict(config.to_dict(), sep="."))
     report_progress = periodic_actions.ReportProgress(num_train_steps=run.total_steps, writer=writer)
     snapshots = checkpoints.open_manager(workdir, checkpoints.SNAPSHOTS)
     swa = checkpoints.open_manager(workdir, checkpoints.SWA)
@@ -366,12 +366,3 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
         lines.append(f"{name:<{width}}  {figures['PR-AUC-macro']:>12.4f}  {figures['ROC-AUC-macro']:>13.4f}")
     return "\n".join(lines)
 
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
