@@ -1,6 +1,7 @@
-"""The paper's recipe (DESIGN.md §4) as one ConfigDict; model files override the model, variants shrink it.
+"""The paper's recipe (docs/fidelity.md) as one ConfigDict; model files override the model, variants shrink it.
 
-Values the paper or the authors' code do not confirm for MediaEval are marked UNVERIFIED.
+Values the paper or the authors' code do not confirm for MediaEval are marked UNVERIFIED. An epoch is one pass
+over the training TRACKS (one crop each), as in the authors' trainer: 9,949 tracks on split-0.
 Variants (`--config=configs/faresnet.py:demo`):
     (none)  the paper: 200 epochs on the prepared MTG-Jamendo split-0 shards (`dataset.data_dir`).
     demo    the embedded default: a synthetic MTG-Jamendo made in the workdir, a small net, ~5 min on 2 CPU cores.
@@ -25,11 +26,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.data_dir = ""  # TFDS data_dir of `python -m data_prep.build`; "" = <workdir>/data (demo)
-    config.dataset.config_name = "hop512"  # builder config = feature setting (DESIGN §3)
+    config.dataset.config_name = "hop512"  # builder config = feature setting (docs/fidelity.md, "Features")
     config.dataset.split_index = 0  # split-0 is the MediaEval split
-    config.dataset.synthetic_tracks = 0  # > 0: make a synthetic MTG-Jamendo in the workdir when no data is prepared
+    # The demo's own data, made by main.py in <workdir>/data when no prepared dataset is there:
+    config.dataset.synthetic_tracks = 0  # > 0: make a synthetic MTG-Jamendo of this many tracks
     config.dataset.synthetic_seed = 0
-    config.dataset.workers = 2  # processes for the on-the-fly build of the synthetic data
+    config.dataset.synthetic_duration = 6.0  # median track length in seconds (lengths spread like the real ones)
+    config.dataset.chunk_frames = 0  # stored chunk length of that data; 0 = the feature setting's 20 s
+    config.dataset.workers = 2  # processes that make and prepare that data
 
     config.num_classes = 56  # must equal the prepared dataset's tag count
 
@@ -43,8 +47,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.input = ml_collections.ConfigDict()
     config.input.crop_frames = 861  # UNVERIFIED: training crop length; 861 frames = 10 s at 86.13 frames/s
     config.input.max_time_shift = 50  # the authors' random circular shift of up to ±50 frames
-    config.input.shuffle_buffer = 2000
-    config.input.eval_window_frames = 1722  # bounded evaluation windows (20 s); logits averaged by window length
+    config.input.eval_window_frames = 1722  # UNVERIFIED: whole tracks in 20-s windows, logits averaged by length
+    config.input.read_threads = 2  # threads that read and crop training examples
 
     config.batch_size = 16  # UNVERIFIED for MediaEval (10 in the authors' DCASE code); global, over all devices
     config.eval_batch_size = 16
@@ -53,9 +57,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.learning_rate = 1e-4  # Adam, betas (0.9, 0.999), no weight decay
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
+    # Per epoch e: lr while e <= lr_constant_epochs, then a linear decay towards 0 that would reach it at
+    # lr_decay_end_epoch, where (and after which) the rate is lr * lr_final_factor (lr/100, the SWA phase's).
     config.lr_constant_epochs = _scaled(50)
     config.lr_decay_end_epoch = _scaled(250)
-    config.lr_final_factor = 0.01  # linear decay towards 0, then lr/100 (the authors' rampdown's last value)
+    config.lr_final_factor = 0.01
 
     config.mixup_alpha = 0.3  # one λ ~ Beta(α, α) per example, replaced by max(λ, 1 - λ); 0 disables mixup
 
@@ -85,12 +91,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     if variant == "demo":
         config.dataset.synthetic_tracks = 320
+        config.dataset.synthetic_duration = 8.0
+        config.dataset.chunk_frames = 430  # 5 s: most demo tracks span several chunks, as real ones span 20-s chunks
         config.num_classes = 9  # the synthetic MTG-Jamendo's tags (data_prep.synthetic)
         config.model.base_channels = 16
         config.model.rho = 5
         config.input.crop_frames = 256
         config.input.max_time_shift = 0
-        config.input.shuffle_buffer = 512
         config.input.eval_window_frames = 516
         config.batch_size = 16
         config.eval_batch_size = 32
@@ -110,12 +117,12 @@ def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:
         config.bn_reestimate_batches = 8
     elif variant == "test":
         config.dataset.synthetic_tracks = 0
+        config.dataset.chunk_frames = 160  # the tests' shards: every track spans several chunks
         config.num_classes = 9
         config.model.base_channels = 4
         config.model.rho = 2
         config.input.crop_frames = 64
         config.input.max_time_shift = 8
-        config.input.shuffle_buffer = 64
         config.input.eval_window_frames = 128
         config.batch_size = 4
         config.eval_batch_size = 8

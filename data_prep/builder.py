@@ -1,23 +1,24 @@
-"""Stage 2 of a build: the TFDS dataset of TFRecord shards, and ``load_prepared`` to read it back.
+"""Stage 2 of a build: the TFDS dataset of TFRecord shards and the record index that reads them at random.
 
 Record layout, chosen for training speed: a track longer than ``chunk_frames`` frames is split into
 consecutive non-overlapping chunks (the last one shorter), one example each, with the spectrogram stored
-as raw float16 bytes. A training crop of at most ``chunk_frames / 2`` frames thus reads at most about
-twice its own bytes. Shuffling at write time is disabled, so a split's examples lie in TSV order with a
-track's chunks consecutive: evaluation rebuilds whole tracks by concatenating chunks until
-``chunk_index == num_chunks - 1``; training shuffles files (``training_read_config``) and a buffer of
-examples.
+time-major, (frames, n_mels), as raw float16 bytes, so that any run of frames is one contiguous byte range.
+Shuffling at write time is disabled, so a split's examples lie in TSV order with a track's chunks consecutive.
 
-Tags, feature settings, per-mel-bin mean and std over every training frame, the track ids and the failures
-report are stored in the dataset's ``metadata.json`` (TFDS writes it with the shards and renames the whole
-directory at the end), so ``load_prepared`` needs neither the audio nor this module's builder class.
+After the shards, ``record_index.npz`` is written beside them: for every chunk, its shard and the byte offset of
+its spectrogram in that shard; for every track, its frames, first chunk and labels. ``data_prep.reader`` reads
+any frames of any track through it, without TensorFlow. Tags, feature settings, per-mel-bin mean and std over
+every training frame, the track ids and the failures report are in the dataset's ``metadata.json``.
+See docs/architecture.md, "Prepared data".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
+import struct
 from typing import Iterator
 
 import numpy as np
@@ -29,10 +30,11 @@ from data_prep import extract
 from data_prep import features as features_lib
 from data_prep import layout
 from data_prep import metadata as metadata_lib
+from data_prep.reader import PARTS
 
-PARTS: tuple[str, ...] = metadata_lib.SPLIT_PARTS
-# Shards read at once when training: with shuffled file order, enough to mix tracks of many shards.
-TRAINING_INTERLEAVE = 16
+# A TFRecord is: uint64 length, uint32 masked CRC of the length, the data, uint32 masked CRC of the data.
+_RECORD_HEADER = 12
+_RECORD_FOOTER = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,33 +42,10 @@ class ShardPlan:
     """What stage 2 writes: per part, the tracks (in TSV order) whose features are cached."""
 
     cache: extract.TrackCache
+    settings: features_lib.FeatureSettings  # the builder config's, with the build's chunk length
     tags: tuple[str, ...]
     parts: dict[str, tuple[metadata_lib.Track, ...]]
     extra_metadata: dict  # JSON-serialisable: failures, duplicates, split index
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedDataset:
-    """A prepared dataset as the training code sees it."""
-
-    builder: tfds.core.DatasetBuilder
-    tags: tuple[str, ...]
-    features: dict
-    mean: np.ndarray
-    std: np.ndarray
-    chunk_frames: int
-    track_ids: dict[str, tuple[str, ...]]
-    num_examples: dict[str, int]
-    failures: dict[str, str]  # track id -> "kind: reason", for every track of the split not in the shards
-
-
-def training_read_config(seed: int | None = None) -> tfds.ReadConfig:
-    """Read config for ``as_dataset(split="train", shuffle_files=True, read_config=...)``.
-
-    The shards are written in order (evaluation needs a track's chunks together), and TFDS refuses to
-    shuffle an ordered dataset unless its ordering guard is off; it would also read one shard at a time.
-    """
-    return tfds.ReadConfig(enable_ordering_guard=False, interleave_cycle_length=TRAINING_INTERLEAVE, shuffle_seed=seed)
 
 
 def num_chunks(frames: int, chunk_frames: int) -> int:
@@ -136,7 +115,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
 
     @property
     def _settings(self) -> features_lib.FeatureSettings:
-        return self.builder_config.settings
+        return self._plan.settings
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -145,7 +124,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "spectrogram": tfds.features.Tensor(
-                        shape=(self._settings.n_mels, None), dtype=np.float16, encoding=tfds.features.Encoding.BYTES
+                        shape=(None, self._settings.n_mels), dtype=np.float16, encoding=tfds.features.Encoding.BYTES
                     ),
                     "labels": tfds.features.Tensor(shape=(len(self._plan.tags),), dtype=np.bool_),
                     "track_id": tfds.features.Text(),
@@ -186,7 +165,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
             labels = metadata_lib.track_labels(track, self._plan.tags)
             for index in range(chunks):
                 yield f"{track.track_id}/{index:05d}", {
-                    "spectrogram": values[:, index * chunk_frames : (index + 1) * chunk_frames],
+                    "spectrogram": values[:, index * chunk_frames : (index + 1) * chunk_frames].T,
                     "labels": labels,
                     "track_id": track.track_id,
                     "artist_id": track.artist_id,
@@ -198,34 +177,65 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
 
 
 def write_shards(plan: ShardPlan, data_dir: str | Path, config_name: str, split_index: int) -> Path:
-    """Writes the shards (TFDS renames its temporary dir at the end, so a killed write just reruns)."""
+    """Writes the shards, then their record index (TFDS renames its temporary dir at the end, and the index is
+    written last, atomically: a killed write just reruns, reusing complete shards)."""
     split_dir = layout.split_data_dir(data_dir, split_index)
     builder = MtgJamendoMoodtheme(plan=plan, data_dir=str(split_dir), config=config_name)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     )
-    return Path(builder.data_dir)
+    directory = Path(builder.data_dir)
+    write_record_index(directory, {part: builder.info.splits[part].filenames for part in PARTS},
+                       len(plan.tags), plan.settings.n_mels)
+    return directory
 
 
-def load_prepared(data_dir: str | Path, config_name: str = "hop512", split_index: int = 0) -> PreparedDataset:
-    """A prepared dataset, read from its directory alone (no audio, no rebuild)."""
-    features_lib.settings_for(config_name)
-    directory = layout.dataset_dir(data_dir, config_name, split_index)
-    if not layout.is_prepared(data_dir, config_name, split_index):
-        raise FileNotFoundError(
-            f"no prepared dataset {config_name!r} of split {split_index} at {directory}; prepare it with: "
-            f"{layout.prepare_command(data_dir, config_name, split_index)}"
-        )
-    builder = tfds.builder_from_directory(str(directory))
-    stored = dict(builder.info.metadata)
-    return PreparedDataset(
-        builder=builder,
-        tags=tuple(stored["tags"]),
-        features=stored["features"],
-        mean=np.asarray(stored["mean"], dtype=np.float32),
-        std=np.asarray(stored["std"], dtype=np.float32),
-        chunk_frames=int(stored["features"]["chunk_frames"]),
-        track_ids={part: tuple(ids) for part, ids in stored["track_ids"].items()},
-        num_examples={part: builder.info.splits[part].num_examples for part in PARTS},
-        failures={record["track_id"]: f"{record['kind']}: {record['reason']}" for record in stored["failures"]},
-    )
+def _records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(file offset of the data, data) of every record of a TFRecord file, in order."""
+    with path.open("rb") as shard:
+        offset = 0
+        while header := shard.read(_RECORD_HEADER):
+            if len(header) != _RECORD_HEADER:
+                raise ValueError(f"{path}: truncated record header at byte {offset}")
+            (length,) = struct.unpack("<Q", header[:8])
+            data = shard.read(length)
+            if len(data) != length or len(shard.read(_RECORD_FOOTER)) != _RECORD_FOOTER:
+                raise ValueError(f"{path}: truncated record at byte {offset}")
+            yield offset + _RECORD_HEADER, data
+            offset += _RECORD_HEADER + length + _RECORD_FOOTER
+
+
+def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_tags: int, n_mels: int) -> None:
+    """Scans the shards once and writes ``record_index.npz`` (see the module docstring); checks the TSV order."""
+    arrays: dict[str, np.ndarray] = {}
+    for part, filenames in shard_files.items():
+        shards, offsets, track_ids, frames, first_chunk, labels = [], [], [], [], [], []
+        for shard_number, filename in enumerate(filenames):
+            for data_offset, data in _records(directory / filename):
+                example = example_pb2.Example.FromString(data).features.feature
+                payload = example["spectrogram"].bytes_list.value[0]
+                chunk_index = example["chunk_index"].int64_list.value[0]
+                if chunk_index == 0:
+                    track_ids.append(example["track_id"].bytes_list.value[0].decode())
+                    first_chunk.append(len(offsets))
+                    frames.append(example["num_frames"].int64_list.value[0])
+                    labels.append(np.asarray(example["labels"].int64_list.value, bool))
+                elif chunk_index != len(offsets) - first_chunk[-1]:
+                    raise ValueError(f"{filename}: chunk {chunk_index} of a track out of order")
+                if len(payload) % (2 * n_mels):
+                    raise ValueError(f"{filename}: a spectrogram of {len(payload)} bytes is not float16 x {n_mels}")
+                shards.append(shard_number)
+                offsets.append(data_offset + data.find(payload))
+        arrays |= {
+            f"{part}/shard_files": np.asarray(filenames, dtype=str),
+            f"{part}/chunk_shard": np.asarray(shards, np.int32),
+            f"{part}/chunk_offset": np.asarray(offsets, np.int64),
+            f"{part}/track_ids": np.asarray(track_ids, dtype=str),
+            f"{part}/track_frames": np.asarray(frames, np.int64),
+            f"{part}/track_first_chunk": np.asarray(first_chunk, np.int64),
+            f"{part}/track_labels": np.asarray(labels, bool).reshape(len(labels), num_tags),
+        }
+    temporary = directory / f".{layout.RECORD_INDEX_NAME}.{os.getpid()}.tmp"
+    with temporary.open("wb") as out:
+        np.savez(out, **arrays)
+    os.replace(temporary, directory / layout.RECORD_INDEX_NAME)

@@ -1,8 +1,9 @@
 """Where a prepared dataset lives on disk; no TensorFlow here, so the CLI checks it before importing TF.
 
     DATA_DIR/cache/<config>/                                  per-track features and the journal (stage 1)
-    DATA_DIR/split-<k>/mtg_jamendo_moodtheme/<config>/1.0.0/  TFRecord shards, dataset_info.json,
-                                                              metadata.json, failures.tsv, duplicates.tsv
+    DATA_DIR/split-<k>/mtg_jamendo_moodtheme/<config>/2.0.0/  TFRecord shards, dataset_info.json,
+                                                              metadata.json, record_index.npz,
+                                                              failures.tsv, duplicates.tsv
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 DATASET_NAME = "mtg_jamendo_moodtheme"
-VERSION = "1.0.0"
+# 2.0.0: spectrograms stored time-major (frames, n_mels), so that a crop is one contiguous byte range, and a
+# record index beside the shards (see docs/architecture.md, "Prepared data").
+VERSION = "2.0.0"
+RECORD_INDEX_NAME = "record_index.npz"
 
 
 def cache_dir(data_dir: str | Path, config_name: str) -> Path:
@@ -29,7 +33,12 @@ def dataset_dir(data_dir: str | Path, config_name: str, split_index: int) -> Pat
 
 
 def is_prepared(data_dir: str | Path, config_name: str, split_index: int) -> bool:
-    """TFDS renames the dataset dir into place only once it is complete, so its presence suffices."""
+    """TFDS renames the dataset dir into place only once it is complete; the record index is written last."""
+    return (dataset_dir(data_dir, config_name, split_index) / RECORD_INDEX_NAME).exists()
+
+
+def has_shards(data_dir: str | Path, config_name: str, split_index: int) -> bool:
+    """The shards are complete (TFDS renamed them into place), whether or not the record index exists yet."""
     return (dataset_dir(data_dir, config_name, split_index) / "metadata.json").exists()
 
 

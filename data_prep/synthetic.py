@@ -45,8 +45,11 @@ The split tries a few artist orders and keeps the first that puts every tag in e
 
 Quality issues copied from the real data on purpose: ``duplicate_groups`` pairs of byte-identical MP3s
 whose tags differ (label noise): the first pair has its original in train and its copy in test under
-another artist, the second pair both in train; the copy's own tags do not follow the rules above. A few
-tracks (``long_tracks``, default 2 % of them) last 30-50 s so that chunking of long tracks is exercised.
+another artist, the second pair both in train; the copy's own tags do not follow the rules above. Track lengths
+have the real shape, scaled: log-normal around ``duration`` (the median) with the real split-0 training set's
+log-spread (``LENGTH_LOG_STD``), clipped to the real shortest and longest track relative to the median (30 s and
+44 min for a median of 206 s), so that most tracks span several stored chunks and end in a short tail; a few extra
+tracks (``long_tracks``) last 30-50 s.
 """
 
 from __future__ import annotations
@@ -85,6 +88,11 @@ DROPPED_TAG = TAG_PREFIX + DROPPED_NAME
 DROPPED_FRACTION = 0.03
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.55, "validation": 0.20, "test": 0.25}
 MAX_TAGS_PER_TRACK = 3
+# The real split-0 training durations (9,949 tracks): median 205.7 s, standard deviation of log(duration) 0.597,
+# shortest 30 s, longest 2,645 s. Synthetic lengths keep that shape around their own median.
+LENGTH_LOG_STD = 0.6
+LENGTH_RANGE = (30.0 / 205.7, 2645.0 / 205.7)
+MIN_DURATION = 2.0
 _SPLIT_ATTEMPTS = 64
 
 
@@ -164,20 +172,22 @@ def plan_tracks(
     num_tracks: int,
     seed: int,
     duration: float = 6.0,
-    long_tracks: int | None = None,
+    long_tracks: int = 0,
     long_duration: tuple[float, float] = (30.0, 50.0),
+    length_log_std: float = LENGTH_LOG_STD,
 ) -> list[TrackPlan]:
-    """The tracks of a synthetic tree (without duplicates), sorted by track id."""
+    """The tracks of a synthetic tree (without duplicates), sorted by track id; ``duration`` is the median length
+    and ``length_log_std`` the spread of log(length) (0: every track lasts ``duration``)."""
     if num_tracks < 10:
         raise ValueError(f"num_tracks must be at least 10 for three artist-disjoint parts, got {num_tracks}")
-    if duration < 2.0:
-        raise ValueError(f"duration must be at least 2 s, got {duration}")
+    if duration < MIN_DURATION:
+        raise ValueError(f"duration must be at least {MIN_DURATION} s, got {duration}")
     rng = np.random.default_rng([seed, 0])
     sizes = _artist_sizes(num_tracks, rng)
     track_numbers = np.sort(rng.choice(np.arange(1000, 1_500_000), num_tracks, replace=False))
     artist_numbers = rng.choice(np.arange(1, 500_000), len(sizes), replace=False)
     album_numbers = iter(rng.choice(np.arange(1, 170_000), 2 * len(sizes), replace=False))
-    long_count = round(0.02 * num_tracks) if long_tracks is None else long_tracks
+    long_count = long_tracks
     if not 0 <= long_count <= num_tracks:
         raise ValueError(f"long_tracks must be between 0 and num_tracks ({num_tracks}), got {long_tracks}")
     long_indices = set(rng.choice(num_tracks, long_count, replace=False).tolist())
@@ -194,13 +204,17 @@ def plan_tracks(
                 tags = (DROPPED_NAME,)
             else:
                 tags = signature if rng.random() < 0.5 else _draw_tags(rng)
-            span = long_duration if index in long_indices else (0.9 * duration, 1.1 * duration)
+            if index in long_indices:
+                length = rng.uniform(*long_duration)
+            else:
+                low, high = (max(MIN_DURATION, ratio * duration) for ratio in LENGTH_RANGE)
+                length = np.clip(duration * np.exp(length_log_std * rng.standard_normal()), low, high)
             plans.append(
                 TrackPlan(
                     number=int(track_numbers[index]),
                     artist_number=int(artist_numbers[artist_index]),
                     album_number=int(albums[int(rng.integers(len(albums)))]),
-                    duration=round(float(rng.uniform(*span)), 1),
+                    duration=round(float(length), 1),
                     tags=tags,
                     style=style,
                 )
@@ -531,9 +545,10 @@ def make_synthetic(
     num_tracks: int = 300,
     seed: int = 0,
     duration: float = 6.0,
-    long_tracks: int | None = None,
+    long_tracks: int = 0,
     duplicate_groups: int = 2,
     workers: int | None = None,
+    length_log_std: float = LENGTH_LOG_STD,
 ) -> None:
     """Write ``out_dir/audio`` and ``out_dir/data`` (see the module docstring); refuses to overwrite a tree."""
     out_dir = Path(out_dir)
@@ -542,7 +557,7 @@ def make_synthetic(
         if existing.exists():
             raise FileExistsError(f"{existing} already exists; remove it or choose another output directory")
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
-    plans = plan_tracks(num_tracks, seed, duration, long_tracks)
+    plans = plan_tracks(num_tracks, seed, duration, long_tracks, length_log_std=length_log_std)
     split = add_duplicates(assign_split(plans, seed), duplicate_groups, seed)
     replaced = {plan.number: plan for part in split.values() for plan in part}
     plans = [replaced.get(plan.number, plan) for plan in plans]
@@ -559,13 +574,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output directory (gets audio/ and data/)")
     parser.add_argument("--tracks", type=int, default=300, help="number of tracks in the full TSV")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--duration", type=float, default=6.0, help="typical track length in seconds (+-10 %%)")
-    parser.add_argument("--long_tracks", type=int, default=None, help="tracks of 30-50 s (default: 2 %% of them)")
+    parser.add_argument("--duration", type=float, default=6.0, help="median track length in seconds")
+    parser.add_argument("--length_log_std", type=float, default=LENGTH_LOG_STD,
+                        help="spread of log(length); the real data's by default, 0 for equal lengths")
+    parser.add_argument("--long_tracks", type=int, default=0, help="extra tracks of 30-50 s")
     parser.add_argument("--duplicate_groups", type=int, default=2, help="pairs of byte-identical MP3s")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
     args = parser.parse_args(argv)
     make_synthetic(
-        args.out, args.tracks, args.seed, args.duration, args.long_tracks, args.duplicate_groups, args.workers
+        args.out, args.tracks, args.seed, args.duration, args.long_tracks, args.duplicate_groups, args.workers,
+        args.length_log_std,
     )
 
 

@@ -46,7 +46,15 @@ def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.Che
 
 def save(manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str, Any],
          score: float | None = None) -> None:
-    """Saves host-local (unreplicated) `weights` and their metadata at `step`."""
+    """Saves host-local (unreplicated) `weights` and their metadata at `step`, unless a step this late is saved.
+
+    A resumed run replays the steps after its last resumable checkpoint, and with them the evaluation, snapshot
+    and SWA saves it had already made before it was killed. Training is deterministic given the step, so what
+    orbax holds from before the kill is what the replay would save: it is kept as it is.
+    """
+    latest = manager.latest_step()
+    if latest is not None and step <= latest:
+        return
     args = ocp.args.Composite(weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta))
     manager.save(step, args=args, metrics=None if score is None else {"score": float(score)}, force=True)
     manager.wait_until_finished()

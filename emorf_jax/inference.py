@@ -1,7 +1,9 @@
 """Whole-track predictions: from prepared shards during training, or from a checkpoint and audio in a notebook.
 
-A track is cut into bounded windows (`input_pipeline.split_into_windows`); the logits of its windows are
-averaged, weighted by the frames each window stands for, then turned into per-tag probabilities.
+Both paths cut a track with `input_pipeline.window_ranges` and feed the same normalised, float16-rounded features
+(the precision the shards store), so a checkpoint tags a track's audio exactly as the evaluation scored it. The
+logits of a track's windows are averaged, weighted by the frames each window stands for, then turned into per-tag
+probabilities. See docs/architecture.md, "Evaluation and tagging".
 """
 
 import dataclasses
@@ -16,15 +18,16 @@ import numpy as np
 from scipy.special import expit
 
 from data_prep import features
-from data_prep.builder import PreparedDataset
+from data_prep.reader import STORED_DTYPE, PreparedDataset
 from emorf_jax import checkpoints, input_pipeline, metrics
 from emorf_jax.models import CPResNet
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-    probabilities: np.ndarray  # (tracks, tags), rows in the split's TSV order
+    probabilities: np.ndarray  # (tracks, tags), rows in `track_ids` order
     labels: np.ndarray  # (tracks, tags) bool
+    track_ids: tuple[str, ...]
 
 
 def _logits_step(variables: Any, spectrograms: jax.Array, *, model: CPResNet) -> jax.Array:
@@ -41,37 +44,34 @@ class Predictor:
         self.p_logits = jax.pmap(functools.partial(_logits_step, model=model), axis_name="batch")
 
     def predict(self, variables: dict[str, Any], split: str) -> Predictions:
-        """Probabilities of every track of `split` (host-local `variables`), in the split's TSV order."""
-        logits, labels = self._track_logits(variables, split)
-        return Predictions(expit(logits), labels)
+        """Probabilities of every track of `split` in the shards (host-local `variables`), in TSV order."""
+        logits = self._track_logits(variables, split)
+        part = self.prepared.parts[split]
+        return Predictions(expit(logits), part.labels, part.track_ids)
 
-    def _track_logits(self, variables: dict[str, Any], split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(tracks, tags) window logits averaged by length, and the tracks' bool labels."""
-        num_tracks = len(self.prepared.track_ids[split])
-        num_tags = len(self.prepared.tags)
-        logit_sums = np.zeros((num_tracks, num_tags), np.float64)
-        weights = np.zeros(num_tracks, np.float64)
-        labels = np.zeros((num_tracks, num_tags), np.float64)
+    def _track_logits(self, variables: dict[str, Any], split: str) -> np.ndarray:
+        """(tracks, tags) window logits averaged by length."""
+        part = self.prepared.parts[split]
+        logit_sums = np.zeros((len(part), len(self.prepared.tags)), np.float64)
+        weights = np.zeros(len(part), np.float64)
         replicated = jax_utils.replicate(variables)
         windows = input_pipeline.eval_windows(self.prepared, split, self.window_frames)
         for batch in input_pipeline.eval_batches(windows, self.batch_size):
             logits = np.asarray(self.p_logits(replicated, batch.spectrograms)).reshape(len(batch.weights), -1)
             np.add.at(logit_sums, batch.track_indices, logits * batch.weights[:, None])
             np.add.at(weights, batch.track_indices, batch.weights)
-            labels[batch.track_indices] = np.maximum(labels[batch.track_indices], batch.labels)
         if jax.process_count() > 1:
-            logit_sums, weights, labels = (np.asarray(x).sum(axis=0) for x in multihost_utils.process_allgather(
-                (logit_sums, weights, labels)))
-            labels = np.minimum(labels, 1)
+            logit_sums, weights = (np.asarray(x).sum(axis=0) for x in multihost_utils.process_allgather(
+                (logit_sums, weights)))
         missing = np.flatnonzero(weights == 0)
         if missing.size:
-            raise RuntimeError(f"{missing.size} tracks of {split} got no window, e.g. "
-                               f"{self.prepared.track_ids[split][missing[0]]}")
-        return logit_sums / weights[:, None], labels > 0
+            raise RuntimeError(f"{missing.size} tracks of {split} got no window, e.g. {part.track_ids[missing[0]]}")
+        return logit_sums / weights[:, None]
 
     def evaluate(self, variables: dict[str, Any], split: str) -> dict[str, float]:
         """Macro PR-AUC and ROC-AUC and the mean BCE of the track-level logits, for validation and selection."""
-        logits, labels = self._track_logits(variables, split)
+        logits = self._track_logits(variables, split)
+        labels = self.prepared.parts[split].labels
         figures = metrics.mediaeval_metrics(labels, expit(logits))
         loss = np.mean(np.logaddexp(0.0, logits) - labels * logits)  # BCE on logits
         return {"loss": float(loss), "PR-AUC-macro": figures["PR-AUC-macro"],
@@ -83,29 +83,50 @@ _jitted_logits = jax.jit(_logits_step, static_argnames="model")
 
 @dataclasses.dataclass(frozen=True)
 class Tagger:
-    """A trained model loaded from a checkpoint, ready to tag audio: all it needs comes from the checkpoint."""
+    """A trained model loaded from a checkpoint, ready to tag audio: all it needs comes from the checkpoint.
+
+    Windows go through the model in batches of a fixed size, so neither memory nor compilation depends on a
+    track's length (a track shorter than one window is the only other shape).
+    """
 
     model: CPResNet
     variables: dict[str, Any]
     meta: dict[str, Any]
+    batch_size: int = 8
 
     @property
     def tags(self) -> list[str]:
         return self.meta["tags"]
 
-    def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int = 1722) -> np.ndarray:
-        """Per-tag probabilities of one track's (n_mels, frames) spectrogram in the checkpoint's feature setting."""
+    @property
+    def window_frames(self) -> int:
+        """The evaluation window the model was validated with."""
+        return int(self.meta["window_frames"])
+
+    def window_logits(self, spectrogram: np.ndarray, window_frames: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(windows, tags) logits and (windows,) weights of one track's (n_mels, frames) spectrogram."""
         norm = self.meta["normalisation"]
-        spectrogram = input_pipeline.normalise(spectrogram.astype(np.float32), np.asarray(norm["mean"], np.float32),
-                                               np.asarray(norm["std"], np.float32))
-        windows = input_pipeline.split_into_windows(spectrogram, window_frames)
-        inputs = np.stack([w for w, _ in windows])[..., None]
-        logits = np.asarray(_jitted_logits(self.variables, inputs, model=self.model))
-        weights = np.array([weight for _, weight in windows], np.float64)
+        mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+        stored = np.asarray(spectrogram).astype(STORED_DTYPE).T  # as data preparation stores it: time-major
+        ranges = input_pipeline.window_ranges(stored.shape[0], window_frames or self.window_frames)
+        logits = []
+        for first in range(0, len(ranges), self.batch_size):
+            group = ranges[first:first + self.batch_size]
+            inputs = np.stack([input_pipeline.model_input(stored[start:stop], mean, std)
+                               for start, stop, _ in group])
+            padded = np.concatenate([inputs, np.zeros((self.batch_size - len(group),) + inputs.shape[1:],
+                                                      inputs.dtype)])
+            logits.append(np.asarray(_jitted_logits(self.variables, padded, model=self.model))[:len(group)])
+        return np.concatenate(logits), np.array([weight for _, _, weight in ranges], np.float64)
+
+    def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> np.ndarray:
+        """Per-tag probabilities of one track's (n_mels, frames) spectrogram in the checkpoint's feature setting."""
+        logits, weights = self.window_logits(spectrogram, window_frames)
         return expit((logits * weights[:, None]).sum(axis=0) / weights.sum())
 
-    def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int = 1722) -> dict[str, float]:
-        """{tag: probability} for a waveform, computing the features exactly as the training shards did."""
+    def spectrogram(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        """The (n_mels, frames) features of a waveform, computed exactly as data preparation computed them."""
         settings = self.meta["features"]
         if settings["source"] != "audio":
             raise ValueError(f"this model was trained on {settings['source']!r} input, not audio: pass that input "
@@ -114,11 +135,16 @@ class Tagger:
             raise ValueError(f"the model was trained on {settings['sample_rate']} Hz audio, got {sample_rate} Hz; "
                              "resample first (e.g. librosa.resample)")
         options = {k: settings[k] for k in ("n_fft", "hop_length", "n_mels", "order")}
-        spectrogram = features.spectrogram(waveform, sample_rate, **options)
-        return dict(zip(self.tags, self.tag_spectrogram(spectrogram, window_frames).tolist()))
+        return features.spectrogram(waveform, sample_rate, **options)
+
+    def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None
+                  ) -> dict[str, float]:
+        """{tag: probability} for a waveform (samples,) or (samples, channels) of the whole track."""
+        probabilities = self.tag_spectrogram(self.spectrogram(waveform, sample_rate), window_frames)
+        return dict(zip(self.tags, probabilities.tolist()))
 
 
-def load_tagger(path: str) -> Tagger:
+def load_tagger(path: str, batch_size: int = 8) -> Tagger:
     """A Tagger from any checkpoint of a run (e.g. `runs/demo/swa`, `runs/demo/snapshots/120`); no config needed."""
     variables, meta = checkpoints.load_checkpoint(path)
-    return Tagger(CPResNet(**meta["model"]), variables, meta)
+    return Tagger(CPResNet(**meta["model"]), variables, meta, batch_size)

@@ -1,171 +1,161 @@
-"""Prepared TFRecord shards -> normalised training crops and whole-track evaluation windows.
+"""Prepared data -> training batches (one crop per track per epoch) and whole-track evaluation windows.
 
-Training is a tf.data pipeline that is a pure function of (seed, epoch): shard order, shuffle buffer, crops and
-shifts are all seeded per epoch, so a resumed run sees exactly the batches an uninterrupted run would have seen.
-Evaluation streams chunks in any order and cuts each into fixed-length windows, so one compiled shape serves every
-track and memory stays bounded whatever a track's length.
+Training follows the authors' sampler: every epoch is a fresh global permutation of the training TRACKS, each
+track gives one crop that may start anywhere in it (across stored chunk edges), and batches are consecutive runs
+of that stream, so their composition does not follow TSV order. The stream is a grain `MapDataset`: example k is
+a pure function of (seed, k), read at random from the shards through `data_prep.reader`, so a run resumed at any
+step sees exactly the batches an uninterrupted run sees, and each process reads only its own share of a batch.
+
+Evaluation and tagging share `window_ranges`: a whole track is cut into fixed-length windows (the last aligned to
+the track's end) whose logits are averaged, weighted by the new frames each window adds. See
+docs/architecture.md, "Input pipeline".
 """
 
 from collections.abc import Iterator
 import dataclasses
 
+import grain
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from data_prep.builder import PreparedDataset, training_read_config
+from data_prep.reader import FrameReader, PreparedDataset
 
-# tf.data must not grab the accelerators JAX uses.
-tf.config.set_visible_devices([], "GPU")
+TRAIN = "train"
 
 
-def normalise(spectrogram, mean, std):
-    """Per-mel-bin standardisation with the training-set statistics; works on tf and numpy (n_mels, frames)."""
-    return (spectrogram - mean[:, None]) / std[:, None]
+def model_input(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Time-major (frames, n_mels) stored features -> the model's normalised float32 (n_mels, frames, 1)."""
+    normalised = (frames.astype(np.float32) - mean) / std
+    return np.ascontiguousarray(normalised.T)[..., None]
 
 
-def _tile_to_length(spectrogram: tf.Tensor, frames: int) -> tf.Tensor:
-    """Repeats a spectrogram shorter than `frames` along time (wrap padding), so short tracks still give crops."""
-    length = tf.shape(spectrogram)[1]
-    repeats = (frames + length - 1) // length
-    return tf.tile(spectrogram, [1, repeats])
+def steps_per_epoch(prepared: PreparedDataset, global_batch_size: int) -> float:
+    """Optimiser steps per epoch, an epoch being one pass over the training tracks (may be fractional)."""
+    num_tracks = len(prepared.parts[TRAIN])
+    if num_tracks < global_batch_size:
+        raise ValueError(f"the training split has {num_tracks} tracks, fewer than one global batch of "
+                         f"{global_batch_size}")
+    return num_tracks / global_batch_size
 
 
-def _random_crop_and_shift(spectrogram, crop_frames: int, max_shift: int, seed):
-    spectrogram = _tile_to_length(spectrogram, crop_frames)
-    length = tf.shape(spectrogram)[1]
-    crop_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    start = tf.random.stateless_uniform([], crop_seed, 0, length - crop_frames + 1, dtype=tf.int32)
-    crop = spectrogram[:, start:start + crop_frames]
-    if max_shift > 0:
-        shift = tf.random.stateless_uniform([], shift_seed, -max_shift, max_shift + 1, dtype=tf.int32)
-        crop = tf.roll(crop, shift, axis=1)
-    return crop
+@dataclasses.dataclass(frozen=True)
+class TrainingCrop(grain.transforms.RandomMap):
+    """One training example of a track: a random crop (looped only if the whole track is shorter), circularly
+    shifted in time by up to ±max_time_shift frames (the authors' augmentation), normalised."""
+
+    reader: FrameReader
+    prepared: PreparedDataset
+    crop_frames: int
+    max_time_shift: int
+
+    def random_map(self, track: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        frames = int(self.prepared.parts[TRAIN].frames[track])
+        start = int(rng.integers(0, frames - self.crop_frames + 1)) if frames >= self.crop_frames else 0
+        if frames >= self.crop_frames:
+            crop = self.reader.read(TRAIN, track, start, start + self.crop_frames)
+        else:
+            whole = self.reader.read(TRAIN, track)
+            crop = np.tile(whole, (-(-self.crop_frames // frames), 1))[:self.crop_frames]
+        if self.max_time_shift > 0:
+            crop = np.roll(crop, int(rng.integers(-self.max_time_shift, self.max_time_shift + 1)), axis=0)
+        return {"spectrogram": model_input(crop, self.prepared.mean, self.prepared.std),
+                "labels": self.prepared.parts[TRAIN].labels[track].astype(np.float32),
+                "track": np.int32(track), "start": np.int32(start)}
 
 
-def steps_per_epoch(prepared: PreparedDataset, global_batch_size: int) -> int:
-    """Optimiser steps per pass over the training chunks; every host takes the same number of steps."""
-    per_process = prepared.num_examples["train"] // jax.process_count()
-    steps = per_process // (global_batch_size // jax.process_count())
-    if steps < 1:
-        raise ValueError(
-            f"the training split has {prepared.num_examples['train']} examples, fewer than one global batch of "
-            f"{global_batch_size}")
-    return steps
+def training_examples(prepared: PreparedDataset, *, crop_frames: int, max_time_shift: int, seed: int,
+                      reader: FrameReader | None = None) -> grain.MapDataset:
+    """The endless example stream: example k is a crop of track permutation_e[k mod N] with epoch e = k // N."""
+    num_tracks = len(prepared.parts[TRAIN])
+    crops = TrainingCrop(reader or FrameReader(prepared), prepared, crop_frames, max_time_shift)
+    return grain.MapDataset.range(num_tracks).seed(seed).shuffle().repeat(None).random_map(crops)
 
 
-def _train_epoch_dataset(prepared: PreparedDataset, *, epoch: int, seed: int, crop_frames: int,
-                         max_time_shift: int, shuffle_buffer: int, local_batch_size: int,
-                         num_steps: int) -> tf.data.Dataset:
-    epoch_seed = seed * 1_000_003 + epoch
-    dataset = prepared.builder.as_dataset(
-        split=tfds.split_for_jax_process("train", drop_remainder=True),
-        shuffle_files=True,
-        read_config=training_read_config(epoch_seed),
-    )
-    dataset = dataset.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    mean = tf.constant(prepared.mean, tf.float32)
-    std = tf.constant(prepared.std, tf.float32)
-
-    def make_example(index, example):
-        spectrogram = normalise(tf.cast(example["spectrogram"], tf.float32), mean, std)
-        seed_pair = tf.stack([tf.constant(epoch_seed, tf.int64), index])
-        crop = _random_crop_and_shift(spectrogram, crop_frames, max_time_shift, seed_pair)
-        return {"spectrogram": crop[..., None], "labels": tf.cast(example["labels"], tf.float32)}
-
-    dataset = dataset.enumerate().map(make_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(local_batch_size, drop_remainder=True).take(num_steps)
+def _device_layout(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(local_batch, ...) -> (local_devices, per_device, ...) for pmap; keeps only what the step uses."""
+    devices = jax.local_device_count()
+    return {key: batch[key].reshape((devices, -1) + batch[key].shape[1:]) for key in ("spectrogram", "labels")}
 
 
 def train_batches(prepared: PreparedDataset, *, global_batch_size: int, crop_frames: int, max_time_shift: int,
-                  shuffle_buffer: int, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  seed: int, start_step: int = 0, read_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches shaped (local_devices, per_device_batch, n_mels, crop_frames, 1), from `start_step`.
 
-    The stream is the same whether a run starts at step 0 or resumes at `start_step`: a resumed epoch is rebuilt
-    from its seed and the batches already consumed are skipped.
+    Step s uses examples [s * B, (s + 1) * B) of the stream (B the global batch); process p reads the p-th
+    contiguous share of them.
     """
-    if crop_frames > prepared.chunk_frames:
-        raise ValueError(f"crop_frames {crop_frames} exceeds the dataset's chunk length {prepared.chunk_frames}")
-    local_devices = jax.local_device_count()
-    local_batch_size = global_batch_size // jax.process_count()
-    per_device = local_batch_size // local_devices
-    num_steps = steps_per_epoch(prepared, global_batch_size)
-    epoch, skip = divmod(start_step, num_steps)
-    while True:
-        dataset = _train_epoch_dataset(
-            prepared, epoch=epoch, seed=seed, crop_frames=crop_frames, max_time_shift=max_time_shift,
-            shuffle_buffer=shuffle_buffer, local_batch_size=local_batch_size, num_steps=num_steps)
-        for batch in tfds.as_numpy(dataset.skip(skip).prefetch(2)):
-            yield {key: value.reshape((local_devices, per_device) + value.shape[1:]) for key, value in batch.items()}
-        epoch, skip = epoch + 1, 0
+    processes, local_batch = jax.process_count(), global_batch_size // jax.process_count()
+    examples = training_examples(prepared, crop_frames=crop_frames, max_time_shift=max_time_shift, seed=seed)
+    batches = examples.batch(local_batch)[start_step * processes + jax.process_index()::processes]
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+    return iter(batches.map(_device_layout).to_iter_dataset(options))
+
+
+def window_ranges(frames: int, window_frames: int) -> list[tuple[int, int, int]]:
+    """(start, stop, weight) of the windows that cover a track of `frames` frames.
+
+    Windows of exactly `window_frames` tile the track; the last one is aligned to the track's end (overlapping its
+    predecessor) and weighs only the frames it adds. Only a track shorter than one window gets a shorter window:
+    the whole track, never looped.
+    """
+    if frames <= window_frames:
+        return [(0, frames, frames)]
+    ranges = []
+    for start in range(0, frames, window_frames):
+        stop = min(start + window_frames, frames)
+        ranges.append((stop - window_frames, stop, stop - start))
+    return ranges
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalWindow:
     """One model input of an evaluated track, and how much of the track it stands for."""
 
-    spectrogram: np.ndarray  # (n_mels, window_frames, 1), normalised
-    track_index: int  # position in PreparedDataset.track_ids[split]
+    spectrogram: np.ndarray  # (n_mels, frames, 1), normalised
+    track_index: int  # position in the split's track list
     weight: float  # frames of the track this window accounts for
-    labels: np.ndarray  # (num_tags,) bool, the track's tags
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
-    spectrograms: np.ndarray  # (local_devices, per_device, n_mels, window_frames, 1)
+    spectrograms: np.ndarray  # (local_devices, per_device, n_mels, frames, 1)
     track_indices: np.ndarray  # (local_batch,)
     weights: np.ndarray  # (local_batch,); 0 for padding
-    labels: np.ndarray  # (local_batch, num_tags) bool
-
-
-def split_into_windows(spectrogram: np.ndarray, window_frames: int) -> list[tuple[np.ndarray, int]]:
-    """Cuts (n_mels, frames) into windows of exactly `window_frames`, each with the count of frames it stands for.
-
-    Consecutive windows tile the input; the last one is aligned to the end (overlapping its predecessor) and counts
-    only its new frames. Input shorter than one window is wrapped to the window length and counts its true length.
-    """
-    frames = spectrogram.shape[1]
-    if frames < window_frames:
-        repeats = -(-window_frames // frames)
-        return [(np.tile(spectrogram, (1, repeats))[:, :window_frames], frames)]
-    windows = []
-    for start in range(0, frames, window_frames):
-        end = min(start + window_frames, frames)
-        windows.append((spectrogram[:, end - window_frames:end], end - start))
-    return windows
 
 
 def eval_windows(prepared: PreparedDataset, split: str, window_frames: int) -> Iterator[EvalWindow]:
-    """Every window of every track of `split` on this host, normalised, in shard order."""
-    index_of = {track_id: i for i, track_id in enumerate(prepared.track_ids[split])}
-    dataset = prepared.builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
-    for example in tfds.as_numpy(dataset.prefetch(4)):
-        spectrogram = normalise(example["spectrogram"].astype(np.float32), prepared.mean, prepared.std)
-        track_index = index_of[example["track_id"].decode()]
-        for window, weight in split_into_windows(spectrogram, window_frames):
-            yield EvalWindow(window[..., None], track_index, float(weight), example["labels"])
+    """Every window of every track of `split` that this process evaluates (every process-count-th track), each
+    read from the shards on its own, so memory stays bounded whatever a track's length."""
+    reader = FrameReader(prepared)
+    part = prepared.parts[split]
+    try:
+        for track in range(jax.process_index(), len(part), jax.process_count()):
+            for start, stop, weight in window_ranges(int(part.frames[track]), window_frames):
+                window = model_input(reader.read(split, track, start, stop), prepared.mean, prepared.std)
+                yield EvalWindow(window, track, float(weight))
+    finally:
+        reader.close()
 
 
 def eval_batches(windows: Iterator[EvalWindow], global_batch_size: int) -> Iterator[EvalBatch]:
-    """Groups windows into per-device batches; the last batch is padded with zero-weight windows."""
+    """Groups windows of equal length into per-device batches; a batch left incomplete is padded with
+    zero-weight windows. Only tracks shorter than a window make windows of other lengths."""
     local_devices = jax.local_device_count()
     local_batch_size = global_batch_size // jax.process_count()
-    per_device = local_batch_size // local_devices
-    pending: list[EvalWindow] = []
+    pending: dict[int, list[EvalWindow]] = {}
 
     def emit(items: list[EvalWindow]) -> EvalBatch:
-        padding = [dataclasses.replace(items[0], weight=0.0)] * (local_batch_size - len(items))
-        items = items + padding
+        items = items + [dataclasses.replace(items[0], weight=0.0)] * (local_batch_size - len(items))
         spectrograms = np.stack([w.spectrogram for w in items])
-        return EvalBatch(spectrograms.reshape((local_devices, per_device) + spectrograms.shape[1:]),
-                         np.array([w.track_index for w in items]), np.array([w.weight for w in items], np.float32),
-                         np.stack([w.labels for w in items]))
+        return EvalBatch(spectrograms.reshape((local_devices, -1) + spectrograms.shape[1:]),
+                         np.array([w.track_index for w in items]), np.array([w.weight for w in items], np.float32))
 
     for window in windows:
-        pending.append(window)
-        if len(pending) == local_batch_size:
-            yield emit(pending)
-            pending = []
-    if pending:
-        yield emit(pending)
+        group = pending.setdefault(window.spectrogram.shape[1], [])
+        group.append(window)
+        if len(group) == local_batch_size:
+            yield emit(group)
+            group.clear()
+    for group in pending.values():
+        if group:
+            yield emit(group)

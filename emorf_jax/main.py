@@ -2,10 +2,15 @@
 
 All hyper-parameters live in the config (`configs/`); a config variant follows a colon, e.g.
 `--config=configs/faresnet.py:demo`, and single fields can be overridden, e.g. `--config.batch_size=32`.
+When the config asks for synthetic data (`dataset.synthetic_tracks`, the demo) and none is prepared yet, the data
+preparation batch steps run first, as the separate commands a user would type (`python -m data_prep.synthetic`,
+`python -m data_prep.build`), so that training only ever reads prepared data.
 """
 
 import logging as python_logging
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data here: keep its C++ chatter out
 
@@ -13,6 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from data_prep import layout  # noqa: E402
 from emorf_jax import train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,6 +39,34 @@ class _OwnInfoOnly(python_logging.Filter):
         return any(part in record.pathname for part in _OWN_CODE)
 
 
+def data_preparation_commands(config, workdir: str) -> list[list[str]]:
+    """The batch steps that make and prepare the synthetic MTG-Jamendo of a config in `workdir`."""
+    root = os.path.join(workdir, "synthetic")
+    commands = []
+    if not os.path.isdir(os.path.join(root, "audio")):
+        commands.append([sys.executable, "-m", "data_prep.synthetic", "--out", root,
+                         "--tracks", str(config.dataset.synthetic_tracks), "--seed", str(config.dataset.synthetic_seed),
+                         "--duration", str(config.dataset.synthetic_duration),
+                         "--workers", str(config.dataset.workers)])
+    build = [sys.executable, "-m", "data_prep.build", "--audio_dir", os.path.join(root, "audio"),
+             "--metadata_dir", os.path.join(root, "data"), "--data_dir", train.data_dir(config, workdir),
+             "--config", config.dataset.config_name, "--split", str(config.dataset.split_index),
+             "--workers", str(config.dataset.workers)]
+    if config.dataset.chunk_frames:
+        build += ["--chunk_frames", str(config.dataset.chunk_frames)]
+    return commands + [build]
+
+
+def prepare_synthetic_data(config, workdir: str) -> None:
+    """Runs the data preparation steps of the demo unless its prepared data is already there."""
+    if config.dataset.synthetic_tracks <= 0 or layout.is_prepared(
+            train.data_dir(config, workdir), config.dataset.config_name, config.dataset.split_index):
+        return
+    for command in data_preparation_commands(config, workdir):
+        logging.info("Preparing the demo's data: %s", " ".join(command[1:]))
+        subprocess.run(command, check=True, env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"})
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -40,6 +74,7 @@ def main(argv: list[str]) -> None:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
+    prepare_synthetic_data(FLAGS.config, FLAGS.workdir)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -1,12 +1,14 @@
 """Training and evaluation of a CP-ResNet on prepared shards: pmapped steps, mixup, SWA, snapshots, checkpoints.
 
-`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. The recipe is DESIGN.md §4:
-Adam, constant-then-linear-decay learning rate, mixup on device, BCE on logits, an average of the weights kept in
+`train_and_evaluate(config, workdir)` is the whole job on an already prepared dataset; `main.py` parses flags and
+makes the demo's data. The recipe (docs/fidelity.md): Adam, the authors' constant / linear-decay / lr-over-100
+learning rate per epoch, mixup over the global batch on device, BCE on logits, an average of the weights kept in
 the train state (SWA or EMA), snapshot members saved for ensembles, and a final test report in the MediaEval
 metrics next to a constant predictor's score.
 """
 
 from collections.abc import Iterator
+import dataclasses
 import functools
 import json
 import os
@@ -22,10 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_prep import build as data_build
-from data_prep import synthetic
-from data_prep.builder import PreparedDataset, load_prepared
-from emorf_jax import checkpoints, ensemble, inference, input_pipeline, metrics, weight_averaging
+from data_prep.reader import PreparedDataset, load_prepared
+from emorf_jax import (checkpoints, ensemble, evaluate, inference, input_pipeline, metrics, submission,
+                       weight_averaging)
 from emorf_jax.models import CPResNet, receptive_field
 
 
@@ -52,33 +53,40 @@ def create_model(fields: dict[str, Any], *, half_precision: bool = False, axis_n
     return CPResNet(**fields, dtype=jnp.bfloat16 if half_precision else jnp.float32, bn_axis_name=axis_name)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-    """Constant, then a linear decay to lr * final_factor, then constant there (the authors' linear rampdown)."""
-    constant_steps = int(round(config.lr_constant_epochs * steps_per_epoch))
-    decay_end = int(round(config.lr_decay_end_epoch * steps_per_epoch))
-    if decay_end < constant_steps:
-        raise ValueError("lr_decay_end_epoch must not come before lr_constant_epochs")
-    final = config.learning_rate * config.lr_final_factor
-    return optax.join_schedules(
-        [optax.constant_schedule(config.learning_rate),
-         optax.linear_schedule(config.learning_rate, final, max(decay_end - constant_steps, 1)),
-         optax.constant_schedule(final)],
-        boundaries=[constant_steps, decay_end])
+def epochs_to_steps(epochs: float, steps_per_epoch: float) -> int:
+    return int(round(epochs * steps_per_epoch))
 
 
-def averaging_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float) -> optax.Schedule:
+    """The authors' schedule, a factor of the learning rate that changes once per epoch e (counted from 0):
+    1 while e <= lr_constant_epochs; (end - e) / (end - constant), a linear decay towards 0, while
+    e < end = lr_decay_end_epoch; lr_final_factor (lr/100, the authors' SWA learning rate) from e = end on."""
+    constant, end = config.lr_constant_epochs, config.lr_decay_end_epoch
+    if end <= constant:
+        raise ValueError("lr_decay_end_epoch must come after lr_constant_epochs")
+
+    def schedule(step: jax.Array) -> jax.Array:
+        epoch = jnp.floor(step / steps_per_epoch)
+        factor = jnp.where(epoch <= constant, 1.0,
+                           jnp.where(epoch < end, (end - epoch) / (end - constant), config.lr_final_factor))
+        return config.learning_rate * factor
+
+    return schedule
+
+
+def averaging_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float
                        ) -> weight_averaging.AveragingSchedule:
     return weight_averaging.AveragingSchedule(
         kind=config.weight_average.kind,
-        start_step=max(int(round(config.weight_average.start_epoch * steps_per_epoch)), 1),
-        every_steps=max(int(round(config.weight_average.every_epochs * steps_per_epoch)), 1),
+        start_step=max(epochs_to_steps(config.weight_average.start_epoch, steps_per_epoch), 1),
+        every_steps=max(epochs_to_steps(config.weight_average.every_epochs, steps_per_epoch), 1),
         ema_decay=config.weight_average.ema_decay)
 
 
-def snapshot_steps(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> list[int]:
+def snapshot_steps(config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int) -> list[int]:
     """Steps whose weights are kept as snapshot-ensemble members: from start_epoch every every_epochs."""
-    start = int(round(config.snapshots.start_epoch * steps_per_epoch))
-    every = max(int(round(config.snapshots.every_epochs * steps_per_epoch)), 1)
+    start = epochs_to_steps(config.snapshots.start_epoch, steps_per_epoch)
+    every = max(epochs_to_steps(config.snapshots.every_epochs, steps_per_epoch), 1)
     return [step for step in range(max(start, 1), total_steps + 1, every)]
 
 
@@ -90,17 +98,29 @@ def initial_state(model: CPResNet, tx: optax.GradientTransformation, rng: jax.Ar
                       opt_state=tx.init(params), average_params=params, average_count=jnp.zeros((), jnp.int32))
 
 
-def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
-    """Per-example λ ~ Beta(α, α) made ≥ 0.5, mixed with a permutation of the batch (inputs and targets).
+def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float,
+          axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """Per-example λ ~ Beta(α, α) made ≥ 0.5, each example mixed with a partner drawn by a permutation of the
+    GLOBAL batch (inputs and targets), whatever the number of devices.
 
-    BCE is linear in its target, so the mixed target gives exactly λ·BCE(y) + (1-λ)·BCE(y_perm).
+    Under pmap (`axis_name`), every device gathers the global batch and draws the same λs and permutation from
+    the same `rng`, then mixes its own examples. BCE is linear in its target, so the mixed target gives exactly
+    λ·BCE(y) + (1-λ)·BCE(y_perm).
     """
+    local = inputs.shape[0]
+    if axis_name is None:
+        all_inputs, all_targets, offset = inputs, targets, 0
+    else:
+        all_inputs = jax.lax.all_gather(inputs, axis_name, tiled=True)
+        all_targets = jax.lax.all_gather(targets, axis_name, tiled=True)
+        offset = jax.lax.axis_index(axis_name) * local
     lambda_rng, permutation_rng = jax.random.split(rng)
-    lam = jax.random.beta(lambda_rng, alpha, alpha, (inputs.shape[0],))
-    lam = jnp.maximum(lam, 1.0 - lam)
-    permutation = jax.random.permutation(permutation_rng, inputs.shape[0])
-    mixed_inputs = lam[:, None, None, None] * inputs + (1 - lam[:, None, None, None]) * inputs[permutation]
-    mixed_targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[permutation]
+    global_size = all_inputs.shape[0]
+    lam = jax.random.beta(lambda_rng, alpha, alpha, (global_size,))
+    lam = jax.lax.dynamic_slice_in_dim(jnp.maximum(lam, 1.0 - lam), offset, local)
+    partners = jax.lax.dynamic_slice_in_dim(jax.random.permutation(permutation_rng, global_size), offset, local)
+    mixed_inputs = lam[:, None, None, None] * inputs + (1 - lam[:, None, None, None]) * all_inputs[partners]
+    mixed_targets = lam[:, None] * targets + (1 - lam[:, None]) * all_targets[partners]
     return mixed_inputs, mixed_targets
 
 
@@ -109,11 +129,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                averaging: weight_averaging.AveragingSchedule, learning_rate: optax.Schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on this device's share of the global batch (run under pmap with axis 'batch')."""
-    rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
+    rng = jax.random.fold_in(rng, state.step)
     mixup_rng, shake_rng = jax.random.split(rng)
+    shake_rng = jax.random.fold_in(shake_rng, jax.lax.axis_index("batch"))  # other examples, other α and β
     inputs, targets = batch["spectrogram"], batch["labels"]
     if mixup_alpha > 0:
-        inputs, targets = mixup(mixup_rng, inputs, targets, mixup_alpha)
+        inputs, targets = mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
 
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
@@ -141,24 +162,13 @@ def batch_stats_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array],
     return updates["batch_stats"]
 
 
-def load_or_make_dataset(config: ml_collections.ConfigDict, workdir: str) -> PreparedDataset:
-    """The prepared shards; for the embedded demo, a synthetic MTG-Jamendo and its shards made in the workdir."""
-    data_dir = config.dataset.data_dir or os.path.join(workdir, "data")
-    load = functools.partial(load_prepared, data_dir, config.dataset.config_name, config.dataset.split_index)
-    try:
-        return load()
-    except FileNotFoundError:
-        if config.dataset.synthetic_tracks <= 0:
-            raise
-    root = os.path.join(workdir, "synthetic")
-    if not os.path.isdir(os.path.join(root, "audio")):
-        logging.info("Making a synthetic MTG-Jamendo of %d tracks in %s", config.dataset.synthetic_tracks, root)
-        synthetic.make_synthetic(root, num_tracks=config.dataset.synthetic_tracks,
-                                 seed=config.dataset.synthetic_seed)
-    data_build.build_dataset(os.path.join(root, "audio"), os.path.join(root, "data"), data_dir,
-                             config_name=config.dataset.config_name, split_index=config.dataset.split_index,
-                             workers=config.dataset.workers)
-    return load()
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the run's prepared dataset lies: `dataset.data_dir`, or `<workdir>/data` (the demo's own data)."""
+    return config.dataset.data_dir or os.path.join(workdir, "data")
+
+
+def load_dataset(config: ml_collections.ConfigDict, workdir: str) -> PreparedDataset:
+    return load_prepared(data_dir(config, workdir), config.dataset.config_name, config.dataset.split_index)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -179,16 +189,25 @@ def check_dataset(config: ml_collections.ConfigDict, prepared: PreparedDataset) 
             f"the prepared dataset has {len(prepared.tags)} tags ({', '.join(prepared.tags[:5])}, ...) but the "
             f"config asks for num_classes={config.num_classes}; prepare the dataset with the config's tag set or "
             "set num_classes to match")
-    if config.input.crop_frames > prepared.chunk_frames:
-        raise ValueError(f"input.crop_frames {config.input.crop_frames} exceeds the dataset's chunks of "
-                         f"{prepared.chunk_frames} frames")
+
+
+def warn_about_missing_tracks(prepared: PreparedDataset) -> None:
+    """Tracks of the split's TSVs that data preparation could not store are left out of every figure: say so."""
+    for part in ("validation", "test"):
+        missing = prepared.missing(part)
+        if missing:
+            logging.warning(
+                "%d of the %d %s tracks are not in the prepared data (e.g. %s: %s); %s figures cover the other %d "
+                "and no MediaEval submission can be written; the reasons are in %s", len(missing),
+                len(prepared.tsv_track_ids[part]), part, missing[0]["track_id"], missing[0]["kind"], part,
+                len(prepared.parts[part]), prepared.failures_report)
 
 
 def checkpoint_meta(fields: dict[str, Any], prepared: PreparedDataset, config: ml_collections.ConfigDict,
-                    kind: str, step: int, steps_per_epoch: int) -> dict[str, Any]:
-    """What a checkpoint needs to be used without the training config."""
+                    kind: str, step: int, steps_per_epoch: float) -> dict[str, Any]:
+    """What a checkpoint needs to be used without the training config, and what it was trained on."""
     return {
-        "format": "emorf_jax.checkpoint/1",
+        "format": "emorf_jax.checkpoint/2",
         "kind": kind,
         "step": int(step),
         "epoch": step / steps_per_epoch,
@@ -196,7 +215,10 @@ def checkpoint_meta(fields: dict[str, Any], prepared: PreparedDataset, config: m
         "tags": list(prepared.tags),
         "features": dict(prepared.features),
         "normalisation": {"mean": np.asarray(prepared.mean).tolist(), "std": np.asarray(prepared.std).tolist()},
-        "dataset": {"config_name": config.dataset.config_name, "split_index": config.dataset.split_index},
+        "window_frames": int(config.input.eval_window_frames),
+        "dataset": {"config_name": config.dataset.config_name, "split_index": config.dataset.split_index,
+                    "training_tracks": len(prepared.parts["train"]), "crop_frames": int(config.input.crop_frames),
+                    "batch_size": int(config.batch_size)},
     }
 
 
@@ -208,7 +230,7 @@ class _Run:
         self.fields = model_fields(config)
         self.model = create_model(self.fields, half_precision=config.half_precision, axis_name="batch")
         self.steps_per_epoch = input_pipeline.steps_per_epoch(prepared, config.batch_size)
-        self.total_steps = int(round(config.num_epochs * self.steps_per_epoch))
+        self.total_steps = epochs_to_steps(config.num_epochs, self.steps_per_epoch)
         self.schedule = learning_rate_schedule(config, self.steps_per_epoch)
         self.tx = optax.adam(self.schedule, b1=config.adam_b1, b2=config.adam_b2)
         self.averaging = averaging_schedule(config, self.steps_per_epoch)
@@ -228,13 +250,13 @@ class _Run:
     def train_batches(self, start_step: int, seed: int) -> Iterator[Any]:
         batches = input_pipeline.train_batches(
             self.prepared, global_batch_size=self.config.batch_size, crop_frames=self.config.input.crop_frames,
-            max_time_shift=self.config.input.max_time_shift, shuffle_buffer=self.config.input.shuffle_buffer,
-            seed=seed, start_step=start_step)
+            max_time_shift=self.config.input.max_time_shift, seed=seed, start_step=start_step,
+            read_threads=self.config.input.read_threads)
         return jax_utils.prefetch_to_device(batches, 2)
 
     def averaged_variables(self, state: TrainState) -> dict[str, Any]:
         """The averaged weights with BatchNorm statistics re-estimated on training batches (host-local)."""
-        num_batches = self.config.bn_reestimate_batches or self.steps_per_epoch
+        num_batches = self.config.bn_reestimate_batches or int(np.ceil(self.steps_per_epoch))
         batches = self.train_batches(start_step=0, seed=self.config.seed + 1)
         batch_stats = weight_averaging.reestimate_batch_stats(
             lambda params, batch: self.p_batch_stats(params, state.batch_stats, batch),
@@ -251,8 +273,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (or resumes) the run in `workdir` to its last step and returns the final test report."""
     check_config(config)
     checkpoints.check_workdir_config(workdir, config)
-    prepared = load_or_make_dataset(config, workdir)
+    prepared = load_dataset(config, workdir)
     check_dataset(config, prepared)
+    warn_about_missing_tracks(prepared)
     run = _Run(config, workdir, prepared)
 
     n_mels = prepared.features["n_mels"]
@@ -273,10 +296,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     swa = checkpoints.open_manager(workdir, checkpoints.SWA)
     best = checkpoints.open_manager(workdir, checkpoints.BEST)
     snapshot_at = set(snapshot_steps(config, run.steps_per_epoch, run.total_steps))
-    eval_every = max(int(round(config.eval_every_epochs * run.steps_per_epoch)), 1)
+    eval_every = max(epochs_to_steps(config.eval_every_epochs, run.steps_per_epoch), 1)
     rng = jax_utils.replicate(jax.random.PRNGKey(config.seed + 2))
-    logging.info("%d steps per epoch, %d steps in all, snapshots at %s", run.steps_per_epoch, run.total_steps,
-                 sorted(snapshot_at))
+    logging.info("%d training tracks, %.2f steps per epoch, %d steps in all, snapshots at %s",
+                 len(prepared.parts["train"]), run.steps_per_epoch, run.total_steps, sorted(snapshot_at))
 
     batches = run.train_batches(start_step, config.seed)
     train_losses = []
@@ -323,34 +346,50 @@ def _evaluate_and_select(run: _Run, state: TrainState, step: int, writer, best, 
 
 
 def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str, dict[str, float]]:
-    """Test metrics of the final, selected, averaged and snapshot-ensemble models, thresholds from validation."""
+    """Test metrics of the final, selected, averaged and snapshot-ensemble models, thresholds from validation.
+
+    Writes `report/`: `test_report.json`, the rows of every matrix (`<split>_track_ids.txt`), and per model its
+    validation and test predictions, test decisions and thresholds; a MediaEval submission
+    (`<model>/submission/{predictions,decisions}.npy`) only where the test rows are exactly the official ones.
+    """
     models = {"final": current_variables(state)}
     if best.best_step() is not None:
         models["selected"] = checkpoints.restore(best, best.best_step())[0]
     if swa.latest_step() is not None:
         models["swa"] = checkpoints.restore(swa)[0]
-    predictions = {name: {split: run.predictor.predict(variables, split) for split in ("validation", "test")}
+    splits = ("validation", "test")
+    predictions = {name: {split: run.predictor.predict(variables, split) for split in splits}
                    for name, variables in models.items()}
     members = snapshots.all_steps()[-run.config.snapshots.ensemble_size:]
     if members:
         member_predictions = [{split: run.predictor.predict(checkpoints.restore(snapshots, step)[0], split)
-                               for split in ("validation", "test")} for step in members]
+                               for split in splits} for step in members]
         predictions[f"snapshot_ensemble_{len(members)}"] = {
-            split: inference.Predictions(
-                ensemble.average_predictions([p[split].probabilities for p in member_predictions]),
-                member_predictions[0][split].labels)
-            for split in ("validation", "test")}
+            split: dataclasses.replace(member_predictions[0][split], probabilities=ensemble.average_predictions(
+                [p[split].probabilities for p in member_predictions]))
+            for split in splits}
 
-    report = {}
     report_dir = os.path.join(run.workdir, "report")
     os.makedirs(report_dir, exist_ok=True)
+    for split in splits:
+        with open(os.path.join(report_dir, f"{split}_track_ids.txt"), "w") as f:
+            f.write("".join(f"{track_id}\n" for track_id in run.prepared.track_ids[split]))
+    official = run.prepared.tsv_track_ids["test"]
+    report = {}
     for name, by_split in predictions.items():
-        thresholds = metrics.best_f1_thresholds(by_split["validation"].labels, by_split["validation"].probabilities)
-        test = by_split["test"]
+        validation, test = by_split["validation"], by_split["test"]
+        thresholds = metrics.best_f1_thresholds(validation.labels, validation.probabilities)
         decisions = metrics.decide(test.probabilities, thresholds)
         report[name] = metrics.mediaeval_metrics(test.labels, test.probabilities, decisions)
-        np.save(os.path.join(report_dir, f"{name}_predictions.npy"), test.probabilities)
-        np.save(os.path.join(report_dir, f"{name}_decisions.npy"), decisions)
+        model_dir = os.path.join(report_dir, name)
+        os.makedirs(model_dir, exist_ok=True)
+        np.save(os.path.join(model_dir, "validation_predictions.npy"), validation.probabilities.astype(np.float32))
+        np.save(os.path.join(model_dir, "test_predictions.npy"), test.probabilities.astype(np.float32))
+        np.save(os.path.join(model_dir, "test_decisions.npy"), decisions)
+        evaluate.write_thresholds(os.path.join(model_dir, "thresholds.tsv"), run.prepared.tags, thresholds)
+        if tuple(test.track_ids) == tuple(official):
+            submission.write_submission(os.path.join(model_dir, "submission"), test.probabilities, decisions,
+                                        test.track_ids, official)
     positive_rate = float(predictions["final"]["test"].labels.mean())
     report["constant_predictor"] = {"PR-AUC-macro": positive_rate, "ROC-AUC-macro": 0.5}
     with open(os.path.join(report_dir, "test_report.json"), "w") as f:

@@ -19,13 +19,17 @@ import pytest
 from data_prep import build, synthetic
 
 SYNTHETIC_TRACKS = 24
+# Frames per stored chunk in the tests' shards (the real 20 s would be 1,722): with tracks of a median 6 s (517
+# frames), every track spans several chunks and ends in a tail shorter than a training crop or a window.
+CHUNK_FRAMES = 160
 
 
 @pytest.fixture(scope="session")
 def synthetic_tree(tmp_path_factory) -> Path:
-    """Root of a synthetic MTG-Jamendo tree (``audio/``, ``data/``) with two tracks long enough to chunk."""
+    """Root of a synthetic MTG-Jamendo tree (``audio/``, ``data/``): lengths spread like the real ones around a
+    median of 6 s, plus one track of 30-50 s."""
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic.make_synthetic(root, num_tracks=SYNTHETIC_TRACKS, seed=0, long_tracks=2)
+    synthetic.make_synthetic(root, num_tracks=SYNTHETIC_TRACKS, seed=0, long_tracks=1)
     return root
 
 
@@ -34,6 +38,7 @@ def prepared_data_dir(synthetic_tree, tmp_path_factory) -> tuple[Path, str]:
     """(data_dir, config_name) of the hop512 dataset of ``synthetic_tree``, built by the real CLI code path."""
     data_dir = tmp_path_factory.mktemp("prepared")
     build.build_dataset(
-        synthetic_tree / "audio", synthetic_tree / "data", data_dir, "hop512", split_index=0, workers=2, progress=False
+        synthetic_tree / "audio", synthetic_tree / "data", data_dir, "hop512", split_index=0, workers=2,
+        progress=False, chunk_frames=CHUNK_FRAMES,
     )
     return data_dir, "hop512"

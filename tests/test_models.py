@@ -215,7 +215,7 @@ def test_shake_shake_evaluation_is_the_deterministic_mean_of_the_branches():
                                state["intermediates"]["feature_map"][0], rtol=1e-5, atol=1e-5)
 
 
-SHAKE_BLOCK = BasicBlock(features=6, kernels=(3, 3), block_number=2, frequency_aware=True, shake_shake=True,
+SHAKE_BLOCK = BasicBlock(features=6, kernels=(3, 3), num_blocks=12, frequency_aware=True, shake_shake=True,
                          bn_axis_name=None, bn_momentum=BN_MOMENTUM, dtype=jnp.float32)
 
 
@@ -256,17 +256,19 @@ def test_fixup_initialisation():
     rbg_key = jax.random.key(0, impl="rbg")  # compiles faster than threefry; the distributions are the same
     variables = jax.jit(functools.partial(model.init, train=False))(rbg_key, jnp.zeros((1, 17, 17, 1)))
     params = variables["params"]
-    for number, (stage, block_index) in enumerate(receptive_field.block_names(), start=1):
+    blocks = receptive_field.block_names()
+    assert len(blocks) == 12
+    for stage, block_index in blocks:
         module = f"stage{stage}_block{block_index}"
         block = params[module]
         kernel = np.asarray(block["conv1"]["kernel"])
         size, _, _, out = kernel.shape
-        expected_std = number ** -0.5 * np.sqrt(2.0 / (size * size * out))
-        assert abs(kernel.std() / expected_std - 1) < 0.1, module
+        # L = 12, the number of blocks, for EVERY block (not the block's own index).
+        expected_std = 12 ** -0.5 * np.sqrt(2.0 / (size * size * out))
+        assert abs(kernel.std() / expected_std - 1) < 0.1, (module, kernel.std() / expected_std)
         assert not np.any(np.asarray(block["conv2"]["kernel"])), module
         if "shortcut_conv" in block:
             assert abs(np.asarray(block["shortcut_conv"]["kernel"]).std() / np.sqrt(2.0 / out) - 1) < 0.1, module
-    assert number == 12
     stem = np.asarray(params["in_c_conv"]["kernel"])
     assert abs(stem.std() / np.sqrt(2.0 / 25) - 1) < 0.15  # Kaiming fan-in: 5*5*1 inputs
     widest = np.asarray(params["stage3_block2"]["conv1"]["kernel"])

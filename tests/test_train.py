@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 
 from configs import faresnet
-from data_prep.builder import load_prepared
-from emorf_jax import checkpoints, inference, input_pipeline, train
+from data_prep import features, metadata
+from data_prep.reader import load_prepared
+from emorf_jax import checkpoints, inference, input_pipeline, submission, train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _command(data_dir: Path, workdir: Path) -> list[str]:
+def _command(data_dir: Path, workdir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "emorf_jax.main", "--config=configs/faresnet.py:test",
-            f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}"]
+            f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}", *overrides]
 
 
 def _test_config(data_dir: Path):
@@ -29,8 +30,9 @@ def _test_config(data_dir: Path):
     return config
 
 
-def _run(data_dir: Path, workdir: Path) -> str:
-    result = subprocess.run(_command(data_dir, workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
+def _run(data_dir: Path, workdir: Path, *overrides: str) -> str:
+    result = subprocess.run(_command(data_dir, workdir, *overrides), cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -48,13 +50,21 @@ def reference_run(prepared_data_dir, tmp_path_factory):
     return data_dir, workdir, _run(data_dir, workdir)
 
 
-def test_run_prints_the_test_report(reference_run):
-    _, workdir, stdout = reference_run
+def test_run_prints_the_test_report_and_saves_every_row(reference_run):
+    data_dir, workdir, stdout = reference_run
     report = json.loads((workdir / "report" / "test_report.json").read_text())
     assert {"final", "selected", "swa", "snapshot_ensemble_2", "constant_predictor"} <= set(report)
     assert set(report["final"]) >= {"PR-AUC-macro", "ROC-AUC-macro", "F-score-macro", "recall-micro"}
     assert "snapshot_ensemble_2" in stdout and "constant_predictor" in stdout
-    assert (workdir / "report" / "final_predictions.npy").exists()
+    prepared = load_prepared(data_dir, "hop512")
+    for split in ("validation", "test"):
+        ids = (workdir / "report" / f"{split}_track_ids.txt").read_text().split()
+        assert ids == list(prepared.track_ids[split]) == list(prepared.tsv_track_ids[split])
+        predictions = np.load(workdir / "report" / "final" / f"{split}_predictions.npy")
+        assert predictions.shape == (len(ids), 9) and predictions.dtype == np.float32
+    # Every test track is in the shards, so each model's test rows are also written as a MediaEval submission.
+    submitted = np.load(workdir / "report" / "selected" / "submission" / "predictions.npy")
+    np.testing.assert_array_equal(submitted, np.load(workdir / "report" / "selected" / "test_predictions.npy"))
 
 
 def test_snapshots_are_where_the_config_puts_them(reference_run):
@@ -62,30 +72,30 @@ def test_snapshots_are_where_the_config_puts_them(reference_run):
     config = _test_config(data_dir)
     prepared = load_prepared(data_dir, "hop512")
     steps_per_epoch = input_pipeline.steps_per_epoch(prepared, config.batch_size)
-    total = config.num_epochs * steps_per_epoch
+    total = train.epochs_to_steps(config.num_epochs, steps_per_epoch)
     expected = train.snapshot_steps(config, steps_per_epoch, total)
     assert len(expected) >= 2
     assert sorted(int(p.name) for p in (workdir / "snapshots").iterdir() if p.name.isdigit()) == expected
 
 
-def test_a_checkpoint_loads_without_the_config_and_predicts_as_in_training(reference_run):
+def test_tagging_a_tracks_audio_equals_its_evaluation_on_multi_chunk_tracks(reference_run, synthetic_tree):
+    """The checkpoint, loaded without the config, tags each test track's MP3 (decoded, features computed) as the
+    run's whole-track evaluation scored the same track from its stored chunks."""
     data_dir, workdir, _ = reference_run
     tagger = inference.load_tagger(str(workdir / checkpoints.LATEST))
     prepared = load_prepared(data_dir, "hop512")
     assert tagger.tags == list(prepared.tags)
     assert tagger.meta["model"]["frequency_aware"] is True
-    final_predictions = np.load(workdir / "report" / "final_predictions.npy")
-    window = _test_config(data_dir).input.eval_window_frames
-    test_ids = prepared.track_ids["test"]
-    checked = 0
-    for example in prepared.builder.as_dataset(split="test").as_numpy_iterator():
-        if example["num_chunks"] != 1:
-            continue
-        probabilities = tagger.tag_spectrogram(example["spectrogram"], window_frames=window)
-        row = test_ids.index(example["track_id"].decode())
-        np.testing.assert_allclose(probabilities, final_predictions[row], rtol=1e-4, atol=1e-6)
-        checked += 1
-    assert checked >= 3
+    assert tagger.window_frames == _test_config(data_dir).input.eval_window_frames
+    final_predictions = np.load(workdir / "report" / "final" / "test_predictions.npy")
+    tracks = {track.track_id: track for track in metadata.read_split(synthetic_tree / "data", 0, "test")}
+    for row, track_id in enumerate(prepared.track_ids["test"]):
+        path = synthetic_tree / "audio" / tracks[track_id].path
+        waveform, sample_rate = features.decode_audio(path.read_bytes(), str(path))
+        assert prepared.parts["test"].frames[row] > prepared.chunk_frames  # spans several chunks
+        probabilities = tagger.tag_audio(waveform, sample_rate)
+        np.testing.assert_allclose(list(probabilities.values()), final_predictions[row], rtol=1e-4, atol=1e-6)
+    assert prepared.parts["test"].frames.max() > 3 * prepared.chunk_frames
 
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(reference_run, tmp_path):
@@ -106,10 +116,43 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(reference
     assert killed_at < reference_step, "the kill must interrupt the run before its end"
 
     _run(data_dir, workdir)
+    _assert_same_end(workdir, reference_workdir)
+
+
+def _assert_same_end(workdir: Path, reference_workdir: Path) -> None:
     step, params, average = _latest_params(workdir)
+    reference_step, reference_params, reference_average = _latest_params(reference_workdir)
     assert step == reference_step
     for got, want in ((params, reference_params), (average, reference_average)):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    report = json.loads((workdir / "report" / "test_report.json").read_text())
+    reference_report = json.loads((reference_workdir / "report" / "test_report.json").read_text())
+    assert report.keys() == reference_report.keys()
+    for name in report:
+        assert report[name]["PR-AUC-macro"] == pytest.approx(reference_report[name]["PR-AUC-macro"], abs=1e-6)
+
+
+def test_a_run_killed_between_an_evaluation_save_and_its_next_checkpoint_resumes(reference_run, tmp_path):
+    """With no resumable checkpoint before the end, a kill right after the first evaluation's saves leaves saved
+    steps that the restarted run replays: it must skip them and end where an uninterrupted run ends."""
+    data_dir, reference_workdir, _ = reference_run
+    workdir = tmp_path / "interrupted"
+    overrides = ("--config.checkpoint_every_steps=1000",)  # the end of the run is the only resumable checkpoint
+    process = subprocess.Popen(_command(data_dir, workdir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (workdir / checkpoints.BEST).is_dir() or not any(
+            p.name.isdigit() for p in (workdir / checkpoints.BEST).iterdir()):
+        assert process.poll() is None, "the run ended before its first evaluation was saved"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = workdir / checkpoints.LATEST
+    assert not latest.is_dir() or not any(p.name.isdigit() for p in latest.iterdir()), "killed too late"
+
+    _run(data_dir, workdir, *overrides)
+    _assert_same_end(workdir, reference_workdir)
 
 
 def test_clear_errors_before_any_compute(prepared_data_dir, tmp_path):
@@ -135,14 +178,18 @@ def test_clear_errors_before_any_compute(prepared_data_dir, tmp_path):
         train.train_and_evaluate(second, str(tmp_path / "w4"))
 
 
-def test_a_short_run_on_synthetic_shards_beats_the_positive_rate(tmp_path_factory):
-    """In process: a larger synthetic set than the shared fixture, a small FA-ResNet, about a minute of CPU."""
+def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_factory, caplog):
+    """In process: a larger synthetic set than the shared fixture whose test and validation parts each lose one
+    track to data preparation (its MP3 is gone), a small FA-ResNet, about a minute of CPU."""
     from data_prep import build, synthetic
 
     root = tmp_path_factory.mktemp("learnable")
-    synthetic.make_synthetic(root, num_tracks=100, seed=1, duration=4.0, long_tracks=0, duplicate_groups=0)
+    synthetic.make_synthetic(root, num_tracks=100, seed=1, duration=4.0, duplicate_groups=0)
+    lost = {part: metadata.read_split(root / "data", 0, part)[1] for part in ("validation", "test")}
+    for track in lost.values():
+        (root / "audio" / track.path).unlink()
     build.build_dataset(root / "audio", root / "data", root / "prepared", "hop512", split_index=0, workers=2,
-                        progress=False)
+                        progress=False, chunk_frames=160)
     config = _test_config(root / "prepared")
     config.model.base_channels = 8
     config.model.rho = 3
@@ -155,7 +202,20 @@ def test_a_short_run_on_synthetic_shards_beats_the_positive_rate(tmp_path_factor
     config.lr_decay_end_epoch = 12
     config.eval_every_epochs = 12
     config.checkpoint_every_steps = 1000
-    report = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("learnable_run")))
+    workdir = tmp_path_factory.mktemp("learnable_run")
+    with caplog.at_level("WARNING"):
+        report = train.train_and_evaluate(config, str(workdir))
+    for part, track in lost.items():
+        warning = next(r.getMessage() for r in caplog.records if f"{part} tracks are not in the prepared" in r.getMessage())
+        assert warning.startswith("1 of the") and "failures.tsv" in warning and track.track_id in warning
+    official = metadata.read_split(root / "data", 0, "test")
+    rows = (workdir / "report" / "test_track_ids.txt").read_text().split()
+    assert rows == [track.track_id for track in official if track.track_id != lost["test"].track_id]
+    assert np.load(workdir / "report" / "final" / "test_predictions.npy").shape[0] == len(rows)
+    assert not (workdir / "report" / "final" / "submission").exists()
+    with pytest.raises(ValueError, match=f"1 official test tracks are missing \\({lost['test'].track_id}\\)"):
+        submission.write_submission(str(workdir / "submission"), np.zeros((len(rows), 9)),
+                                    np.zeros((len(rows), 9), bool), rows, [track.track_id for track in official])
     positive_rate = report["constant_predictor"]["PR-AUC-macro"]
     assert report["final"]["PR-AUC-macro"] > positive_rate + 0.15, report
     assert report["final"]["ROC-AUC-macro"] > 0.6, report  # chance is 0.5; the test split has ~25 tracks

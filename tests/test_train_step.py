@@ -49,7 +49,7 @@ def _run_steps(num_devices: int):
     """(initial state, final state, state after every step) of `_STEPS` pmapped steps on `num_devices`."""
     model, initial = _model_and_state(_TX)
     devices = jax.devices()[:num_devices]
-    step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.0, averaging=_SWA,
+    step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.3, averaging=_SWA,
                                       learning_rate=optax.constant_schedule(0.02)),
                     axis_name="batch", devices=devices)
     state = jax_utils.replicate(initial, devices=devices)
@@ -74,7 +74,7 @@ def two_device_run():
     return _run_steps(2)
 
 
-def test_two_devices_give_the_same_step_as_one(one_device_run, two_device_run):
+def test_two_devices_give_the_same_step_as_one_with_mixup_on(one_device_run, two_device_run):
     initial, one, one_history = one_device_run
     _, two, two_history = two_device_run
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), one.params, initial.params))
@@ -121,17 +121,21 @@ def test_mixup_mixes_inputs_and_targets_with_the_same_lambda():
                                rtol=1e-5)
 
 
-def test_learning_rate_schedule_is_constant_then_linear_then_lr_over_100():
+def test_learning_rate_schedule_is_the_authors_per_epoch_rampdown():
     config = faresnet.get_config()
-    schedule = train.learning_rate_schedule(config, steps_per_epoch=10)
-    assert float(schedule(0)) == pytest.approx(1e-4)
-    assert float(schedule(249)) == pytest.approx(1e-4)  # constant until epoch 25 (DCASE's 50 of 400, scaled)
-    assert float(schedule(750)) == pytest.approx(1e-4 * (1 + 0.01) / 2, rel=1e-3)  # half-way through the decay
-    assert float(schedule(1250)) == pytest.approx(1e-6)
-    assert float(schedule(1999)) == pytest.approx(1e-6)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=10.5)
+    rate = lambda epoch, within=0: float(schedule(int(np.ceil(epoch * 10.5)) + within))  # noqa: E731
+    assert rate(0) == rate(25) == rate(25, within=9) == pytest.approx(1e-4)  # constant while epoch <= 25
+    assert rate(26) == pytest.approx(1e-4 * 99 / 100)  # then towards 0 over 100 epochs, one value per epoch
+    assert rate(26, within=9) == rate(26)
+    assert rate(75) == pytest.approx(1e-4 * 50 / 100)
+    assert rate(124) == pytest.approx(1e-4 * 1 / 100)
+    assert rate(125) == rate(199) == pytest.approx(1e-6)  # lr/100 from the SWA start (epoch 125) on
+    assert config.weight_average.start_epoch == config.lr_decay_end_epoch == 125
 
 
 def test_snapshot_steps_follow_the_config():
     config = faresnet.get_config()
-    steps = train.snapshot_steps(config, steps_per_epoch=10, total_steps=2000)
-    assert steps[0] == 1250 and steps[1] - steps[0] == 50 and steps[-1] == 2000
+    steps = train.snapshot_steps(config, steps_per_epoch=9949 / 16, total_steps=train.epochs_to_steps(200, 9949 / 16))
+    assert steps[0] == round(125 * 9949 / 16) and steps[1] - steps[0] == round(5 * 9949 / 16)
+    assert len(steps) == 16  # epochs 125, 130, ..., 200

@@ -33,9 +33,10 @@ MAX_RHO = NUM_STAGES * BLOCKS_PER_STAGE * 2 - len(FIXED_KERNELS)
 kaiming_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def fixup_conv1_init(block_number: int) -> nn.initializers.Initializer:
-    """N(0, L^-0.5 * sqrt(2/n)) with n = k*k*out_channels (Flax's conv fan_out), for block L counted from 1."""
-    return nn.initializers.variance_scaling(2.0 / block_number, "fan_out", "normal")
+def fixup_conv1_init(num_blocks: int) -> nn.initializers.Initializer:
+    """N(0, L^-0.5 * sqrt(2/n)) with n = k*k*out_channels (Flax's conv fan_out) and L the network's number of
+    blocks, the same for every block (Fixup's rule and the authors' code: docs/fidelity.md, "Initialisation")."""
+    return nn.initializers.variance_scaling(2.0 / num_blocks, "fan_out", "normal")
 
 
 shortcut_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -98,7 +99,7 @@ class BasicBlock(nn.Module):
 
     features: int
     kernels: tuple[int, int]
-    block_number: int  # L in the fixup initialisation, 1..12 over the network
+    num_blocks: int  # L in the fixup initialisation: the network's number of blocks
     frequency_aware: bool
     shake_shake: bool
     bn_axis_name: str | None
@@ -113,7 +114,7 @@ class BasicBlock(nn.Module):
     def _branch(self, x: jax.Array, train: bool, prefix: str) -> jax.Array:
         add_frequency = with_frequency_channel if self.frequency_aware else (lambda y: y)
         kernel1, kernel2 = self.kernels
-        y = self._conv(self.features, kernel1, fixup_conv1_init(self.block_number), f"{prefix}conv1")(add_frequency(x))
+        y = self._conv(self.features, kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1")(add_frequency(x))
         y = nn.relu(batch_norm(self, train, f"{prefix}bn1")(y))
         y = self._conv(self.features, kernel2, nn.initializers.zeros, f"{prefix}conv2")(add_frequency(y))
         return batch_norm(self, train, f"{prefix}bn2")(y)
@@ -165,10 +166,11 @@ class CPResNet(nn.Module):
         x = nn.relu(batch_norm(self, train, "in_c_bn")(x))
 
         kernels = dict(kernel_schedule(self.rho))
-        for number, (stage, block) in enumerate(block_names(), start=1):
+        blocks = block_names()
+        for stage, block in blocks:
             prefix = f"stage{stage}.block{block}"
             x = BasicBlock(features=self.base_channels * 2 ** (stage - 1),
-                           kernels=(kernels[f"{prefix}.conv1"], kernels[f"{prefix}.conv2"]), block_number=number,
+                           kernels=(kernels[f"{prefix}.conv1"], kernels[f"{prefix}.conv2"]), num_blocks=len(blocks),
                            frequency_aware=self.frequency_aware, shake_shake=self.shake_shake,
                            bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum, dtype=self.dtype,
                            name=f"stage{stage}_block{block}")(x, train)

@@ -1,0 +1,118 @@
+"""The input pipeline on real shards of multi-chunk tracks: per-track epochs, crops across chunk edges, windows."""
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep.reader import FrameReader, load_prepared
+from emorf_jax import input_pipeline
+
+from .conftest import CHUNK_FRAMES
+
+CROP = 64
+
+
+@pytest.fixture(scope="module")
+def prepared(prepared_data_dir):
+    return load_prepared(*prepared_data_dir)
+
+
+def _whole_track(prepared, track: int) -> np.ndarray:
+    """The normalised (n_mels, frames) model input of a whole training track."""
+    reader = FrameReader(prepared)
+    return input_pipeline.model_input(reader.read("train", track), prepared.mean, prepared.std)[..., 0]
+
+
+def test_every_training_track_is_drawn_once_per_epoch(prepared):
+    examples = input_pipeline.training_examples(prepared, crop_frames=CROP, max_time_shift=8, seed=3)
+    num_tracks = len(prepared.parts["train"])
+    drawn = [int(examples[k]["track"]) for k in range(3 * num_tracks)]
+    epochs = [drawn[e * num_tracks:(e + 1) * num_tracks] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(num_tracks))
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order every epoch
+    assert epochs[0] != sorted(epochs[0])  # not the TSV order
+
+
+def test_crops_start_anywhere_in_the_track_and_cross_chunk_edges(prepared):
+    examples = input_pipeline.training_examples(prepared, crop_frames=CROP, max_time_shift=0, seed=0)
+    num_tracks = len(prepared.parts["train"])
+    crossing, starts_past_first_chunk = 0, 0
+    for k in range(4 * num_tracks):
+        example = examples[k]
+        track, start = int(example["track"]), int(example["start"])
+        whole = _whole_track(prepared, track)
+        np.testing.assert_array_equal(example["spectrogram"][..., 0], whole[:, start:start + CROP])
+        np.testing.assert_array_equal(example["labels"], prepared.parts["train"].labels[track])
+        crossing += start // CHUNK_FRAMES != (start + CROP - 1) // CHUNK_FRAMES
+        starts_past_first_chunk += start >= CHUNK_FRAMES
+    assert crossing >= 5 and starts_past_first_chunk >= 5
+
+
+def test_only_a_track_shorter_than_the_crop_is_looped(prepared):
+    frames = prepared.parts["train"].frames
+    crop = int(np.sort(frames)[1]) + 1  # longer than the two shortest tracks only
+    examples = input_pipeline.training_examples(prepared, crop_frames=crop, max_time_shift=0, seed=0)
+    looped = 0
+    for k in range(len(frames)):
+        example = examples[k]
+        whole = _whole_track(prepared, int(example["track"]))
+        if whole.shape[1] < crop:
+            np.testing.assert_array_equal(example["spectrogram"][..., 0], np.tile(whole, (1, 2))[:, :crop])
+            looped += 1
+        else:
+            start = int(example["start"])
+            np.testing.assert_array_equal(example["spectrogram"][..., 0], whole[:, start:start + crop])
+    assert looped == 2
+
+
+def test_a_training_example_reads_exactly_its_crop(prepared):
+    reader = FrameReader(prepared)
+    examples = input_pipeline.training_examples(prepared, crop_frames=CROP, max_time_shift=8, seed=1, reader=reader)
+    for k in range(20):
+        examples[k]
+    assert reader.bytes_read == 20 * CROP * prepared.features["n_mels"] * 2
+
+
+def test_a_resumed_stream_continues_the_batches_of_an_uninterrupted_one(prepared):
+    def batches(start_step, count):
+        stream = input_pipeline.train_batches(prepared, global_batch_size=4, crop_frames=CROP, max_time_shift=8,
+                                              seed=5, start_step=start_step)
+        return [next(stream) for _ in range(count)]
+
+    uninterrupted = batches(0, 7)
+    resumed = batches(4, 3)
+    devices = jax.local_device_count()
+    assert uninterrupted[0]["spectrogram"].shape == (devices, 4 // devices, 256, CROP, 1)
+    for got, want in zip(resumed, uninterrupted[4:]):
+        for key in ("spectrogram", "labels"):
+            np.testing.assert_array_equal(got[key], want[key])
+    assert not np.array_equal(uninterrupted[0]["spectrogram"], uninterrupted[1]["spectrogram"])
+
+
+@pytest.mark.parametrize("frames, window", [(517, 128), (512, 128), (128, 128), (90, 128), (1000, 999)])
+def test_windows_cover_the_track_once_by_weight(frames, window):
+    ranges = input_pipeline.window_ranges(frames, window)
+    assert sum(weight for _, _, weight in ranges) == frames
+    covered = np.zeros(frames, int)
+    for start, stop, weight in ranges:
+        assert 0 <= start < stop <= frames
+        assert stop - start == min(window, frames)  # shorter than a window only when the whole track is
+        covered[stop - weight:stop] += 1  # the frames a window adds are its last `weight` frames
+    assert np.all(covered == 1)
+
+
+def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
+    window = 128
+    reader = FrameReader(prepared)
+    seen: dict[int, int] = {}
+    for item in input_pipeline.eval_windows(prepared, "test", window):
+        number = seen[item.track_index] = seen.get(item.track_index, -1) + 1  # windows come in track order
+        whole = input_pipeline.model_input(reader.read("test", item.track_index), prepared.mean, prepared.std)
+        start, stop, weight = input_pipeline.window_ranges(whole.shape[1], window)[number]
+        assert item.weight == weight
+        np.testing.assert_array_equal(item.spectrogram, whole[:, start:stop])
+    frames = prepared.parts["test"].frames
+    assert all(seen[track] + 1 == len(input_pipeline.window_ranges(int(frames[track]), window))
+               for track in range(len(frames)))
+    assert max(seen.values()) >= 3  # tracks longer than several windows and chunks
