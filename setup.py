@@ -19,6 +19,7 @@ setuptools.setup(
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
         "clu>=0.0.10",
+        "grain>=0.2.10",  # the training loader: random access, global shuffles, per-process shards
         "ml-collections>=0.1.1",
         "absl-py>=1.4",
         "numpy>=1.26",

@@ -10,11 +10,10 @@ global grain permutation. This script replays both orders on integer indices of 
 (no audio, no shards needed) and prints, per pipeline, the fraction of batches with a repeated track, the
 fraction with two different tracks of one artist, and the mean number of distinct artists per batch.
 
-Old pipeline, reproduced with the same tf.data ops as TFDS's reader (tensorflow_datasets/core/reader.py,
-`_read_files`): chunks of ``max(1, ceil(frames / 1722))`` per track with ``frames = 1 + floor(duration * 44100)
-// 512``; the shard count and boundaries come from TFDS's own rule (tensorflow_datasets/core/utils/shard_utils.py,
-`ShardConfig.get_number_shards` and `get_shard_boundaries`, as `writer._get_shard_specs` calls them) applied to
-the serialised size of the chunk examples; file order shuffled with the epoch seed, interleave over 16 files with
+Old pipeline, reproduced with the same tf.data ops as TFDS's reader: chunks of ``max(1, ceil(frames / 1722))``
+per track with ``frames = 1 + floor(duration * 44100) // 512``; the shard count and boundaries come from TFDS's
+own rule (`shard_utils.ShardConfig.get_number_shards` and `shard_utils.get_shard_boundaries`, as its writer calls
+them) applied to the serialised size of the chunk examples; file order shuffled with the epoch seed, interleave over 16 files with
 TFDS's default block length, `shuffle(2000)` with the same seed, `batch(16, drop_remainder=True)`; one epoch.
 New pipeline: ``grain.MapDataset.range(N).seed(seed).shuffle().repeat(None)``, batch s = examples [16 s, 16 s + 16),
 over the first 3 epochs' worth of batches (an epoch may end inside a batch).
@@ -40,7 +39,7 @@ from tensorflow_datasets.core.utils import shard_utils  # noqa: E402
 
 from data_prep import metadata  # noqa: E402
 
-METADATA_DIR = Path("/work/shared/mtg-jamendo/data")
+METADATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "mtg-jamendo" / "data"
 SAMPLE_RATE = 44100
 HOP = 512
 N_MELS = 256

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from data_prep import extract
 from data_prep import features as features_lib
 from data_prep import layout
 from data_prep import metadata as metadata_lib
+from data_prep import reader
 
 DUPLICATE_POLICIES: tuple[str, ...] = ("none", "keep_one", "all")
 # keep_one keeps the copy in the part that matters most for evaluation.
@@ -148,6 +150,7 @@ def _extract_and_write(
     drop_duplicates: str,
     retry_failed: bool,
     progress: bool,
+    chunk_frames: int | None,
 ) -> None:
     """Stage 1 (features into the cache), then stage 2 (shards from the cache)."""
     settings = features_lib.settings_for(config_name)
@@ -170,12 +173,14 @@ def _extract_and_write(
 
     plan = builder_lib.ShardPlan(
         cache=cache,
+        settings=dataclasses.replace(settings, chunk_frames=chunk_frames or settings.chunk_frames),
         tags=tags,
         parts={
             part: tuple(track for track in tracks if track.track_id not in left_out) for part, tracks in parts.items()
         },
         extra_metadata={
             "split_index": split_index,
+            "tsv_track_ids": {part: [track.track_id for track in tracks] for part, tracks in parts.items()},
             "failures": failures,
             "duplicates": duplicate_records(groups, outcomes),
             "drop_duplicates": drop_duplicates,
@@ -197,12 +202,17 @@ def build_dataset(
     delete_cache: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    chunk_frames: int | None = None,
 ) -> BuildSummary:
     """Extracts features (resuming from the cache) and writes the shards of one config and split.
 
     ``audio_dir`` is the input root: MP3s as ``NN/ID.mp3``, or for ``essentia96`` the ``NN/ID.npy`` files.
-    A dataset that is already prepared is kept as it is (delete its directory to rebuild it).
+    A dataset that is already prepared is kept as it is (delete its directory to rebuild it). ``chunk_frames``
+    overrides the setting's stored chunk length (20 s); the tests and the demo use short chunks to exercise
+    multi-chunk tracks cheaply.
     """
+    if chunk_frames is not None and chunk_frames < 1:
+        raise ValueError(f"chunk_frames={chunk_frames}: need at least 1")
     features_lib.settings_for(config_name)
     duplicates_to_drop([], drop_duplicates)  # validates the policy before any work
     cache = extract.TrackCache(Path(cache_dir) if cache_dir else layout.cache_dir(data_dir, config_name))
@@ -211,13 +221,11 @@ def build_dataset(
     else:
         _extract_and_write(
             Path(audio_dir), Path(metadata_dir), Path(data_dir), config_name, split_index, workers, cache,
-            drop_duplicates, retry_failed, progress,
+            drop_duplicates, retry_failed, progress, chunk_frames,
         )
-    from data_prep import builder as builder_lib
-
-    prepared = builder_lib.load_prepared(data_dir, config_name, split_index)
-    stored = prepared.builder.info.metadata
-    directory = layout.dataset_dir(data_dir, config_name, split_index)
+    prepared = reader.load_prepared(data_dir, config_name, split_index)
+    directory = prepared.directory
+    stored = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
     _write_tsv(directory / "failures.tsv", stored["failures"], ("track_id", "part", "path", "kind", "reason"))
     _write_tsv(
         directory / "duplicates.tsv", stored["duplicates"], ("group", "part", "track_id", "artist_id", "sha256", "tags")
@@ -248,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delete_cache", action="store_true", help="delete the feature cache after the build")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default DATA_DIR/cache/CONFIG)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--chunk_frames", type=int, default=None,
+                        help="frames per stored chunk (default: the config's, 20 s); training reads across chunks")
     return parser.parse_args(argv)
 
 
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         delete_cache=args.delete_cache,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        chunk_frames=args.chunk_frames,
     )
     print(summary)
 

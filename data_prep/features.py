@@ -1,4 +1,4 @@
-"""Spectrogram features of DESIGN.md §3, computed fast in float32.
+"""Spectrogram features of the recipe (docs/fidelity.md, "Features"), computed fast in float32.
 
 The faithful default follows the authors' order: A-weighted dB of the STFT power spectrogram, then a
 256-band Slaney mel filterbank applied to those dB values. The common log-mel order (mel power, then dB)

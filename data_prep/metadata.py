@@ -1,4 +1,4 @@
-"""Readers for the MTG-Jamendo mood/theme metadata (DESIGN.md §5).
+"""Readers for the MTG-Jamendo mood/theme metadata (its formats: README, "Data preparation").
 
 A metadata directory is laid out as the dataset's ``data/`` folder::
 

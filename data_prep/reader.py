@@ -161,7 +161,8 @@ class FrameReader:
             got = os.preadv(self._descriptor(entry.shard_paths[entry.chunk_shard[record]]), [target], offset)
             if got != len(target):
                 raise OSError(f"short read in {entry.shard_paths[entry.chunk_shard[record]]} at byte {offset}")
-            self.bytes_read += got
+            with self._lock:
+                self.bytes_read += got
         return out
 
     def close(self) -> None:

@@ -196,11 +196,12 @@ def warn_about_missing_tracks(prepared: PreparedDataset) -> None:
     for part in ("validation", "test"):
         missing = prepared.missing(part)
         if missing:
+            consequence = "; no MediaEval submission can be written" if part == "test" else ""
             logging.warning(
-                "%d of the %d %s tracks are not in the prepared data (e.g. %s: %s); %s figures cover the other %d "
-                "and no MediaEval submission can be written; the reasons are in %s", len(missing),
-                len(prepared.tsv_track_ids[part]), part, missing[0]["track_id"], missing[0]["kind"], part,
-                len(prepared.parts[part]), prepared.failures_report)
+                "%d of the %d %s tracks are not in the prepared data (e.g. %s: %s); %s figures cover the other %d%s; "
+                "the reasons are in %s", len(missing), len(prepared.tsv_track_ids[part]), part,
+                missing[0]["track_id"], missing[0]["kind"], part, len(prepared.parts[part]), consequence,
+                prepared.failures_report)
 
 
 def checkpoint_meta(fields: dict[str, Any], prepared: PreparedDataset, config: ml_collections.ConfigDict,

@@ -12,14 +12,19 @@ import librosa
 import numpy as np
 import pytest
 import soundfile
+import tensorflow_datasets as tfds
 
-from data_prep import build, builder, extract, features, layout, metadata
+from data_prep import build, extract, features, layout, metadata, reader
+from data_prep.reader import PARTS, load_prepared
+
+from .conftest import CHUNK_FRAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _examples(prepared: builder.PreparedDataset, part: str) -> list[dict]:
-    return list(prepared.builder.as_dataset(split=part).as_numpy_iterator())
+def _examples(prepared: reader.PreparedDataset, part: str) -> list[dict]:
+    """The TFRecord examples of a part as TFDS decodes them: the shards are a plain TFDS dataset."""
+    return list(tfds.builder_from_directory(str(prepared.directory)).as_dataset(split=part).as_numpy_iterator())
 
 
 def _whole_tracks(examples: list[dict]) -> dict[str, dict]:
@@ -35,16 +40,16 @@ def _whole_tracks(examples: list[dict]) -> dict[str, dict]:
             tracks[track_id]["chunks"].append(example["spectrogram"])
     for track in tracks.values():
         assert len(track["chunks"]) == track["num_chunks"]
-        track["spectrogram"] = np.concatenate(track["chunks"], axis=1)
+        track["spectrogram"] = np.concatenate(track["chunks"], axis=0).T  # stored time-major
     return tracks
 
 
 def test_shards_hold_every_track_of_every_part_with_the_tsv_labels(synthetic_tree, prepared_data_dir):
-    prepared = builder.load_prepared(*prepared_data_dir)
+    prepared = load_prepared(*prepared_data_dir)
     tags = metadata.read_tag_list(synthetic_tree / "data")
     assert prepared.tags == tags
     assert prepared.failures == {}
-    for part in builder.PARTS:
+    for part in PARTS:
         expected = metadata.read_split(synthetic_tree / "data", 0, part)
         examples = _examples(prepared, part)
         tracks = _whole_tracks(examples)
@@ -58,17 +63,39 @@ def test_shards_hold_every_track_of_every_part_with_the_tsv_labels(synthetic_tre
             assert stored["num_frames"] == stored["spectrogram"].shape[1]
 
 
-def test_long_tracks_are_split_into_chunks_of_at_most_chunk_frames(prepared_data_dir):
-    prepared = builder.load_prepared(*prepared_data_dir)
-    examples = [example for part in builder.PARTS for example in _examples(prepared, part)]
-    lengths = [example["spectrogram"].shape[1] for example in examples]
-    assert max(lengths) == prepared.chunk_frames == 1722
-    assert any(example["num_chunks"] > 1 for example in examples)
+def test_tracks_are_split_into_time_major_chunks_of_at_most_chunk_frames(prepared_data_dir):
+    prepared = load_prepared(*prepared_data_dir)
+    examples = [example for part in PARTS for example in _examples(prepared, part)]
+    assert all(example["spectrogram"].shape[1] == 256 for example in examples)
+    lengths = [example["spectrogram"].shape[0] for example in examples]
+    assert max(lengths) == prepared.chunk_frames == CHUNK_FRAMES
+    assert min(example["num_chunks"] for example in examples) >= 2  # every test track spans several chunks
     assert all(example["spectrogram"].dtype == np.float16 for example in examples)
 
 
+def test_the_record_index_reads_any_frames_as_tfds_decodes_them(prepared_data_dir):
+    prepared = load_prepared(*prepared_data_dir)
+    frame_reader = reader.FrameReader(prepared)
+    for part in PARTS:
+        tracks = _whole_tracks(_examples(prepared, part))
+        assert list(tracks) == list(prepared.track_ids[part])
+        for number, (track_id, track) in enumerate(tracks.items()):
+            whole = track["spectrogram"].T
+            np.testing.assert_array_equal(frame_reader.read(part, number), whole)
+            np.testing.assert_array_equal(prepared.parts[part].labels[number], track["labels"])
+            assert prepared.parts[part].frames[number] == track["num_frames"] == len(whole)
+            # A run of frames across a chunk edge reads exactly its own bytes.
+            start, stop = CHUNK_FRAMES - 7, min(CHUNK_FRAMES + 30, len(whole))
+            before = frame_reader.bytes_read
+            np.testing.assert_array_equal(frame_reader.read(part, number, start, stop), whole[start:stop])
+            assert frame_reader.bytes_read - before == (stop - start) * 256 * 2
+    with pytest.raises(IndexError, match="outside track"):
+        frame_reader.read("test", 0, 0, int(prepared.parts["test"].frames[0]) + 1)
+    frame_reader.close()
+
+
 def test_stored_spectrogram_equals_a_direct_computation(synthetic_tree, prepared_data_dir):
-    prepared = builder.load_prepared(*prepared_data_dir)
+    prepared = load_prepared(*prepared_data_dir)
     tracks = _whole_tracks(_examples(prepared, "test"))
     longest = max(metadata.read_split(synthetic_tree / "data", 0, "test"), key=lambda track: track.duration)
     waveform, sample_rate = soundfile.read(synthetic_tree / "audio" / longest.path, dtype="float32")
@@ -77,31 +104,35 @@ def test_stored_spectrogram_equals_a_direct_computation(synthetic_tree, prepared
 
 
 def test_normalisation_stats_are_over_all_training_frames(prepared_data_dir):
-    prepared = builder.load_prepared(*prepared_data_dir)
-    frames = np.concatenate([ex["spectrogram"] for ex in _examples(prepared, "train")], axis=1).astype(np.float64)
+    prepared = load_prepared(*prepared_data_dir)
+    frames = np.concatenate([ex["spectrogram"] for ex in _examples(prepared, "train")]).T.astype(np.float64)
     assert prepared.mean.shape == prepared.std.shape == (256,)
     assert prepared.mean.dtype == prepared.std.dtype == np.float32
     np.testing.assert_allclose(prepared.mean, frames.mean(axis=1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(prepared.std, frames.std(axis=1), rtol=1e-5)
 
 
-def test_load_prepared_works_in_a_fresh_process_with_only_the_builder(prepared_data_dir):
+def test_the_read_side_needs_no_writer_and_no_tensorflow(prepared_data_dir):
     data_dir, config_name = prepared_data_dir
     script = (
         "import sys\n"
-        "from data_prep import builder\n"
-        f"prepared = builder.load_prepared({str(data_dir)!r}, {config_name!r}, 0)\n"
-        "assert 'data_prep.build' not in sys.modules and 'librosa' not in sys.modules\n"
+        "from data_prep import reader\n"
+        f"prepared = reader.load_prepared({str(data_dir)!r}, {config_name!r}, 0)\n"
+        "assert 'tensorflow' not in sys.modules and 'librosa' not in sys.modules\n"
+        "from emorf_jax import main, train\n"  # TensorBoard's writer brings TensorFlow, but no data_prep writer
+        "writers = [m for m in ('data_prep.build', 'data_prep.builder', 'data_prep.extract', 'data_prep.synthetic')\n"
+        "           if m in sys.modules]\n"
+        "assert not writers, writers\n"
         "print(prepared.num_examples['train'], prepared.features['hop_length'])\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-    expected = builder.load_prepared(data_dir, config_name)
+    expected = load_prepared(data_dir, config_name)
     assert result.stdout.split() == [str(expected.num_examples["train"]), "512"]
 
 
 def test_absent_dataset_error_says_how_to_prepare_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m data_prep\.build .*--config hop1536 --split 3"):
-        builder.load_prepared(tmp_path, "hop1536", 3)
+        load_prepared(tmp_path, "hop1536", 3)
 
 
 def _shard_bytes(data_dir: Path, config_name: str) -> dict[str, bytes]:
@@ -112,7 +143,8 @@ def _shard_bytes(data_dir: Path, config_name: str) -> dict[str, bytes]:
 def _cli(tree: Path, data_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "data_prep.build", "--audio_dir", str(tree / "audio"), "--metadata_dir",
-        str(tree / "data"), "--data_dir", str(data_dir), "--workers", "2", "--no_progress", *extra,
+        str(tree / "data"), "--data_dir", str(data_dir), "--workers", "2", "--no_progress",
+        "--chunk_frames", str(CHUNK_FRAMES), *extra,
     ]
 
 
@@ -130,7 +162,7 @@ def test_build_killed_half_way_resumes_and_gives_identical_shards(synthetic_tree
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished_before = len(journal.read_text().splitlines())
-    total = sum(len(metadata.read_split(synthetic_tree / "data", 0, part)) for part in builder.PARTS)
+    total = sum(len(metadata.read_split(synthetic_tree / "data", 0, part)) for part in PARTS)
     assert finished_before < total, "the kill came too late to test resumption"
 
     subprocess.run(_cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, check=True, capture_output=True)
@@ -162,7 +194,7 @@ def test_build_survives_a_killed_worker_and_gives_identical_shards(synthetic_tre
 
     assert process.returncode == 0, stderr
     assert "a worker died" in stderr
-    assert builder.load_prepared(tmp_path).failures == {}
+    assert load_prepared(tmp_path).failures == {}
     assert _shard_bytes(tmp_path, "hop512") == _shard_bytes(*prepared_data_dir)
 
 
@@ -191,9 +223,9 @@ def test_bad_files_land_in_the_failures_report_while_the_rest_is_built(synthetic
     reported = {line.split("\t")[0]: line.split("\t")[3] for line in report[1:]}
     assert reported == {track_id: kind for kind, track_id in broken.items()}
     assert summary.failures == {kind: 1 for kind in broken}
-    prepared = builder.load_prepared(tmp_path / "out")
+    prepared = load_prepared(tmp_path / "out")
     assert set(prepared.failures) == set(broken.values())
-    for part in builder.PARTS:
+    for part in PARTS:
         listed = [track.track_id for track in metadata.read_split(synthetic_tree / "data", 0, part)]
         assert list(prepared.track_ids[part]) == [track_id for track_id in listed if track_id not in reported]
     assert "failed: 5 tracks" in str(summary)
@@ -217,15 +249,15 @@ def test_byte_identical_files_are_reported_and_can_be_dropped(synthetic_tree, pr
         drop_duplicates="keep_one", cache_dir=data_dir / "cache" / config_name,
     )
     assert summary.failures == {"duplicate": sum(len(group) - 1 for group in groups.values())}
-    kept = builder.load_prepared(tmp_path)
+    kept = load_prepared(tmp_path)
     for group in groups.values():
         ids = {row[2] for row in group}
-        assert sum(track_id in kept.track_ids[part] for part in builder.PARTS for track_id in ids) == 1
+        assert sum(track_id in kept.track_ids[part] for part in PARTS for track_id in ids) == 1
 
 
 def _write_essentia_like_npy(tree: Path, out: Path) -> None:
     """Organisers-style input from the synthetic audio: 12 kHz, frame 512, hop 256, 96 bands, dB, (96, T)."""
-    for part in builder.PARTS:
+    for part in PARTS:
         for track in metadata.read_split(tree / "data", 0, part):
             stereo, sample_rate = soundfile.read(tree / "audio" / track.path, dtype="float32")
             waveform = librosa.resample(stereo.mean(axis=1), orig_sr=sample_rate, target_sr=12000)
@@ -240,20 +272,12 @@ def test_precomputed_npy_input_builds_the_essentia96_dataset(synthetic_tree, tmp
     build.build_dataset(
         tmp_path / "npy", synthetic_tree / "data", tmp_path / "out", "essentia96", workers=2, progress=False
     )
-    prepared = builder.load_prepared(tmp_path / "out", "essentia96")
+    prepared = load_prepared(tmp_path / "out", "essentia96")
     assert prepared.features["n_mels"] == 96 and prepared.chunk_frames == 938
     tracks = _whole_tracks(_examples(prepared, "validation"))
     for track in metadata.read_split(synthetic_tree / "data", 0, "validation"):
         source = np.load(tmp_path / "npy" / features.source_path(track.path, features.settings_for("essentia96")))
         np.testing.assert_array_equal(tracks[track.track_id]["spectrogram"], source.astype(np.float16))
-
-
-def test_training_reads_shuffled_files_of_the_ordered_dataset(prepared_data_dir):
-    prepared = builder.load_prepared(*prepared_data_dir)
-    dataset = prepared.builder.as_dataset(
-        split="train", shuffle_files=True, read_config=builder.training_read_config(seed=0)
-    )
-    assert sum(1 for _ in dataset) == prepared.num_examples["train"]
 
 
 def test_a_cache_made_with_other_settings_is_refused(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from emorf_jax.models import CPResNet, receptive_field
 from tests.test_models import random_variables
 
-# DESIGN.md §2: the RF per ρ as the authors published it.
+# The RF per ρ as the authors published it (docs/fidelity.md, "Model").
 PUBLISHED_RF = {0: 9, 1: 17, 2: 33, 3: 49, 4: 65, 5: 81, 6: 113, 7: 145, 8: 177, 9: 209, 10: 241, 11: 273,
                 12: 305, 13: 337, 14: 369, 15: 401}
 

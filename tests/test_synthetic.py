@@ -188,3 +188,12 @@ def test_tags_are_real_mtg_jamendo_names():
     assert set(synthetic.LABEL_TAGS) <= set(real_split)
     assert synthetic.DROPPED_TAG in real_all - set(real_split)
     assert list(synthetic.LABEL_TAGS) == sorted(synthetic.LABEL_TAGS)  # the real list is alphabetical
+
+
+def test_track_lengths_have_the_real_shape_around_their_median():
+    durations = np.array([plan.duration for plan in synthetic.plan_tracks(3000, seed=0, duration=205.7)])
+    assert np.median(durations) == pytest.approx(205.7, rel=0.05)
+    assert np.log(durations).std() == pytest.approx(0.597, abs=0.03)  # the real split-0 training spread
+    assert durations.min() >= 30.0 and durations.max() <= 2645.0
+    short = np.array([plan.duration for plan in synthetic.plan_tracks(200, seed=0, duration=6.0)])
+    assert short.min() >= synthetic.MIN_DURATION and short.max() > 2 * np.median(short)

@@ -1,4 +1,4 @@
-"""A PyTorch CP-ResNet / FA-ResNet as the authors built it (DESIGN.md §2), to test the Flax port against.
+"""A PyTorch CP-ResNet / FA-ResNet as the authors built it (docs/fidelity.md, "Model"), to test the Flax port against.
 
 NCHW layout (H = frequency), the authors' parameter names (`in_c.0`, `stage1.block1.conv1`, `feed_forward.1`),
 their padding k//3 and floor max-pools. Written in PyTorch idioms on purpose, independently of the Flax code.

@@ -1,4 +1,4 @@
-"""CP-ResNet, its frequency-aware (FA) variant and Shake-Shake FA-ResNet as Flax Linen modules (DESIGN.md §2).
+"""CP-ResNet, its frequency-aware (FA) variant and Shake-Shake FA-ResNet as Flax Linen modules (docs/fidelity.md, "Model").
 
 Inputs are NHWC: (batch, frequency, time, channels), row 0 of the frequency axis being the lowest mel bin.
 Module names follow the authors' PyTorch names (`in_c`, `stage1_block1`, `feed_forward`) so that importing their

@@ -1,7 +1,7 @@
 """Kernel schedules of CP-ResNet for a ρ, their receptive fields (RF), and the inverse ρ for a maximal RF.
 
 The schedule itself lives with the architecture in cp_resnet.py and is re-exported here. ρ decides which block
-convs are 3x3 (the rest are 1x1), and so how far the RF grows (DESIGN.md §2). Two RFs are offered: the
+convs are 3x3 (the rest are 1x1), and so how far the RF grows (docs/fidelity.md, "Model"). Two RFs are offered: the
 "published" one computed as the authors' code does (the numbers in their slides and papers), and the exact
 layer-by-layer one that counts the stem and each max-pool's own window.
 
