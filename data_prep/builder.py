@@ -92,21 +92,14 @@ class DeterministicExampleWriter(tfds_writer.ExampleWriter):
         return super().write(path, canonical)
 
 
-class MoodThemeConfig(tfds.core.BuilderConfig):
-    """One builder config per feature setting."""
-
-    def __init__(self, *, settings: features_lib.FeatureSettings, **kwargs) -> None:
-        super().__init__(version=layout.VERSION, **kwargs)
-        self.settings = settings
-
-
 class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
-    """MTG-Jamendo mood/theme spectrogram chunks with multi-hot labels; written from a ``ShardPlan``."""
+    """MTG-Jamendo mood/theme spectrogram chunks with multi-hot labels; written from a ``ShardPlan``, whose feature
+    settings (those of the builder config's name, with the build's chunk length) it stores."""
 
     VERSION = tfds.core.Version(layout.VERSION)
     BUILDER_CONFIGS = [
-        MoodThemeConfig(name=name, description=features_lib.CONFIG_DESCRIPTIONS[name], settings=settings)
-        for name, settings in features_lib.CONFIGS.items()
+        tfds.core.BuilderConfig(name=name, version=layout.VERSION, description=features_lib.CONFIG_DESCRIPTIONS[name])
+        for name in features_lib.CONFIGS
     ]
 
     def __init__(self, *, plan: ShardPlan, **kwargs) -> None:

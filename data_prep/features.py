@@ -214,23 +214,38 @@ def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
     return waveform, int(sample_rate)
 
 
-def audio_features(data: bytes, name: str, settings: FeatureSettings) -> np.ndarray:
-    """Features float32 (n_mels, frames) of one encoded audio file, checked against ``settings``."""
-    waveform, sample_rate = decode_audio(data, name)
-    if sample_rate != settings.sample_rate:
+def waveform_features(
+    waveform: np.ndarray, sample_rate: int, name: str, settings: FeatureSettings, *, resample: bool = False
+) -> np.ndarray:
+    """Features float32 (n_mels, frames) of a decoded waveform (samples, channels), checked against ``settings``.
+
+    With ``resample``, any channel count is mixed down and any sample rate resampled to the setting's (after the
+    mix-down, with soxr's high-quality filter, librosa's default); without it they are errors naming the file.
+    """
+    if sample_rate != settings.sample_rate and not resample:
         raise AudioError(f"unexpected sample rate {sample_rate} Hz in {name} (expected {settings.sample_rate})")
-    if waveform.shape[1] not in (1, 2):
+    if waveform.shape[1] not in (1, 2) and not resample:
         raise AudioError(f"unexpected channel count {waveform.shape[1]} in {name} (expected 1 or 2)")
     if not np.isfinite(waveform).all():
         raise AudioError(f"non-finite samples decoded from {name}")
+    if sample_rate != settings.sample_rate:
+        import librosa  # imported here: slow to import, and only needed for other rates
+
+        waveform = librosa.resample(to_mono(waveform), orig_sr=sample_rate, target_sr=settings.sample_rate)
     return spectrogram(
         waveform,
-        sample_rate,
+        settings.sample_rate,
         n_fft=settings.n_fft,
         hop_length=settings.hop_length,
         n_mels=settings.n_mels,
         order=settings.order,
     )
+
+
+def audio_features(data: bytes, name: str, settings: FeatureSettings, *, resample: bool = False) -> np.ndarray:
+    """Features float32 (n_mels, frames) of one encoded audio file (see ``waveform_features``)."""
+    waveform, sample_rate = decode_audio(data, name)
+    return waveform_features(waveform, sample_rate, name, settings, resample=resample)
 
 
 def npy_features(data: bytes, name: str, settings: FeatureSettings) -> np.ndarray:

@@ -126,16 +126,15 @@ class Tagger:
         return expit((logits * weights[:, None]).sum(axis=0) / weights.sum())
 
     def spectrogram(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
-        """The (n_mels, frames) features of a waveform, computed exactly as data preparation computed them."""
-        settings = self.meta["features"]
-        if settings["source"] != "audio":
-            raise ValueError(f"this model was trained on {settings['source']!r} input, not audio: pass that input "
+        """The (n_mels, frames) features of a waveform (samples,) or (samples, channels) at any sample rate and
+        channel count, computed by data preparation's own code, mixed down and resampled to the model's rate."""
+        settings = features.FeatureSettings(**self.meta["features"])
+        if settings.source != "audio":
+            raise ValueError(f"this model was trained on {settings.source!r} input, not audio: pass that input "
                              "to tag_spectrogram")
-        if settings["sample_rate"] != sample_rate:
-            raise ValueError(f"the model was trained on {settings['sample_rate']} Hz audio, got {sample_rate} Hz; "
-                             "resample first (e.g. librosa.resample)")
-        options = {k: settings[k] for k in ("n_fft", "hop_length", "n_mels", "order")}
-        return features.spectrogram(waveform, sample_rate, **options)
+        waveform = np.asarray(waveform, np.float32)
+        waveform = waveform[:, None] if waveform.ndim == 1 else waveform
+        return features.waveform_features(waveform, sample_rate, "the waveform", settings, resample=True)
 
     def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None
                   ) -> dict[str, float]:

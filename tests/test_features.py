@@ -138,3 +138,19 @@ def test_settings_reject_bad_fields_by_name():
 def test_source_path_of_npy_input_is_beside_the_mp3_stem():
     assert features.source_path("48/948.mp3", features.settings_for("essentia96")) == "48/948.npy"
     assert features.source_path("48/948.mp3", features.settings_for("hop512")) == "48/948.mp3"
+
+
+def test_other_rates_and_channel_counts_are_resampled_and_mixed_down_only_when_asked():
+    settings = features.FeatureSettings()
+    time = np.arange(3 * 48000) / 48000
+    tone = (0.3 * np.sin(2 * np.pi * 1000 * time)).astype(np.float32)
+    quad = np.stack([tone, tone, 0.5 * tone, 0.5 * tone], axis=1)
+    with pytest.raises(features.AudioError, match="unexpected sample rate 48000 Hz in song.wav"):
+        features.waveform_features(quad, 48000, "song.wav", settings)
+    resampled = features.waveform_features(quad, 48000, "song.wav", settings, resample=True)
+    native_time = np.arange(3 * 44100) / 44100
+    native = features.spectrogram(0.75 * 0.3 * np.sin(2 * np.pi * 1000 * native_time), 44100)
+    assert resampled.shape == native.shape
+    # The same tone: equal features away from the edges, to a small fraction of their range.
+    inner = slice(10, -10)
+    assert np.abs(resampled[:, inner] - native[:, inner]).max() < 0.01 * np.ptp(native)

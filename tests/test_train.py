@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import librosa
 import numpy as np
 import pytest
 
@@ -96,21 +97,32 @@ def test_tagging_a_tracks_audio_equals_its_evaluation_on_multi_chunk_tracks(refe
         probabilities = tagger.tag_audio(waveform, sample_rate)
         np.testing.assert_allclose(list(probabilities.values()), final_predictions[row], rtol=1e-4, atol=1e-6)
     assert prepared.parts["test"].frames.max() > 3 * prepared.chunk_frames
+    # The same audio at 48 kHz (resampled by the tagger as data preparation would) scores about the same.
+    at_48k = librosa.resample(waveform.T, orig_sr=sample_rate, target_sr=48000).T
+    np.testing.assert_allclose(list(tagger.tag_audio(at_48k, 48000).values()), list(probabilities.values()),
+                               atol=0.02)
+
+
+def _has_steps(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _kill_once_saved(command: list[str], saved: Path) -> None:
+    """Starts the run and SIGKILLs it as soon as a checkpoint step appears in `saved`."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not _has_steps(saved):
+        assert process.poll() is None, f"the run ended before anything was saved in {saved.name}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(reference_run, tmp_path):
     data_dir, reference_workdir, _ = reference_run
     workdir = tmp_path / "interrupted"
-    process = subprocess.Popen(_command(data_dir, workdir), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (workdir / checkpoints.LATEST).is_dir() or not any(
-            p.name.isdigit() for p in (workdir / checkpoints.LATEST).iterdir()):
-        assert process.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    _kill_once_saved(_command(data_dir, workdir), workdir / checkpoints.LATEST)
     killed_at, _, _ = _latest_params(workdir)
     reference_step, reference_params, reference_average = _latest_params(reference_workdir)
     assert killed_at < reference_step, "the kill must interrupt the run before its end"
@@ -138,18 +150,8 @@ def test_a_run_killed_between_an_evaluation_save_and_its_next_checkpoint_resumes
     data_dir, reference_workdir, _ = reference_run
     workdir = tmp_path / "interrupted"
     overrides = ("--config.checkpoint_every_steps=1000",)  # the end of the run is the only resumable checkpoint
-    process = subprocess.Popen(_command(data_dir, workdir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (workdir / checkpoints.BEST).is_dir() or not any(
-            p.name.isdigit() for p in (workdir / checkpoints.BEST).iterdir()):
-        assert process.poll() is None, "the run ended before its first evaluation was saved"
-        assert time.time() < deadline
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    latest = workdir / checkpoints.LATEST
-    assert not latest.is_dir() or not any(p.name.isdigit() for p in latest.iterdir()), "killed too late"
+    _kill_once_saved(_command(data_dir, workdir, *overrides), workdir / checkpoints.BEST)
+    assert not _has_steps(workdir / checkpoints.LATEST), "killed too late: the run had reached its end"
 
     _run(data_dir, workdir, *overrides)
     _assert_same_end(workdir, reference_workdir)
