@@ -208,7 +208,8 @@ def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
     try:
         waveform, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-        raise AudioError(f"cannot decode {name}: {error}") from error
+        reason = getattr(error, "error_string", None) or error  # libsndfile's own words, without the stream's repr
+        raise AudioError(f"cannot decode {name}: {reason}") from error
     if waveform.shape[0] == 0:
         raise AudioError(f"no audio samples decoded from {name}")
     return waveform, int(sample_rate)

@@ -83,7 +83,7 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         directory, step = os.path.dirname(path), int(os.path.basename(path))
     else:
         directory, step = path, None
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    options = ocp.CheckpointManagerOptions(create=False)  # restores only; read_only would log two warnings
     with ocp.CheckpointManager(directory, options=options, item_names=_ITEMS) as manager:
         weights, meta = restore(manager, step)
     variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}

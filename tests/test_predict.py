@@ -1,0 +1,131 @@
+"""`python -m emorf_jax.predict` on real audio files of every format, rate and channel count, with real checkpoints."""
+
+import csv
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+import jax
+import librosa
+import numpy as np
+import pytest
+import soundfile
+
+from configs import faresnet
+from data_prep import features, metadata
+from data_prep.reader import load_prepared
+from emorf_jax import checkpoints, inference, predict, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _checkpoint(directory: Path, prepared, seed: int) -> Path:
+    """A real orbax checkpoint of a tiny FA-ResNet with random weights, as a run writes it."""
+    config = faresnet.get_config("test")
+    fields = train.model_fields(config)
+    model = train.create_model(fields)
+    variables = model.init(jax.random.PRNGKey(seed), np.zeros((1, 256, 64, 1), np.float32))
+    leaves, treedef = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    params = jax.tree.unflatten(treedef, [leaf + 0.2 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
+        checkpoints.save(manager, 10, {"params": params, "batch_stats": variables["batch_stats"]},
+                         train.checkpoint_meta(fields, prepared, config, "swa", 10, 2.5))
+    return directory / checkpoints.SWA
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(prepared_data_dir, tmp_path_factory):
+    prepared = load_prepared(*prepared_data_dir)
+    return [str(_checkpoint(tmp_path_factory.mktemp(f"run{seed}"), prepared, seed)) for seed in (0, 5)]
+
+
+@pytest.fixture(scope="module")
+def audio_folder(synthetic_tree, tmp_path_factory):
+    """One synthetic track written as MP3, WAV, FLAC and OGG at 22.05, 44.1 and 48 kHz, mono and stereo, plus a
+    corrupt MP3 and a text file named like audio."""
+    track = metadata.read_split(synthetic_tree / "data", 0, "test")[0]
+    stereo, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
+    folder = tmp_path_factory.mktemp("my_music")
+    for suffix, subtype, target_rate, channels in [
+        ("mp3", None, 44100, 2), ("mp3", None, 22050, 1), ("wav", "PCM_16", 48000, 2), ("wav", "FLOAT", 44100, 1),
+        ("flac", None, 48000, 1), ("flac", None, 22050, 2), ("ogg", None, 44100, 2), ("ogg", None, 48000, 1),
+    ]:
+        waveform = stereo if channels == 2 else stereo.mean(axis=1, keepdims=True)
+        if target_rate != rate:
+            waveform = librosa.resample(waveform.T, orig_sr=rate, target_sr=target_rate).T
+        name = folder / "nested" / f"song_{target_rate}_{channels}ch.{suffix}"
+        name.parent.mkdir(exist_ok=True)
+        soundfile.write(name, np.clip(waveform, -1, 1), target_rate, subtype=subtype)
+    (folder / "broken.mp3").write_bytes(b"ID3" + bytes(range(256)) * 8)
+    (folder / "notes.ogg").write_text("not audio at all")
+    return folder
+
+
+def _predict(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emorf_jax.predict", "--no_progress", *arguments], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(audio_folder, two_checkpoints,
+                                                                                 tmp_path):
+    output = tmp_path / "tags.csv"
+    result = _predict(str(audio_folder), f"--checkpoint={two_checkpoints[0]}", f"--output={output}")
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line and "WARNING" not in line]
+    assert len(errors) == 2
+    assert any("broken.mp3" in line and "cannot decode" in line for line in errors)
+    assert any("notes.ogg" in line for line in errors)
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    tags = inference.load_tagger(two_checkpoints[0]).tags
+    assert list(rows[0])[:len(tags) + 1] == ["path", *tags]
+    assert len(rows) == 8 and all(Path(row["path"]).parent.name == "nested" for row in rows)
+    scores = {Path(row["path"]).name: np.array([float(row[tag]) for tag in tags]) for row in rows}
+    reference = scores["song_44100_2ch.mp3"]
+    # Other rates, channel counts and codecs give close scores for the same music.
+    np.testing.assert_allclose(scores["song_48000_2ch.wav"], reference, atol=0.03)
+    for name, values in scores.items():
+        np.testing.assert_allclose(values, reference, atol=0.08, err_msg=name)
+
+
+def test_an_ensemble_of_two_checkpoints_is_the_mean_of_each_alone(audio_folder, two_checkpoints, tmp_path):
+    files = [str(audio_folder / "nested" / "song_44100_2ch.mp3"), str(audio_folder / "nested" / "song_48000_1ch.flac")]
+    outputs = []
+    for checkpoint_arguments in ([f"--checkpoint={two_checkpoints[0]}"], [f"--checkpoint={two_checkpoints[1]}"],
+                                 [f"--checkpoint={c}" for c in two_checkpoints]):
+        output = tmp_path / f"out{len(outputs)}.json"
+        assert _predict(*files, *checkpoint_arguments, f"--output={output}").returncode == 0
+        outputs.append(json.loads(output.read_text()))
+    for path in files:
+        alone = [np.array(list(o[path].values())) for o in outputs[:2]]
+        np.testing.assert_allclose(list(outputs[2][path].values()), np.mean(alone, axis=0), rtol=1e-5)
+        assert not np.allclose(alone[0], alone[1])  # two different models
+
+
+def test_a_long_track_runs_in_fixed_batches_without_recompiling(two_checkpoints, synthetic_tree):
+    tagger = inference.load_tagger(two_checkpoints[0], batch_size=4)
+    settings = features.FeatureSettings(**tagger.meta["features"])
+    track = metadata.read_split(synthetic_tree / "data", 0, "test")[0]
+    waveform, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
+    short = features.waveform_features(waveform, rate, "short", settings)
+    long = features.waveform_features(np.tile(waveform, (20, 1)), rate, "long", settings)
+    tagger.tag_spectrogram(short)
+    compiled = inference._jitted_logits._cache_size()
+    logits, weights = tagger.window_logits(long)
+    assert inference._jitted_logits._cache_size() == compiled  # the same batch shape, whatever the length
+    assert len(weights) > 4 * tagger.batch_size and weights.sum() == long.shape[1]
+
+
+def test_describe_prints_the_model_card(two_checkpoints):
+    result = _predict(f"--describe={two_checkpoints[0]}")
+    assert result.returncode == 0
+    assert "FA-ResNet, rho=2" in result.stdout and "window           128 frames" in result.stdout
+    assert "calm christmas deep" in result.stdout
+
+
+def test_usage_errors_exit_with_status_2(two_checkpoints, tmp_path):
+    assert _predict("x.mp3", "--checkpoint=/no/such/checkpoint").returncode == 2
+    assert _predict(str(tmp_path), f"--checkpoint={two_checkpoints[0]}").returncode == 2  # no audio inside
+    assert predict.audio_files([str(tmp_path)]) == []
