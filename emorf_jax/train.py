@@ -378,19 +378,20 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
     official = run.prepared.tsv_track_ids["test"]
     report = {}
     for name, by_split in predictions.items():
-        validation, test = by_split["validation"], by_split["test"]
-        thresholds = metrics.best_f1_thresholds(validation.labels, validation.probabilities)
-        decisions = metrics.decide(test.probabilities, thresholds)
-        report[name] = metrics.mediaeval_metrics(test.labels, test.probabilities, decisions)
+        # float32, as saved: thresholds and decisions are computed from exactly the numbers in the files.
+        validation, test = (by_split[split].probabilities.astype(np.float32) for split in splits)
+        thresholds = metrics.best_f1_thresholds(by_split["validation"].labels, validation)
+        decisions = metrics.decide(test, thresholds)
+        report[name] = metrics.mediaeval_metrics(by_split["test"].labels, test, decisions)
         model_dir = os.path.join(report_dir, name)
         os.makedirs(model_dir, exist_ok=True)
-        np.save(os.path.join(model_dir, "validation_predictions.npy"), validation.probabilities.astype(np.float32))
-        np.save(os.path.join(model_dir, "test_predictions.npy"), test.probabilities.astype(np.float32))
+        np.save(os.path.join(model_dir, "validation_predictions.npy"), validation)
+        np.save(os.path.join(model_dir, "test_predictions.npy"), test)
         np.save(os.path.join(model_dir, "test_decisions.npy"), decisions)
         evaluate.write_thresholds(os.path.join(model_dir, "thresholds.tsv"), run.prepared.tags, thresholds)
-        if tuple(test.track_ids) == tuple(official):
-            submission.write_submission(os.path.join(model_dir, "submission"), test.probabilities, decisions,
-                                        test.track_ids, official)
+        if tuple(by_split["test"].track_ids) == tuple(official):
+            submission.write_submission(os.path.join(model_dir, "submission"), test, decisions,
+                                        by_split["test"].track_ids, official)
     positive_rate = float(predictions["final"]["test"].labels.mean())
     report["constant_predictor"] = {"PR-AUC-macro": positive_rate, "ROC-AUC-macro": 0.5}
     with open(os.path.join(report_dir, "test_report.json"), "w") as f:

@@ -14,9 +14,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax
+import numpy as np
 import pytest
 
+from configs import faresnet
 from data_prep import build, synthetic
+from data_prep.reader import load_prepared
+from emorf_jax import checkpoints, train
 
 SYNTHETIC_TRACKS = 24
 # Frames per stored chunk in the tests' shards (the real 20 s would be 1,722): with tracks of a median 6 s (517
@@ -42,3 +47,25 @@ def prepared_data_dir(synthetic_tree, tmp_path_factory) -> tuple[Path, str]:
         progress=False, chunk_frames=CHUNK_FRAMES,
     )
     return data_dir, "hop512"
+
+
+def _random_checkpoint(directory: Path, prepared, seed: int) -> Path:
+    """A real orbax checkpoint of the test config's FA-ResNet with random weights, as a run writes it."""
+    config = faresnet.get_config("test")
+    fields = train.model_fields(config)
+    variables = train.create_model(fields).init(jax.random.PRNGKey(seed), np.zeros((1, 256, 64, 1), np.float32))
+    leaves, treedef = jax.tree.flatten(variables["params"])
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    params = jax.tree.unflatten(treedef, [leaf + 0.2 * jax.random.normal(key, leaf.shape)
+                                          for leaf, key in zip(leaves, keys)])
+    with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
+        checkpoints.save(manager, 10, {"params": params, "batch_stats": variables["batch_stats"]},
+                         train.checkpoint_meta(fields, prepared, config, "swa", 10, 2.5))
+    return directory / checkpoints.SWA
+
+
+@pytest.fixture(scope="session")
+def random_checkpoints(prepared_data_dir, tmp_path_factory) -> list[str]:
+    """Two checkpoints of two different random models on the shared prepared dataset (no training needed)."""
+    prepared = load_prepared(*prepared_data_dir)
+    return [str(_random_checkpoint(tmp_path_factory.mktemp(f"run{seed}"), prepared, seed)) for seed in (0, 5)]

@@ -6,39 +6,15 @@ from pathlib import Path
 import subprocess
 import sys
 
-import jax
 import librosa
 import numpy as np
 import pytest
 import soundfile
 
-from configs import faresnet
 from data_prep import features, metadata
-from data_prep.reader import load_prepared
-from emorf_jax import checkpoints, inference, predict, train
+from emorf_jax import inference, predict
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _checkpoint(directory: Path, prepared, seed: int) -> Path:
-    """A real orbax checkpoint of a tiny FA-ResNet with random weights, as a run writes it."""
-    config = faresnet.get_config("test")
-    fields = train.model_fields(config)
-    model = train.create_model(fields)
-    variables = model.init(jax.random.PRNGKey(seed), np.zeros((1, 256, 64, 1), np.float32))
-    leaves, treedef = jax.tree.flatten(variables["params"])
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    params = jax.tree.unflatten(treedef, [leaf + 0.2 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
-    with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
-        checkpoints.save(manager, 10, {"params": params, "batch_stats": variables["batch_stats"]},
-                         train.checkpoint_meta(fields, prepared, config, "swa", 10, 2.5))
-    return directory / checkpoints.SWA
-
-
-@pytest.fixture(scope="module")
-def two_checkpoints(prepared_data_dir, tmp_path_factory):
-    prepared = load_prepared(*prepared_data_dir)
-    return [str(_checkpoint(tmp_path_factory.mktemp(f"run{seed}"), prepared, seed)) for seed in (0, 5)]
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +44,10 @@ def _predict(*arguments: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(audio_folder, two_checkpoints,
+def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(audio_folder, random_checkpoints,
                                                                                  tmp_path):
     output = tmp_path / "tags.csv"
-    result = _predict(str(audio_folder), f"--checkpoint={two_checkpoints[0]}", f"--output={output}")
+    result = _predict(str(audio_folder), f"--checkpoint={random_checkpoints[0]}", f"--output={output}")
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line and "WARNING" not in line]
     assert len(errors) == 2
@@ -79,7 +55,7 @@ def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(a
     assert any("notes.ogg" in line for line in errors)
     with output.open() as f:
         rows = list(csv.DictReader(f))
-    tags = inference.load_tagger(two_checkpoints[0]).tags
+    tags = inference.load_tagger(random_checkpoints[0]).tags
     assert list(rows[0])[:len(tags) + 1] == ["path", *tags]
     assert len(rows) == 8 and all(Path(row["path"]).parent.name == "nested" for row in rows)
     scores = {Path(row["path"]).name: np.array([float(row[tag]) for tag in tags]) for row in rows}
@@ -90,11 +66,11 @@ def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(a
         np.testing.assert_allclose(values, reference, atol=0.08, err_msg=name)
 
 
-def test_an_ensemble_of_two_checkpoints_is_the_mean_of_each_alone(audio_folder, two_checkpoints, tmp_path):
+def test_an_ensemble_of_random_checkpoints_is_the_mean_of_each_alone(audio_folder, random_checkpoints, tmp_path):
     files = [str(audio_folder / "nested" / "song_44100_2ch.mp3"), str(audio_folder / "nested" / "song_48000_1ch.flac")]
     outputs = []
-    for checkpoint_arguments in ([f"--checkpoint={two_checkpoints[0]}"], [f"--checkpoint={two_checkpoints[1]}"],
-                                 [f"--checkpoint={c}" for c in two_checkpoints]):
+    for checkpoint_arguments in ([f"--checkpoint={random_checkpoints[0]}"], [f"--checkpoint={random_checkpoints[1]}"],
+                                 [f"--checkpoint={c}" for c in random_checkpoints]):
         output = tmp_path / f"out{len(outputs)}.json"
         assert _predict(*files, *checkpoint_arguments, f"--output={output}").returncode == 0
         outputs.append(json.loads(output.read_text()))
@@ -104,8 +80,8 @@ def test_an_ensemble_of_two_checkpoints_is_the_mean_of_each_alone(audio_folder, 
         assert not np.allclose(alone[0], alone[1])  # two different models
 
 
-def test_a_long_track_runs_in_fixed_batches_without_recompiling(two_checkpoints, synthetic_tree):
-    tagger = inference.load_tagger(two_checkpoints[0], batch_size=4)
+def test_a_long_track_runs_in_fixed_batches_without_recompiling(random_checkpoints, synthetic_tree):
+    tagger = inference.load_tagger(random_checkpoints[0], batch_size=4)
     settings = features.FeatureSettings(**tagger.meta["features"])
     track = metadata.read_split(synthetic_tree / "data", 0, "test")[0]
     waveform, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
@@ -118,14 +94,14 @@ def test_a_long_track_runs_in_fixed_batches_without_recompiling(two_checkpoints,
     assert len(weights) > 4 * tagger.batch_size and weights.sum() == long.shape[1]
 
 
-def test_describe_prints_the_model_card(two_checkpoints):
-    result = _predict(f"--describe={two_checkpoints[0]}")
+def test_describe_prints_the_model_card(random_checkpoints):
+    result = _predict(f"--describe={random_checkpoints[0]}")
     assert result.returncode == 0
     assert "FA-ResNet, rho=2" in result.stdout and "window           128 frames" in result.stdout
     assert "calm christmas deep" in result.stdout
 
 
-def test_usage_errors_exit_with_status_2(two_checkpoints, tmp_path):
+def test_usage_errors_exit_with_status_2(random_checkpoints, tmp_path):
     assert _predict("x.mp3", "--checkpoint=/no/such/checkpoint").returncode == 2
-    assert _predict(str(tmp_path), f"--checkpoint={two_checkpoints[0]}").returncode == 2  # no audio inside
+    assert _predict(str(tmp_path), f"--checkpoint={random_checkpoints[0]}").returncode == 2  # no audio inside
     assert predict.audio_files([str(tmp_path)]) == []
