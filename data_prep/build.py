@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from data_prep import extract
@@ -139,10 +140,13 @@ def _write_tsv(path: Path, records: list[dict], columns: tuple[str, ...]) -> Non
     os.replace(tmp, path)
 
 
-def _extract_and_write(
+class BuildError(Exception):
+    """A build that cannot produce a usable dataset; its message is one line for the user."""
+
+
+def _plan(
     audio_dir: Path,
     metadata_dir: Path,
-    data_dir: Path,
     config_name: str,
     split_index: int,
     workers: int,
@@ -151,8 +155,10 @@ def _extract_and_write(
     retry_failed: bool,
     progress: bool,
     chunk_frames: int | None,
-) -> None:
-    """Stage 1 (features into the cache), then stage 2 (shards from the cache)."""
+    memory_budget_gb: float,
+    tracks_per_worker: int,
+):
+    """Stage 1 (features into the cache), then what stage 2 is to write (a ``builder.ShardPlan``)."""
     settings = features_lib.settings_for(config_name)
     tags = metadata_lib.read_tag_list(metadata_dir)
     parts = read_parts(metadata_dir, split_index)
@@ -162,16 +168,27 @@ def _extract_and_write(
         for track in tracks
     ]
     outcomes = extract.extract_all(
-        jobs, audio_dir, cache, settings, workers, retry_failed=retry_failed, progress=progress
+        jobs, audio_dir, cache, settings, workers, retry_failed=retry_failed, progress=progress,
+        memory_budget_gb=memory_budget_gb, tracks_per_worker=tracks_per_worker,
     )
     groups = duplicate_groups(parts, outcomes)
     dropped = duplicates_to_drop(groups, drop_duplicates)
     failures = failure_records(parts, outcomes, dropped)
     left_out = {record["track_id"] for record in failures}
+    training = [outcomes[track.track_id] for track in parts["train"]]
+    if all(track.track_id in left_out for track in parts["train"]):
+        kinds = collections.Counter(outcome.kind for outcome in training)
+        example = next((o for o in training if not o.ok), None)
+        raise BuildError(
+            f"none of the {len(training)} training tracks could be prepared "
+            f"({', '.join(f'{count} {kind}' for kind, count in kinds.most_common())}"
+            f"{f', e.g. {Path(audio_dir) / example.path}' if example else ''}); check --audio_dir"
+            + (" and --config" if settings.source == "npy" else "")
+        )
     # TensorFlow is imported only now: extraction starts at once, and spawned workers never load it.
     from data_prep import builder as builder_lib
 
-    plan = builder_lib.ShardPlan(
+    return builder_lib.ShardPlan(
         cache=cache,
         settings=dataclasses.replace(settings, chunk_frames=chunk_frames or settings.chunk_frames),
         tags=tags,
@@ -186,7 +203,6 @@ def _extract_and_write(
             "drop_duplicates": drop_duplicates,
         },
     )
-    builder_lib.write_shards(plan, data_dir, config_name, split_index)
 
 
 def build_dataset(
@@ -203,28 +219,47 @@ def build_dataset(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     chunk_frames: int | None = None,
+    memory_budget_gb: float = extract.DEFAULT_MEMORY_BUDGET_GB,
+    tracks_per_worker: int = extract.DEFAULT_TRACKS_PER_WORKER,
 ) -> BuildSummary:
     """Extracts features (resuming from the cache) and writes the shards of one config and split.
 
     ``audio_dir`` is the input root: MP3s as ``NN/ID.mp3``, or for ``essentia96`` the ``NN/ID.npy`` files.
-    A dataset that is already prepared is kept as it is (delete its directory to rebuild it). ``chunk_frames``
-    overrides the setting's stored chunk length (20 s); the tests and the demo use short chunks to exercise
-    multi-chunk tracks cheaply.
+    ``chunk_frames`` overrides the setting's stored chunk length (20 s); the tests and the demo use short chunks
+    to exercise multi-chunk tracks cheaply. A prepared dataset is rewritten only when the tracks it would hold
+    change: a missing or unreadable file that is now there, or a failed track that ``retry_failed`` mends.
+    Raises BuildError when no training track can be prepared.
     """
     if chunk_frames is not None and chunk_frames < 1:
         raise ValueError(f"chunk_frames={chunk_frames}: need at least 1")
     features_lib.settings_for(config_name)
     duplicates_to_drop([], drop_duplicates)  # validates the policy before any work
     cache = extract.TrackCache(Path(cache_dir) if cache_dir else layout.cache_dir(data_dir, config_name))
-    if layout.is_prepared(data_dir, config_name, split_index):
-        print(f"already prepared: {layout.dataset_dir(data_dir, config_name, split_index)}")
+    directory = layout.dataset_dir(data_dir, config_name, split_index)
+    prepared = reader.load_prepared(data_dir, config_name, split_index) if layout.is_prepared(
+        data_dir, config_name, split_index) else None
+    failed = [] if prepared is None else [
+        record for record in prepared.failure_records
+        if retry_failed or (record["kind"] in extract.RELOOKED_KINDS and (Path(audio_dir) / record["path"]).exists())
+    ]
+    if prepared is not None and not failed:
+        print(f"already prepared: {directory}")
     else:
-        _extract_and_write(
-            Path(audio_dir), Path(metadata_dir), Path(data_dir), config_name, split_index, workers, cache,
-            drop_duplicates, retry_failed, progress, chunk_frames,
+        plan = _plan(
+            Path(audio_dir), Path(metadata_dir), config_name, split_index, workers, cache, drop_duplicates,
+            retry_failed, progress, chunk_frames, memory_budget_gb, tracks_per_worker,
         )
+        stored = None if prepared is None else prepared.track_ids
+        if stored == {part: tuple(track.track_id for track in tracks) for part, tracks in plan.parts.items()}:
+            print(f"already prepared, and the {len(failed)} tracks tried again still fail: {directory}")
+        else:
+            from data_prep import builder as builder_lib
+
+            if prepared is not None:
+                print(f"rebuilding {directory}: the tracks it holds have changed")
+                shutil.rmtree(directory)
+            builder_lib.write_shards(plan, data_dir, config_name, split_index)
     prepared = reader.load_prepared(data_dir, config_name, split_index)
-    directory = prepared.directory
     stored = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
     _write_tsv(directory / "failures.tsv", stored["failures"], ("track_id", "part", "path", "kind", "reason"))
     _write_tsv(
@@ -258,25 +293,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--chunk_frames", type=int, default=None,
                         help="frames per stored chunk (default: the config's, 20 s); training reads across chunks")
+    parser.add_argument("--memory_budget_gb", type=float, default=extract.DEFAULT_MEMORY_BUDGET_GB,
+                        help="bound on the workers' estimated memory; a longer track than it allows runs alone")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    summary = build_dataset(
-        args.audio_dir,
-        args.metadata_dir,
-        args.data_dir,
-        config_name=args.config,
-        split_index=args.split,
-        workers=args.workers,
-        drop_duplicates=args.drop_duplicates,
-        retry_failed=args.retry_failed,
-        delete_cache=args.delete_cache,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
-        chunk_frames=args.chunk_frames,
-    )
+    try:
+        summary = build_dataset(
+            args.audio_dir,
+            args.metadata_dir,
+            args.data_dir,
+            config_name=args.config,
+            split_index=args.split,
+            workers=args.workers,
+            drop_duplicates=args.drop_duplicates,
+            retry_failed=args.retry_failed,
+            delete_cache=args.delete_cache,
+            cache_dir=args.cache_dir,
+            progress=not args.no_progress,
+            chunk_frames=args.chunk_frames,
+            memory_budget_gb=args.memory_budget_gb,
+        )
+    except BuildError as error:
+        sys.exit(f"error: {error}")
     print(summary)
 
 

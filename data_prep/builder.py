@@ -18,6 +18,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
+import shutil
 import struct
 from typing import Iterator
 
@@ -173,6 +174,9 @@ def write_shards(plan: ShardPlan, data_dir: str | Path, config_name: str, split_
     """Writes the shards, then their record index (TFDS renames its temporary dir at the end, and the index is
     written last, atomically: a killed write just reruns, reusing complete shards)."""
     split_dir = layout.split_data_dir(data_dir, split_index)
+    # TFDS writes into `incomplete.<random>_<version>/` beside the final folder: a killed write leaves one behind.
+    for stale in layout.dataset_dir(data_dir, config_name, split_index).parent.glob("incomplete.*"):
+        shutil.rmtree(stale)
     builder = MtgJamendoMoodtheme(plan=plan, data_dir=str(split_dir), config=config_name)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)

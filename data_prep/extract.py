@@ -2,27 +2,29 @@
 
 Each track's features are written as a float16 ``.npy`` (tmp file + ``os.replace``, so a file either is
 complete or absent), then one JSON line records its outcome in the journal. A run killed at any point
-and started again skips every track with a journal record and redoes the rest. Workers return only
-small outcome records, never arrays, and at most ``workers + 1`` tracks are in flight, so memory is
-bounded by the workers' largest tracks whatever the dataset size. A worker that dies (a decoder crash,
-the OOM killer) does not end the run: the tracks it may have held are retried alone, and a track that
-kills its worker alone goes to the failures report.
+and started again skips every track with a journal record and redoes the rest (a missing or unreadable
+file is looked for again). Workers return only small outcome records, never arrays, and a track starts
+only while the estimated memory of the tracks in flight stays under a budget, so memory is bounded
+whatever the dataset and the mix of track lengths. A worker that dies (a decoder crash, the OOM killer, a
+kill) does not end the run nor hang it: the track it held is tried again alone, and a track that kills its
+worker alone goes to the failures report.
 
 This module does not import TensorFlow, so that spawned workers start fast and light.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import sys
 from pathlib import Path
-from typing import Generator, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import tqdm
@@ -178,78 +180,203 @@ def extract_track(job: TrackJob, input_root: Path, cache_root: Path, settings: f
     return Outcome(track_id=job.track_id, kind="ok", path=job.path, frames=frames, sha256=sha256)
 
 
-_WORKER_STATE: dict = {}
+# Peak memory of a worker per second of audio (hop512 from a 44.1 kHz stereo MP3: the encoded bytes, the decoded
+# float32 stereo waveform, its mono mix and padded copy, the float32 power spectrogram, the mel output and its
+# copies), measured as the growth of the peak RSS of a fresh process over one track: 1.20 MB/s for a 708-s track,
+# 1.74 MB/s for a 31-s one; 1.25 MB/s is kept above the long-track figure, plus a fixed part for short tracks.
+WORKER_BYTES_PER_SECOND = 1_250_000
+WORKER_BYTES_PER_TRACK = 32 * 2**20
+DEFAULT_MEMORY_BUDGET_GB = 8.0
+# A worker is replaced after this many tracks, so that a long-lived process cannot accumulate memory.
+DEFAULT_TRACKS_PER_WORKER = 200
+# Outcomes that a rerun can mend without --retry_failed: the file is looked for again on every run.
+RELOOKED_KINDS = frozenset({"missing", "unreadable"})
 
 
-def _init_worker(input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings) -> None:
-    """One BLAS/FFT thread per worker, so that ``workers`` = cores uses the machine without contention."""
+def job_memory(job: TrackJob) -> int:
+    """The estimated peak bytes of a worker extracting `job` (see WORKER_BYTES_PER_SECOND)."""
+    return WORKER_BYTES_PER_TRACK + int(WORKER_BYTES_PER_SECOND * job.duration)
+
+
+def _worker_main(connection, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings) -> None:
+    """A worker: one BLAS/FFT thread; extracts each job it receives and sends back its outcome, until it gets
+    None or its parent is gone (the pipe's end of file), so a killed build leaves no worker behind."""
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(limits=1)
-    _WORKER_STATE.update(input_root=input_root, cache_root=cache_root, settings=settings)
-
-
-def _extract_in_worker(job: TrackJob) -> Outcome:
-    try:
-        return extract_track(job, _WORKER_STATE["input_root"], _WORKER_STATE["cache_root"], _WORKER_STATE["settings"])
-    except Exception as error:  # noqa: BLE001  an unforeseen error costs one track, reported, not the run
-        return _failure(job, "error", f"{type(error).__name__}: {error}")
-
-
-def _executor(workers: int, input_root: Path, cache_root: Path, settings) -> concurrent.futures.ProcessPoolExecutor:
-    # spawn: the parent may hold TensorFlow's threads, which fork would copy in a broken state.
-    return concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(input_root, cache_root, settings),
-        max_tasks_per_child=500,  # returns a worker's memory after a long track, at little cost
-    )
-
-
-def _max_in_flight(workers: int) -> int:
-    """One queued job beyond the running ones keeps every worker busy; more would only hold memory."""
-    return workers + 1
-
-
-def _run_pool(
-    jobs: collections.deque[TrackJob], workers: int, input_root: Path, cache_root: Path, settings
-) -> Generator[Outcome, None, list[TrackJob]]:
-    """Yields outcomes of ``jobs`` (consumed from the left) until done or a worker dies; returns the jobs
-    that were in flight when it died (the suspects), for the caller to run one by one."""
-    in_flight: dict[concurrent.futures.Future, TrackJob] = {}
-    with _executor(workers, input_root, cache_root, settings) as pool:
-        while jobs or in_flight:
-            while jobs and len(in_flight) < _max_in_flight(workers):
-                job = jobs.popleft()
-                in_flight[pool.submit(_extract_in_worker, job)] = job
-            done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                job = in_flight.pop(future)
-                try:
-                    yield future.result()
-                except concurrent.futures.process.BrokenProcessPool:
-                    return [job, *in_flight.values()]
-    return []
-
-
-def _isolated_outcome(job: TrackJob, input_root: Path, cache_root: Path, settings) -> Outcome:
-    """Runs one suspect job alone in a fresh worker: if that worker dies too, the track is at fault."""
-    with _executor(1, input_root, cache_root, settings) as pool:
+    while True:
         try:
-            return pool.submit(_extract_in_worker, job).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            return _failure(job, "worker_crash", "the extracting process died (decoder crash or out of memory)")
+            job = connection.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        try:
+            outcome = extract_track(job, input_root, cache_root, settings)
+        except Exception as error:  # noqa: BLE001  an unforeseen error costs one track, reported, not the run
+            outcome = _failure(job, "error", f"{type(error).__name__}: {error}")
+        connection.send(outcome)
 
 
-def _outcomes(jobs: list[TrackJob], workers: int, input_root: Path, cache_root: Path, settings) -> Iterator[Outcome]:
-    queue = collections.deque(jobs)
-    while queue:
-        suspects = yield from _run_pool(queue, workers, input_root, cache_root, settings)
-        if suspects:
-            print(f"a worker died; retrying {len(suspects)} tracks one by one", file=sys.stderr)
-        for job in suspects:
-            yield _isolated_outcome(job, input_root, cache_root, settings)
+@dataclasses.dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    connection: multiprocessing.connection.Connection
+    job: TrackJob | None = None  # the track it holds, if any
+    done: int = 0  # tracks it has finished
+
+
+class _Pool:
+    """Worker processes that the parent drives one job at a time, each over its own pipe.
+
+    The parent always knows which track each worker holds, waits on the workers' pipes and process sentinels
+    together, and never waits for a worker that may hang: a dead worker is noticed at once and replaced, a
+    retiring one is asked to stop and killed if it does not. (concurrent.futures' pool can hang for good when a
+    worker dies or retires; see docs/architecture.md, "Prepared data".)
+    """
+
+    def __init__(self, size: int, input_root: Path, cache_root: Path, settings, tracks_per_worker: int):
+        self._context = multiprocessing.get_context("spawn")  # the parent may hold threads that fork would copy
+        self._args = (input_root, cache_root, settings)
+        self._tracks_per_worker = tracks_per_worker
+        self.workers = [self._start() for _ in range(size)]
+
+    def _start(self) -> _Worker:
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(target=_worker_main, args=(child_end, *self._args), daemon=True)
+        process.start()
+        child_end.close()
+        return _Worker(process, parent_end)
+
+    def replace(self, worker: _Worker) -> None:
+        """Stops a worker (killing it if it does not stop at once) and starts a fresh one in its place."""
+        try:
+            worker.connection.send(None)
+        except OSError:
+            pass
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.connection.close()
+        self.workers[self.workers.index(worker)] = self._start()
+
+    def submit(self, worker: _Worker, job: TrackJob) -> bool:
+        """Hands `job` to an idle worker; False if the worker turned out to be dead."""
+        worker.job = job
+        try:
+            worker.connection.send(job)
+        except OSError:
+            return False
+        return True
+
+    def wait(self) -> tuple[list[tuple[TrackJob, Outcome]], list[_Worker]]:
+        """Blocks until a busy worker answers or any worker dies: (finished (job, outcome) pairs, dead workers).
+
+        A dead worker's `job` is the track it held (None if it held none). Finished workers are free again, and
+        replaced here once they have done their share of tracks.
+        """
+        busy = [worker for worker in self.workers if worker.job is not None]
+        ready = set(multiprocessing.connection.wait([w.connection for w in busy] +
+                                                    [w.process.sentinel for w in self.workers]))
+        finished, dead = [], []
+        for worker in list(self.workers):
+            if worker.job is not None and worker.connection in ready:
+                try:
+                    outcome = worker.connection.recv()
+                except (EOFError, OSError):
+                    dead.append(worker)
+                    continue
+                finished.append((worker.job, outcome))
+                worker.job, worker.done = None, worker.done + 1
+                if worker.done >= self._tracks_per_worker:
+                    self.replace(worker)
+            elif worker.process.sentinel in ready:
+                dead.append(worker)
+        return finished, dead
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.process.kill()
+            worker.process.join()
+            worker.connection.close()
+
+
+class _Schedule:
+    """Which pending track to start next: the longest whose estimated memory fits the budget beside the tracks in
+    flight, or the longest of all when none is in flight (so that one larger than the budget runs, alone). Long
+    tracks start early, which keeps every worker busy to the end, but never more of them than the budget holds."""
+
+    def __init__(self, jobs: Iterable[TrackJob], memory_budget: int):
+        self._jobs = sorted(jobs, key=lambda job: (job_memory(job), job.track_id))
+        self._memory = [job_memory(job) for job in self._jobs]
+        self.memory_budget = memory_budget
+        self.in_flight = 0  # estimated bytes of the tracks being extracted
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def take(self) -> TrackJob | None:
+        if not self._jobs:
+            return None
+        if self.in_flight:
+            index = bisect.bisect_right(self._memory, self.memory_budget - self.in_flight) - 1
+            if index < 0:
+                return None
+        else:
+            index = len(self._jobs) - 1
+        self._memory.pop(index)
+        job = self._jobs.pop(index)
+        self.in_flight += job_memory(job)
+        return job
+
+    def finished(self, job: TrackJob) -> None:
+        self.in_flight -= job_memory(job)
+
+
+def _outcomes(jobs: list[TrackJob], workers: int, input_root: Path, cache_root: Path, settings,
+              memory_budget: int, tracks_per_worker: int) -> Iterator[Outcome]:
+    """Outcomes of `jobs` in completion order. A track whose worker dies is tried once more alone (no other track
+    in flight, in a fresh worker); if that worker dies too, the track is reported as `worker_crash`."""
+    schedule = _Schedule(jobs, memory_budget)
+    suspects: collections.deque[TrackJob] = collections.deque()
+    retried: set[str] = set()
+    pool = _Pool(min(workers, len(jobs)), input_root, cache_root, settings, tracks_per_worker)
+    try:
+        while len(schedule) or suspects or any(worker.job for worker in pool.workers):
+            for worker in pool.workers:
+                if worker.job is not None:
+                    continue
+                alone = not any(w.job for w in pool.workers)
+                if suspects:
+                    job = suspects.popleft() if alone else None
+                    schedule.in_flight += job_memory(job) if job else 0
+                elif any(w.job and w.job.track_id in retried for w in pool.workers):
+                    job = None  # a suspect runs alone
+                else:
+                    job = schedule.take()
+                if job is None:
+                    break
+                if not pool.submit(worker, job):
+                    break  # its death is noticed by wait()
+            finished, dead = pool.wait()
+            for job, outcome in finished:
+                schedule.finished(job)
+                yield outcome
+            for worker in dead:
+                job = worker.job
+                pool.replace(worker)
+                if job is None:
+                    continue
+                schedule.finished(job)
+                if job.track_id in retried:
+                    yield _failure(job, "worker_crash", "the extracting process died (decoder crash or out of memory)")
+                else:
+                    print(f"a worker died holding {job.track_id}; trying it again alone", file=sys.stderr)
+                    retried.add(job.track_id)
+                    suspects.append(job)
+    finally:
+        pool.close()
 
 
 def extract_all(
@@ -261,16 +388,26 @@ def extract_all(
     *,
     retry_failed: bool = False,
     progress: bool = True,
+    memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+    tracks_per_worker: int = DEFAULT_TRACKS_PER_WORKER,
 ) -> dict[str, Outcome]:
-    """Outcome of every job, extracting only the tracks without a journal record (or failed ones, if asked)."""
+    """Outcome of every job, extracting the tracks without a journal record, those whose file was missing or
+    unreadable last time (looked for again on every run), and failed ones if asked.
+
+    Workers' memory stays under `memory_budget_gb` by the tracks' estimated needs (`job_memory`), except for a
+    single track larger than the budget, which runs alone.
+    """
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
+    if memory_budget_gb <= 0 or tracks_per_worker < 1:
+        raise ValueError(f"memory_budget_gb={memory_budget_gb} and tracks_per_worker={tracks_per_worker} must be "
+                         "positive")
     jobs = list(jobs)
     cache.claim(settings)
     cache.tidy()
     done = cache.read_journal()
-    todo = [job for job in jobs if job.track_id not in done or (retry_failed and not done[job.track_id].ok)]
-    todo.sort(key=lambda job: -job.duration)  # long tracks first: the last worker finishes soon after the others
+    todo = [job for job in jobs if job.track_id not in done or done[job.track_id].kind in RELOOKED_KINDS
+            or (retry_failed and not done[job.track_id].ok)]
     bar = tqdm.tqdm(
         total=round(sum(job.duration for job in todo)),
         unit="s",
@@ -281,7 +418,8 @@ def extract_all(
     durations = {job.track_id: job.duration for job in todo}
     failed = 0
     with bar:
-        for outcome in _outcomes(todo, workers, Path(input_root), cache.root, settings):
+        for outcome in _outcomes(todo, workers, Path(input_root), cache.root, settings,
+                                 int(memory_budget_gb * 2**30), tracks_per_worker):
             cache.append(outcome)
             done[outcome.track_id] = outcome
             failed += not outcome.ok
