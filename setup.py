@@ -37,9 +37,17 @@ setuptools.setup(
     extras_require={
         # Only needed to read the authors' .pth files; the importer itself works on numpy arrays.
         "torch": ["torch>=2.1"],
+        # NVIDIA GPUs: jax's CUDA 12 wheels (CUDA and cuDNN come as pip packages; NVIDIA driver >= 525), or its
+        # CUDA 13 wheels for a newer driver (`pip install -e '.[cuda13]'`).
+        "cuda": ["jax[cuda12]>=0.4.30"],
+        "cuda13": ["jax[cuda13]>=0.10"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            # Execute notebooks/ top to bottom in a real kernel (tests/test_notebook.py).
+            "nbclient>=0.9",
+            "nbformat>=5.9",
+            "ipykernel>=6.25",
             # Capped so that a CPU-only machine takes its local CPU wheel instead of the newest CUDA build.
             "torch>=2.1,<2.14",
         ],

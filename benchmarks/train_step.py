@@ -1,15 +1,22 @@
 """Training throughput of one optimiser step: emorf_jax's pmapped train step against the authors' PyTorch CP-ResNet.
 
     python -m benchmarks.train_step --size small
-    python -m benchmarks.train_step --size paper --steps 2 --warmup 1 --repeats 3
+    python -m benchmarks.train_step --size paper --batch_size 8,16 --convs fast,xla --steps 2 --warmup 1 --repeats 3
+    python -m benchmarks.train_step --device gpu --batch_size 64 --half_precision --frameworks jax
+    python -m benchmarks.train_step --quick      # tiny sizes, for CI: the script cannot rot
 
-Both sides run a full step of the FA CP-ResNet (ρ=5) in float32 on the same batch shape: forward, backward,
-Adam update and BatchNorm update (emorf_jax's step also updates its SWA average; mixup is off). emorf_jax is timed
-through `train.train_step` under `jax.pmap(axis_name="batch")` on one device, compiled ahead of time so that compile
-seconds are reported apart; PyTorch is `tests/torch_reference.TorchCPResNet` (the authors' architecture) with
+Both sides run a full step of the FA CP-ResNet (ρ=5) on the same batch shape: forward, backward, Adam update and
+BatchNorm update (emorf_jax's step also updates its SWA average; mixup is off). emorf_jax is timed through
+`train.train_step` under `jax.pmap(axis_name="batch")` on one device, compiled ahead of time so that compile seconds
+are reported apart, with the model built the default way (`--convs fast`: on CPU, convolution gradients as matrix
+products, models/conv.py) and/or with XLA's own convolutions (`--convs xla`, the earlier code); on a GPU both are
+XLA's. PyTorch is `tests/torch_reference.TorchCPResNet` (the authors' architecture) in float32 with
 `torch.optim.Adam` and `BCEWithLogitsLoss` in train mode, on as many threads as this process may use (XLA's CPU
-thread pool uses them all). Repetitions of both frameworks alternate, so that the load of a shared machine falls on
-both alike; the medians are reported. Run it from the repository root as a module (it imports `tests`).
+thread pool uses them all). Repetitions of all contenders alternate, so that the load of a shared machine falls on
+all alike; the medians are reported, per step and per example, with the ratio of each emorf_jax contender's
+examples/s to PyTorch's. emorf_jax's FLOPs per step come from XLA's cost analysis of the compiled step; the model
+FLOP utilisation (MFU) is printed where the device's peak is known (`PEAK_TFLOPS`). Run it from the repository
+root as a module (it imports `tests`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,11 @@ NUM_TAGS = 56
 RHO = 5
 LEARNING_RATE = 1e-4
 # (mel bins, frames): the paper's input (256 mels, ~5 s at hop 512) and a small one for a quick run.
-SIZES = {"paper": (256, 431), "small": (64, 128)}
+SIZES = {"paper": (256, 431), "small": (64, 128), "tiny": (32, 48)}
+# The vendors' dense (no sparsity) peaks in TFLOP/s, (bfloat16 tensor cores, float32 without tensor cores), matched
+# against `jax.Device.device_kind`. XLA runs float32 matrix products on TF32 tensor cores by default on these GPUs,
+# so a float32 MFU against the plain float32 peak can exceed 100 %.
+PEAK_TFLOPS = {"H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,8 @@ class Contender:
     prepare_seconds: float  # JAX: lowering and compiling; PyTorch: nothing to compile (0)
     warmup_seconds: float
     run: Callable[[int], None]
+    flops_per_step: float | None = None  # XLA's cost analysis of the compiled step (JAX only)
+    peak_flops: float | None = None  # the device's peak at the step's compute dtype, where known
 
 
 def random_batch(setup: Setup, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +85,27 @@ def timed(function: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def jax_contender(setup: Setup, warmup: int) -> Contender:
-    """emorf_jax's real pmapped train step (SWA on, mixup off) on the first device of the chosen platform."""
+def peak_flops(device_kind: str, half_precision: bool) -> float | None:
+    """The vendor's dense peak FLOP/s of a device at the compute dtype, or None where `PEAK_TFLOPS` lacks it."""
+    for name, (bfloat16, float32) in PEAK_TFLOPS.items():
+        if name in device_kind:
+            return (bfloat16 if half_precision else float32) * 1e12
+    return None
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled computation by XLA's cost analysis (a dict, or a list of them in older
+    JAX), or None where the backend gives none."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision: bool = False) -> Contender:
+    """emorf_jax's real pmapped train step (SWA on, mixup off) on the first device of the chosen platform, with the
+    model's default convolutions (`convs="fast"`) or XLA's own (`"xla"`)."""
     import jax
     from flax import jax_utils
     import optax
@@ -83,7 +115,8 @@ def jax_contender(setup: Setup, warmup: int) -> Contender:
     device = jax.devices()[0]
     fields = {"num_classes": NUM_TAGS, "rho": RHO, "base_channels": setup.base_channels,
               "frequency_aware": True, "shake_shake": False}
-    model = train.create_model(fields, axis_name="batch")
+    model = train.create_model(fields, half_precision=half_precision, axis_name="batch").clone(
+        fast_cpu_conv=convs == "fast")
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = optax.adam(schedule)
     averaging = weight_averaging.AveragingSchedule("swa", start_step=1, every_steps=1)
@@ -112,7 +145,10 @@ def jax_contender(setup: Setup, warmup: int) -> Contender:
         jax.block_until_ready((replicated, metrics))
 
     warmup_seconds = timed(lambda: run(warmup))
-    return Contender("emorf_jax", device.platform, compile_seconds, warmup_seconds, run)
+    name = "emorf_jax" if convs == "fast" else "emorf_jax (XLA convs)"
+    dtype = "bfloat16" if half_precision else "float32"
+    return Contender(name, f"{device.platform} {dtype}", compile_seconds, warmup_seconds, run,
+                     compiled_flops(step), peak_flops(device.device_kind, half_precision))
 
 
 def torch_device(requested: str) -> str:
@@ -151,8 +187,8 @@ def torch_contender(setup: Setup, warmup: int, threads: int, device_type: str) -
             torch.cuda.synchronize()
 
     warmup_seconds = timed(lambda: run(warmup))
-    return Contender("pytorch", f"{device.type} ({threads} threads)" if device.type == "cpu" else device.type,
-                     0.0, warmup_seconds, run)
+    where = f"{device.type} ({threads} threads)" if device.type == "cpu" else device.type
+    return Contender("pytorch", f"{where} float32", 0.0, warmup_seconds, run)
 
 
 def measure(contenders: list[Contender], steps: int, repeats: int) -> dict[str, list[float]]:
@@ -169,6 +205,7 @@ def summarise(setup: Setup, contenders: list[Contender], seconds: dict[str, list
     for contender in contenders:
         per_step = seconds[contender.framework]
         median = statistics.median(per_step)
+        flops = contender.flops_per_step
         rows.append({
             "framework": contender.framework, "device": contender.device, "input": setup.input_label,
             "batch": setup.batch_size, "base_channels": setup.base_channels,
@@ -176,29 +213,31 @@ def summarise(setup: Setup, contenders: list[Contender], seconds: dict[str, list
             "warmup_seconds": round(contender.warmup_seconds, 2),
             "steps_per_second": round(1 / median, 4),
             "examples_per_second": round(setup.batch_size / median, 3),
+            "ms_per_example": round(median / setup.batch_size * 1e3, 2),
             "seconds_per_step_each_repeat": [round(s, 4) for s in per_step],
+            "gflops_per_step": float(f"{flops / 1e9:.4g}") if flops else None,
+            "achieved_tflops": round(flops / median / 1e12, 3) if flops else None,
+            "mfu": round(flops / median / contender.peak_flops, 4) if flops and contender.peak_flops else None,
         })
+    torch_rate = next((row["examples_per_second"] for row in rows if row["framework"] == "pytorch"), None)
+    for row in rows:
+        row["over_pytorch"] = round(row["examples_per_second"] / torch_rate, 3) if torch_rate else None
     return rows
 
 
-def jax_over_torch(rows: list[dict]) -> float | None:
-    by_framework = {row["framework"]: row["examples_per_second"] for row in rows}
-    if {"emorf_jax", "pytorch"} <= by_framework.keys():
-        return round(by_framework["emorf_jax"] / by_framework["pytorch"], 3)
-    return None
-
-
-def format_table(rows: list[dict], ratio: float | None) -> str:
-    header = ("framework", "device", "input", "batch", "compile s", "warmup s", "steps/s", "examples/s",
-              "s/step per repeat")
+def format_table(rows: list[dict]) -> str:
+    header = ("framework", "device", "input", "batch", "compile s", "warmup s", "s/step per repeat", "examples/s",
+              "ms/example", "/ pytorch", "GFLOP/step", "TFLOP/s", "MFU")
     lines = [[row["framework"], row["device"], row["input"], str(row["batch"]), f"{row['compile_seconds']:.1f}",
-              f"{row['warmup_seconds']:.1f}", f"{row['steps_per_second']:.3f}", f"{row['examples_per_second']:.2f}",
-              " ".join(f"{s:.3f}" for s in row["seconds_per_step_each_repeat"])] for row in rows]
+              f"{row['warmup_seconds']:.1f}", " ".join(f"{s:.3f}" for s in row["seconds_per_step_each_repeat"]),
+              f"{row['examples_per_second']:.2f}", f"{row['ms_per_example']:.1f}",
+              "-" if row["over_pytorch"] is None else f"{row['over_pytorch']:.2f}",
+              "-" if row["gflops_per_step"] is None else f"{row['gflops_per_step']:.4g}",
+              "-" if row["achieved_tflops"] is None else f"{row['achieved_tflops']:.3f}",
+              "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"] for row in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in (header, *lines)]
-    if ratio is not None:
-        text.append(f"examples/s ratio emorf_jax / pytorch: {ratio:.2f}")
-    return "\n".join(text)
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in (header, *lines))
 
 
 def select_jax_platform(device: str) -> None:
@@ -220,17 +259,34 @@ def usable_cores() -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="paper: 256 mel bins x 431 frames; small: 64 x 128")
-    parser.add_argument("--batch_size", type=int, default=16)
+                        help="paper: 256 mel bins x 431 frames; small: 64 x 128; tiny: 32 x 48")
+    parser.add_argument("--batch_size", default="16", help="a batch size, or several comma-separated (8,16)")
     parser.add_argument("--base_channels", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--frameworks", default="jax,torch", help="comma-separated subset of jax,torch")
+    parser.add_argument("--convs", default="fast",
+                        help="emorf_jax's convolutions, comma-separated: fast (the default model), xla (XLA's own)")
+    parser.add_argument("--half_precision", action="store_true",
+                        help="emorf_jax in bfloat16 compute with float32 parameters (PyTorch stays float32)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one step, for CI")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "base_channels", "steps", "repeats"):
+    if args.quick:
+        args.size, args.batch_size, args.base_channels = "tiny", "4", 8
+        args.steps, args.warmup, args.repeats = 1, 1, 1
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_size.split(",")]
+    except ValueError:
+        parser.error(f"--batch_size takes comma-separated integers, got {args.batch_size!r}")
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    args.convs = args.convs.split(",")
+    if not args.convs or set(args.convs) - {"fast", "xla"}:
+        parser.error(f"--convs takes fast and/or xla, got {','.join(args.convs)!r}")
+    for name in ("base_channels", "steps", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -243,33 +299,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def versions() -> dict[str, str]:
+    import jax
+    import jaxlib
+
+    found = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    try:
+        import torch
+        found["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return found
+
+
 def main(argv: list[str] | None = None) -> None:
+    import jax
+
     args = parse_args(argv)
     mel_bins, frames = SIZES[args.size]
-    setup = Setup(mel_bins, frames, args.batch_size, args.base_channels)
     select_jax_platform(args.device)
     torch_device_type = torch_device(args.device) if "torch" in args.frameworks else None
     threads = usable_cores()
     load_before = os.getloadavg()
-    contenders = []
-    if "jax" in args.frameworks:
-        contenders.append(jax_contender(setup, args.warmup))
-    if "torch" in args.frameworks:
-        contenders.append(torch_contender(setup, args.warmup, threads, torch_device_type))
-    seconds = measure(contenders, args.steps, args.repeats)
-    rows = summarise(setup, contenders, seconds)
-    ratio = jax_over_torch(rows)
+    rows = []
+    for batch_size in args.batch_sizes:
+        setup = Setup(mel_bins, frames, batch_size, args.base_channels)
+        contenders = []
+        if "jax" in args.frameworks:
+            contenders += [jax_contender(setup, args.warmup, convs, args.half_precision) for convs in args.convs]
+        if "torch" in args.frameworks:
+            contenders.append(torch_contender(setup, args.warmup, threads, torch_device_type))
+        rows += summarise(setup, contenders, measure(contenders, args.steps, args.repeats))
+        del contenders  # free this batch size's states before the next
+        if not args.json and batch_size != args.batch_sizes[-1]:
+            print(format_table(rows), flush=True)  # so far, in case a long run is stopped
     context = {"command": " ".join(["python -m benchmarks.train_step", *(argv or sys.argv[1:])]),
                "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "cores": threads,
+               "device_kind": jax.devices()[0].device_kind, "versions": versions(),
                "load_average_before": [round(x, 2) for x in load_before],
                "load_average_after": [round(x, 2) for x in os.getloadavg()],
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if args.json:
-        print(json.dumps({"context": context, "results": rows, "jax_over_torch": ratio}, indent=2))
+        print(json.dumps({"context": context, "results": rows}, indent=2))
     else:
-        print(format_table(rows, ratio))
-        print(f"load average before {context['load_average_before']}, after {context['load_average_after']}; "
-              f"{threads} cores; median of {args.repeats} x {args.steps} steps")
+        print(format_table(rows))
+        print(f"{context['device_kind']}; load average before {context['load_average_before']}, after "
+              f"{context['load_average_after']}; {threads} cores; median of {args.repeats} x {args.steps} steps; "
+              + ", ".join(f"{k} {v}" for k, v in context["versions"].items()))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.num_classes = 56  # must equal the prepared dataset's tag count
 
     config.model = ml_collections.ConfigDict()
+    config.model.name = "cp_resnet"  # emorf_jax/models/registry.py; the baselines' configs replace `model` whole
     config.model.rho = 5  # the authors' default ρ
     config.model.max_rf = 0  # > 0: use the largest-RF ρ whose published RF is not above this, instead of `rho`
     config.model.base_channels = 128
@@ -86,6 +87,23 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     if variant:
         _apply_variant(config, variant)
     return config
+
+
+def set_model(config: ml_collections.ConfigDict, variant: str | None, name: str, widths: dict[str | None, int],
+              **fields) -> None:
+    """Replaces the CP-ResNet fields by another registered model's (emorf_jax/models/registry.py): its name, its
+    `base_channels` for this variant (`widths[None]` is the paper's, "demo" and "test" smaller) and `fields`."""
+    config.model = ml_collections.ConfigDict({"name": name, "base_channels": widths[variant or None], **fields})
+
+
+def use_hop1536(config: ml_collections.ConfigDict) -> None:
+    """Trains on the hop-1536 features (CRNN, ResNet-34) for the same SECONDS as every other row: every frame
+    count of the config is divided by 3. UNVERIFIED: the paper does not give these rows' crop or window."""
+    config.dataset.config_name = "hop1536"
+    config.dataset.chunk_frames = round(config.dataset.chunk_frames / 3)  # 0 stays 0: the setting's 20 s
+    config.input.crop_frames = round(config.input.crop_frames / 3)
+    config.input.max_time_shift = round(config.input.max_time_shift / 3)
+    config.input.eval_window_frames = round(config.input.eval_window_frames / 3)
 
 
 def _apply_variant(config: ml_collections.ConfigDict, variant: str) -> None:

@@ -157,6 +157,7 @@ def _plan(
     chunk_frames: int | None,
     memory_budget_gb: float,
     tracks_per_worker: int,
+    resample: bool,
 ):
     """Stage 1 (features into the cache), then what stage 2 is to write (a ``builder.ShardPlan``)."""
     settings = features_lib.settings_for(config_name)
@@ -169,7 +170,7 @@ def _plan(
     ]
     outcomes = extract.extract_all(
         jobs, audio_dir, cache, settings, workers, retry_failed=retry_failed, progress=progress,
-        memory_budget_gb=memory_budget_gb, tracks_per_worker=tracks_per_worker,
+        memory_budget_gb=memory_budget_gb, tracks_per_worker=tracks_per_worker, resample=resample,
     )
     groups = duplicate_groups(parts, outcomes)
     dropped = duplicates_to_drop(groups, drop_duplicates)
@@ -221,6 +222,7 @@ def build_dataset(
     chunk_frames: int | None = None,
     memory_budget_gb: float = extract.DEFAULT_MEMORY_BUDGET_GB,
     tracks_per_worker: int = extract.DEFAULT_TRACKS_PER_WORKER,
+    resample: bool = False,
 ) -> BuildSummary:
     """Extracts features (resuming from the cache) and writes the shards of one config and split.
 
@@ -228,6 +230,8 @@ def build_dataset(
     ``chunk_frames`` overrides the setting's stored chunk length (20 s); the tests and the demo use short chunks
     to exercise multi-chunk tracks cheaply. A prepared dataset is rewritten only when the tracks it would hold
     change: a missing or unreadable file that is now there, or a failed track that ``retry_failed`` mends.
+    ``resample``: a file at another sample rate or with more channels is resampled and mixed down (as the tagger
+    does) instead of failing; off by default, so that odd files in the dataset are reported.
     Raises BuildError when no training track can be prepared.
     """
     if chunk_frames is not None and chunk_frames < 1:
@@ -241,13 +245,14 @@ def build_dataset(
     failed = [] if prepared is None else [
         record for record in prepared.failure_records
         if retry_failed or (record["kind"] in extract.RELOOKED_KINDS and (Path(audio_dir) / record["path"]).exists())
+        or (resample and record["kind"] in extract.RESAMPLED_KINDS)
     ]
     if prepared is not None and not failed:
         print(f"already prepared: {directory}")
     else:
         plan = _plan(
             Path(audio_dir), Path(metadata_dir), config_name, split_index, workers, cache, drop_duplicates,
-            retry_failed, progress, chunk_frames, memory_budget_gb, tracks_per_worker,
+            retry_failed, progress, chunk_frames, memory_budget_gb, tracks_per_worker, resample,
         )
         stored = None if prepared is None else prepared.track_ids
         if stored == {part: tuple(track.track_id for track in tracks) for part, tracks in plan.parts.items()}:
@@ -258,7 +263,7 @@ def build_dataset(
             if prepared is not None:
                 print(f"rebuilding {directory}: the tracks it holds have changed")
                 shutil.rmtree(directory)
-            builder_lib.write_shards(plan, data_dir, config_name, split_index)
+            builder_lib.write_shards(plan, data_dir, config_name, split_index, progress)
     prepared = reader.load_prepared(data_dir, config_name, split_index)
     stored = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
     _write_tsv(directory / "failures.tsv", stored["failures"], ("track_id", "part", "path", "kind", "reason"))
@@ -288,6 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drop_duplicates", default="none", choices=DUPLICATE_POLICIES,
                         help="byte-identical files: report only, keep one copy (test > validation > train), drop all")
     parser.add_argument("--retry_failed", action="store_true", help="extract failed tracks again")
+    parser.add_argument("--resample", action="store_true",
+                        help="resample other sample rates and mix down other channel counts instead of failing them")
     parser.add_argument("--delete_cache", action="store_true", help="delete the feature cache after the build")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default DATA_DIR/cache/CONFIG)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -315,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=not args.no_progress,
             chunk_frames=args.chunk_frames,
             memory_budget_gb=args.memory_budget_gb,
+            resample=args.resample,
         )
     except BuildError as error:
         sys.exit(f"error: {error}")

@@ -23,15 +23,22 @@ import struct
 from typing import Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
-from tensorflow.core.example import example_pb2
-from tensorflow_datasets.core import writer as tfds_writer
 
-from data_prep import extract
-from data_prep import features as features_lib
-from data_prep import layout
-from data_prep import metadata as metadata_lib
-from data_prep.reader import PARTS
+# TensorFlow only serialises records here: keep its C++ start-up chatter out of the build's log (its oneDNN notice
+# ignores TF_CPP_MIN_LOG_LEVEL; oneDNN only speeds up TensorFlow's own ops, and none computes our features).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import tensorflow_datasets as tfds  # noqa: E402
+from tensorflow.core.example import example_pb2  # noqa: E402
+from tensorflow_datasets.core import writer as tfds_writer  # noqa: E402
+import tqdm  # noqa: E402
+
+from data_prep import extract  # noqa: E402
+from data_prep import features as features_lib  # noqa: E402
+from data_prep import layout  # noqa: E402
+from data_prep import metadata as metadata_lib  # noqa: E402
+from data_prep.reader import PARTS  # noqa: E402
 
 # A TFRecord is: uint64 length, uint32 masked CRC of the length, the data, uint32 masked CRC of the data.
 _RECORD_HEADER = 12
@@ -103,8 +110,9 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
         for name in features_lib.CONFIGS
     ]
 
-    def __init__(self, *, plan: ShardPlan, **kwargs) -> None:
+    def __init__(self, *, plan: ShardPlan, progress: bool = False, **kwargs) -> None:
         self._plan = plan
+        self._progress = progress
         super().__init__(**kwargs)
 
     @property
@@ -139,6 +147,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # the inputs are the cached features
         train = self._plan.parts["train"]
+        train = tqdm.tqdm(train, desc="normalisation statistics", unit="track", disable=not self._progress)
         mean, std, frames = frame_statistics(self._plan.cache.load(track.track_id) for track in train)
         self.info.metadata.update(
             tags=list(self._plan.tags),
@@ -150,6 +159,12 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
             **self._plan.extra_metadata,
         )
         return {part: self._generate_examples(part) for part in PARTS}
+
+    def _log_download_bytes(self) -> None:
+        """TFDS announces the size of a download here; a local build downloads nothing ("Unknown size")."""
+
+    def _log_download_done(self) -> None:
+        """The build ends with its own summary of what it wrote."""
 
     def _generate_examples(self, part: str):
         chunk_frames = self._settings.chunk_frames
@@ -170,14 +185,17 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
                 }
 
 
-def write_shards(plan: ShardPlan, data_dir: str | Path, config_name: str, split_index: int) -> Path:
+def write_shards(plan: ShardPlan, data_dir: str | Path, config_name: str, split_index: int,
+                 progress: bool = False) -> Path:
     """Writes the shards, then their record index (TFDS renames its temporary dir at the end, and the index is
-    written last, atomically: a killed write just reruns, reusing complete shards)."""
+    written last, atomically: a killed write just reruns, reusing complete shards). `progress`: the bars of the
+    statistics pass and of TFDS's generation and writing passes."""
     split_dir = layout.split_data_dir(data_dir, split_index)
     # TFDS writes into `incomplete.<random>_<version>/` beside the final folder: a killed write leaves one behind.
     for stale in layout.dataset_dir(data_dir, config_name, split_index).parent.glob("incomplete.*"):
         shutil.rmtree(stale)
-    builder = MtgJamendoMoodtheme(plan=plan, data_dir=str(split_dir), config=config_name)
+    tfds.display_progress_bar(progress)
+    builder = MtgJamendoMoodtheme(plan=plan, progress=progress, data_dir=str(split_dir), config=config_name)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     )

@@ -149,8 +149,10 @@ def _write_atomically(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def extract_track(job: TrackJob, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings) -> Outcome:
-    """Computes and caches one track's features; every problem becomes a failure outcome, not an error."""
+def extract_track(job: TrackJob, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings,
+                  resample: bool = False) -> Outcome:
+    """Computes and caches one track's features; every problem becomes a failure outcome, not an error.
+    `resample`: other sample rates and channel counts are resampled and mixed down instead of failing."""
     source = Path(input_root) / job.path
     try:
         data = source.read_bytes()
@@ -160,7 +162,7 @@ def extract_track(job: TrackJob, input_root: Path, cache_root: Path, settings: f
         return _failure(job, "unreadable", f"cannot read {source}: {error}")
     sha256 = hashlib.sha256(data).hexdigest()
     try:
-        values = features_lib.track_features(data, job.path, settings)
+        values = features_lib.track_features(data, job.path, settings, resample=resample)
     except features_lib.AudioError as error:  # its message names the file
         return _failure(job, _failure_kind(str(error)), str(error), sha256)
     except ValueError as error:
@@ -191,6 +193,8 @@ DEFAULT_MEMORY_BUDGET_GB = 8.0
 DEFAULT_TRACKS_PER_WORKER = 200
 # Outcomes that a rerun can mend without --retry_failed: the file is looked for again on every run.
 RELOOKED_KINDS = frozenset({"missing", "unreadable"})
+# Outcomes that a run with resampling mends: it extracts them again.
+RESAMPLED_KINDS = frozenset({"sample_rate", "channels"})
 
 
 def job_memory(job: TrackJob) -> int:
@@ -198,7 +202,8 @@ def job_memory(job: TrackJob) -> int:
     return WORKER_BYTES_PER_TRACK + int(WORKER_BYTES_PER_SECOND * job.duration)
 
 
-def _worker_main(connection, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings) -> None:
+def _worker_main(connection, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings,
+                 resample: bool) -> None:
     """A worker: one BLAS/FFT thread; extracts each job it receives and sends back its outcome, until it gets
     None or its parent is gone (the pipe's end of file), so a killed build leaves no worker behind."""
     import threadpoolctl
@@ -212,7 +217,7 @@ def _worker_main(connection, input_root: Path, cache_root: Path, settings: featu
         if job is None:
             return
         try:
-            outcome = extract_track(job, input_root, cache_root, settings)
+            outcome = extract_track(job, input_root, cache_root, settings, resample)
         except Exception as error:  # noqa: BLE001  an unforeseen error costs one track, reported, not the run
             outcome = _failure(job, "error", f"{type(error).__name__}: {error}")
         connection.send(outcome)
@@ -235,9 +240,10 @@ class _Pool:
     worker dies or retires; see docs/architecture.md, "Prepared data".)
     """
 
-    def __init__(self, size: int, input_root: Path, cache_root: Path, settings, tracks_per_worker: int):
+    def __init__(self, size: int, input_root: Path, cache_root: Path, settings, tracks_per_worker: int,
+                 resample: bool):
         self._context = multiprocessing.get_context("spawn")  # the parent may hold threads that fork would copy
-        self._args = (input_root, cache_root, settings)
+        self._args = (input_root, cache_root, settings, resample)
         self._tracks_per_worker = tracks_per_worker
         self.workers = [self._start() for _ in range(size)]
 
@@ -335,13 +341,13 @@ class _Schedule:
 
 
 def _outcomes(jobs: list[TrackJob], workers: int, input_root: Path, cache_root: Path, settings,
-              memory_budget: int, tracks_per_worker: int) -> Iterator[Outcome]:
+              memory_budget: int, tracks_per_worker: int, resample: bool) -> Iterator[Outcome]:
     """Outcomes of `jobs` in completion order. A track whose worker dies is tried once more alone (no other track
     in flight, in a fresh worker); if that worker dies too, the track is reported as `worker_crash`."""
     schedule = _Schedule(jobs, memory_budget)
     suspects: collections.deque[TrackJob] = collections.deque()
     retried: set[str] = set()
-    pool = _Pool(min(workers, len(jobs)), input_root, cache_root, settings, tracks_per_worker)
+    pool = _Pool(min(workers, len(jobs)), input_root, cache_root, settings, tracks_per_worker, resample)
     try:
         while len(schedule) or suspects or any(worker.job for worker in pool.workers):
             for worker in pool.workers:
@@ -390,9 +396,11 @@ def extract_all(
     progress: bool = True,
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     tracks_per_worker: int = DEFAULT_TRACKS_PER_WORKER,
+    resample: bool = False,
 ) -> dict[str, Outcome]:
     """Outcome of every job, extracting the tracks without a journal record, those whose file was missing or
-    unreadable last time (looked for again on every run), and failed ones if asked.
+    unreadable last time (looked for again on every run), and failed ones if asked. With `resample`, other sample
+    rates and channel counts are resampled and mixed down (tracks that failed for them last time are redone).
 
     Workers' memory stays under `memory_budget_gb` by the tracks' estimated needs (`job_memory`), except for a
     single track larger than the budget, which runs alone.
@@ -406,7 +414,8 @@ def extract_all(
     cache.claim(settings)
     cache.tidy()
     done = cache.read_journal()
-    todo = [job for job in jobs if job.track_id not in done or done[job.track_id].kind in RELOOKED_KINDS
+    redone = RELOOKED_KINDS | (RESAMPLED_KINDS if resample else frozenset())
+    todo = [job for job in jobs if job.track_id not in done or done[job.track_id].kind in redone
             or (retry_failed and not done[job.track_id].ok)]
     bar = tqdm.tqdm(
         total=round(sum(job.duration for job in todo)),
@@ -419,7 +428,7 @@ def extract_all(
     failed = 0
     with bar:
         for outcome in _outcomes(todo, workers, Path(input_root), cache.root, settings,
-                                 int(memory_budget_gb * 2**30), tracks_per_worker):
+                                 int(memory_budget_gb * 2**30), tracks_per_worker, resample):
             cache.append(outcome)
             done[outcome.track_id] = outcome
             failed += not outcome.ok

@@ -269,8 +269,8 @@ def source_path(audio_path: str, settings: FeatureSettings) -> str:
     return str(Path(audio_path).with_suffix(".npy")) if settings.source == "npy" else audio_path
 
 
-def track_features(data: bytes, name: str, settings: FeatureSettings) -> np.ndarray:
-    """Features of one track's input file, by the setting's source."""
+def track_features(data: bytes, name: str, settings: FeatureSettings, *, resample: bool = False) -> np.ndarray:
+    """Features of one track's input file, by the setting's source (`resample`: see `waveform_features`)."""
     if settings.source == "npy":
         return npy_features(data, name, settings)
-    return audio_features(data, name, settings)
+    return audio_features(data, name, settings, resample=resample)

@@ -48,6 +48,9 @@ def save(manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str
          score: float | None = None) -> None:
     """Saves host-local (unreplicated) `weights` and their metadata at `step`, unless a step this late is saved.
 
+    Every process of a multi-process run calls this with the same weights (they are replicated): orbax writes
+    numpy arrays from process 0 only and synchronises the processes, so the weights go to the host first.
+
     A resumed run replays the steps after its last resumable checkpoint, and with them the evaluation, snapshot
     and SWA saves it had already made before it was killed. Training is deterministic given the step, so what
     orbax holds from before the kill is what the replay would save: it is kept as it is.
@@ -55,7 +58,8 @@ def save(manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str
     latest = manager.latest_step()
     if latest is not None and step <= latest:
         return
-    args = ocp.args.Composite(weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta))
+    args = ocp.args.Composite(weights=ocp.args.StandardSave(jax.device_get(weights)),
+                              meta=ocp.args.JsonSave(meta))
     manager.save(step, args=args, metrics=None if score is None else {"score": float(score)}, force=True)
     manager.wait_until_finished()
 
@@ -99,17 +103,20 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
         with open(path) as f:
             previous = json.load(f)
         if previous != current:
-            changed = sorted(_differences(previous, current))
+            changed = sorted(config_differences(previous, current))
             raise ValueError(
                 f"workdir {workdir} holds a run of another config (differences: {', '.join(changed)}); "
                 "use a new --workdir, or the config that run was started with")
         return
-    with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+    if jax.process_index() == 0:  # one writer; the other processes compared, or will compare, the same file
+        with open(path + ".tmp", "w") as f:
+            json.dump(current, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the fields in which two config dicts differ."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = set(a) | set(b)
-        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in keys for d in config_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".")]

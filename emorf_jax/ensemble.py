@@ -69,7 +69,7 @@ def _checkpoint_members(paths: Sequence[str], data_dir: str, batch_size: int) ->
     """Each checkpoint's {split: Predictions} over the prepared dataset its meta names, and that dataset."""
     from data_prep.reader import load_prepared
     from emorf_jax import checkpoints, inference
-    from emorf_jax.models import CPResNet
+    from emorf_jax.models import registry
 
     members, prepared, first_meta = [], None, None
     for path in paths:
@@ -80,8 +80,8 @@ def _checkpoint_members(paths: Sequence[str], data_dir: str, batch_size: int) ->
         for key in ("tags", "features", "normalisation"):
             if meta[key] != first_meta[key]:
                 raise ValueError(f"{path} has other {key} than {paths[0]}: their outputs cannot be averaged")
-        predictor = inference.Predictor(CPResNet(**meta["model"]), prepared, window_frames=meta["window_frames"],
-                                        batch_size=batch_size)
+        predictor = inference.Predictor(registry.build(meta["model"]), prepared,
+                                        window_frames=meta["window_frames"], batch_size=batch_size)
         members.append({split: predictor.predict(variables, split) for split in SPLITS})
     return members, prepared
 

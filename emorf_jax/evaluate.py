@@ -2,6 +2,10 @@
 
     python -m emorf_jax.evaluate --groundtruth G.npy --predictions P.npy [--decisions D.npy | --thresholds T.txt]
                                  [--json] [--plot per_tag.png] [--metadata-dir DIR]
+    python -m emorf_jax.evaluate --groundtruth G.npy --popularity --metadata-dir DIR [--split K] [--json]
+
+`--popularity` scores the organisers' "popular" baseline instead of a file: every test track gets the most
+frequent tag of the split's TRAINING tracks, as both its prediction (1, other tags 0) and its decision.
 
 Files are the task's submission format: `.npy` matrices (tracks, tags), rows in the test TSV's order, columns
 in `moodtheme_split.txt` order. A thresholds file is the organisers' format: `tag<TAB>threshold` per line, in
@@ -47,6 +51,28 @@ def write_thresholds(path: str | Path, tags: Sequence[str], thresholds: np.ndarr
         raise ValueError(f"{len(tags)} tags but {len(thresholds)} thresholds")
     lines = [f"{tag}\t{float(threshold)!r}\n" for tag, threshold in zip(tags, thresholds)]
     Path(path).write_text("".join(lines), encoding="utf-8")
+
+
+def popular_tag(train_labels: np.ndarray) -> int:
+    """The column of the most frequent tag of (tracks, tags) training labels (the first one on a tie)."""
+    counts = np.asarray(train_labels, dtype=bool).sum(axis=0)
+    return int(np.argmax(counts))
+
+
+def popularity_baseline(train_labels: np.ndarray, num_tracks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, decisions) of the organisers' "popular" baseline for `num_tracks` test tracks: 1 / True for
+    the most frequent training tag, 0 / False for every other; with these the official row is reproduced to 6
+    decimals (tests/test_baselines.py)."""
+    decisions = np.zeros((num_tracks, np.shape(train_labels)[1]), dtype=bool)
+    decisions[:, popular_tag(train_labels)] = True
+    return decisions.astype(np.float32), decisions
+
+
+def split_labels(metadata_dir: str | Path, split_index: int, part: str) -> np.ndarray:
+    """(tracks, tags) bool labels of one part of a split, rows in its TSV's order, columns in the tag list's."""
+    tags = metadata.read_tag_list(metadata_dir)
+    return np.array([metadata.track_labels(track, tags) for track in metadata.read_split(metadata_dir, split_index,
+                                                                                         part)], dtype=bool)
 
 
 def format_table(figures: dict[str, float]) -> str:
@@ -99,7 +125,10 @@ def _parser() -> argparse.ArgumentParser:
         description="The official MediaEval 2019 Emotion and Theme figures of a predictions matrix.",
     )
     parser.add_argument("--groundtruth", required=True, help="bool .npy (tracks, tags)")
-    parser.add_argument("--predictions", required=True, help="float .npy (tracks, tags), e.g. probabilities")
+    parser.add_argument("--predictions", help="float .npy (tracks, tags), e.g. probabilities")
+    parser.add_argument("--popularity", action="store_true",
+                        help="score the 'popular' baseline (needs --metadata-dir) instead of --predictions")
+    parser.add_argument("--split", type=int, default=0, help="the split whose training tracks --popularity counts")
     decisions = parser.add_mutually_exclusive_group()
     decisions.add_argument("--decisions", help="bool .npy (tracks, tags); without it (or --thresholds) only AUCs")
     decisions.add_argument("--thresholds", help="tag<TAB>threshold per line; decisions are predictions > threshold")
@@ -107,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", help="write a PNG bar chart of per-tag PR-AUC to this path")
     parser.add_argument(
         "--metadata-dir",
-        help="MTG-Jamendo data/ folder, for the plot's tag names (default: from --thresholds, else numbers)",
+        help="MTG-Jamendo data/ folder, for the plot's tag names (default: from --thresholds, else numbers) and "
+        "for --popularity",
     )
     return parser
 
@@ -134,10 +164,18 @@ def _tag_names(args: argparse.Namespace, threshold_tags: list[str] | None, n_tag
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.popularity and (args.predictions or args.decisions or args.thresholds or not args.metadata_dir):
+        parser.error("--popularity takes --metadata-dir and no --predictions, --decisions or --thresholds")
+    if not args.popularity and not args.predictions:
+        parser.error("give --predictions (or --popularity)")
     try:
         groundtruth = _load_matrix(args.groundtruth)
-        predictions = _load_matrix(args.predictions)
         decisions, threshold_tags = None, None
+        if args.popularity:
+            train_labels = split_labels(args.metadata_dir, args.split, "train")
+            predictions, decisions = popularity_baseline(train_labels, len(groundtruth))
+        else:
+            predictions = _load_matrix(args.predictions)
         if args.decisions:
             decisions = _load_matrix(args.decisions)
         elif args.thresholds:

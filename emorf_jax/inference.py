@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 from flax import jax_utils
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from scipy.special import expit
 from data_prep import features
 from data_prep.reader import STORED_DTYPE, PreparedDataset
 from emorf_jax import checkpoints, input_pipeline, metrics
-from emorf_jax.models import CPResNet
+from emorf_jax.models import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +31,14 @@ class Predictions:
     track_ids: tuple[str, ...]
 
 
-def _logits_step(variables: Any, spectrograms: jax.Array, *, model: CPResNet) -> jax.Array:
+def _logits_step(variables: Any, spectrograms: jax.Array, *, model: nn.Module) -> jax.Array:
     return model.apply(variables, spectrograms, train=False).astype(jnp.float32)
 
 
 class Predictor:
     """Predicts every track of a split of a prepared dataset with a pmapped evaluation step."""
 
-    def __init__(self, model: CPResNet, prepared: PreparedDataset, *, window_frames: int, batch_size: int):
+    def __init__(self, model: nn.Module, prepared: PreparedDataset, *, window_frames: int, batch_size: int):
         self.prepared = prepared
         self.window_frames = window_frames
         self.batch_size = batch_size
@@ -50,23 +51,30 @@ class Predictor:
         return Predictions(expit(logits), part.labels, part.track_ids)
 
     def _track_logits(self, variables: dict[str, Any], split: str) -> np.ndarray:
-        """(tracks, tags) window logits averaged by length."""
+        """(tracks, tags) window logits averaged by length.
+
+        Every process runs the same schedule and gathers the float32 logits of all windows, so every process
+        (and a single process with as many devices) sums the same numbers in the same order.
+        """
         part = self.prepared.parts[split]
-        logit_sums = np.zeros((len(part), len(self.prepared.tags)), np.float64)
-        weights = np.zeros(len(part), np.float64)
+        schedule = input_pipeline.eval_schedule(part.frames, self.window_frames, self.batch_size)
         replicated = jax_utils.replicate(variables)
-        windows = input_pipeline.eval_windows(self.prepared, split, self.window_frames)
-        for batch in input_pipeline.eval_batches(windows, self.batch_size):
-            logits = np.asarray(self.p_logits(replicated, batch.spectrograms)).reshape(len(batch.weights), -1)
-            np.add.at(logit_sums, batch.track_indices, logits * batch.weights[:, None])
-            np.add.at(weights, batch.track_indices, batch.weights)
-        if jax.process_count() > 1:
-            logit_sums, weights = (np.asarray(x).sum(axis=0) for x in multihost_utils.process_allgather(
-                (logit_sums, weights)))
-        missing = np.flatnonzero(weights == 0)
+        local = [np.asarray(self.p_logits(replicated, batch.spectrograms)).reshape(len(batch.windows), -1)
+                 for batch in input_pipeline.eval_batches(self.prepared, split, schedule)]
+        local = np.stack(local)  # (batches, local share, tags)
+        if jax.process_count() > 1:  # (processes, batches, share, tags) -> each batch's shares in process order
+            local = np.swapaxes(multihost_utils.process_allgather(local), 0, 1)
+        logits = local.reshape(-1, local.shape[-1])
+        windows = [window for batch in schedule for window in batch]
+        tracks = np.array([w.track_index for w in windows])
+        weights = np.array([w.weight for w in windows], np.float64)
+        logit_sums = np.zeros((len(part), len(self.prepared.tags)), np.float64)
+        np.add.at(logit_sums, tracks, logits * weights[:, None])
+        track_weights = np.bincount(tracks, weights, minlength=len(part))
+        missing = np.flatnonzero(track_weights == 0)
         if missing.size:
             raise RuntimeError(f"{missing.size} tracks of {split} got no window, e.g. {part.track_ids[missing[0]]}")
-        return logit_sums / weights[:, None]
+        return logit_sums / track_weights[:, None]
 
     def evaluate(self, variables: dict[str, Any], split: str) -> dict[str, float]:
         """Macro PR-AUC and ROC-AUC and the mean BCE of the track-level logits, for validation and selection."""
@@ -89,7 +97,7 @@ class Tagger:
     track's length (a track shorter than one window is the only other shape).
     """
 
-    model: CPResNet
+    model: nn.Module
     variables: dict[str, Any]
     meta: dict[str, Any]
     batch_size: int = 8
@@ -144,6 +152,7 @@ class Tagger:
 
 
 def load_tagger(path: str, batch_size: int = 8) -> Tagger:
-    """A Tagger from any checkpoint of a run (e.g. `runs/demo/swa`, `runs/demo/snapshots/120`); no config needed."""
+    """A Tagger from any checkpoint of a run (e.g. `runs/demo/swa`, `runs/demo/snapshots/120`) of any model; no
+    config needed (the model is rebuilt from `meta["model"]` by the registry)."""
     variables, meta = checkpoints.load_checkpoint(path)
-    return Tagger(CPResNet(**meta["model"]), variables, meta, batch_size)
+    return Tagger(registry.build(meta["model"]), variables, meta, batch_size)

@@ -116,53 +116,58 @@ def window_ranges(frames: int, window_frames: int) -> list[tuple[int, int, int]]
 
 @dataclasses.dataclass(frozen=True)
 class EvalWindow:
-    """One model input of an evaluated track, and how much of the track it stands for."""
+    """One model input of an evaluated track, and how much of the track it stands for (0: padding)."""
 
-    spectrogram: np.ndarray  # (n_mels, frames, 1), normalised
     track_index: int  # position in the split's track list
+    start: int
+    stop: int
     weight: float  # frames of the track this window accounts for
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
     spectrograms: np.ndarray  # (local_devices, per_device, n_mels, frames, 1)
-    track_indices: np.ndarray  # (local_batch,)
-    weights: np.ndarray  # (local_batch,); 0 for padding
+    windows: tuple[EvalWindow, ...]  # this process's share of the global batch, in device order
 
 
-def eval_windows(prepared: PreparedDataset, split: str, window_frames: int) -> Iterator[EvalWindow]:
-    """Every window of every track of `split` that this process evaluates (every process-count-th track), each
-    read from the shards on its own, so memory stays bounded whatever a track's length."""
-    reader = FrameReader(prepared)
-    part = prepared.parts[split]
-    try:
-        for track in range(jax.process_index(), len(part), jax.process_count()):
-            for start, stop, weight in window_ranges(int(part.frames[track]), window_frames):
-                window = model_input(reader.read(split, track, start, stop), prepared.mean, prepared.std)
-                yield EvalWindow(window, track, float(weight))
-    finally:
-        reader.close()
+def eval_schedule(frames: np.ndarray, window_frames: int, global_batch_size: int) -> list[list[EvalWindow]]:
+    """The global batches that evaluate every window of tracks of `frames` frames: windows of equal length in
+    track order, a batch left incomplete padded with zero-weight windows. Only tracks shorter than a window make
+    windows of other lengths.
 
-
-def eval_batches(windows: Iterator[EvalWindow], global_batch_size: int) -> Iterator[EvalBatch]:
-    """Groups windows of equal length into per-device batches; a batch left incomplete is padded with
-    zero-weight windows. Only tracks shorter than a window make windows of other lengths."""
-    local_devices = jax.local_device_count()
-    local_batch_size = global_batch_size // jax.process_count()
-    pending: dict[int, list[EvalWindow]] = {}
-
-    def emit(items: list[EvalWindow]) -> EvalBatch:
-        items = items + [dataclasses.replace(items[0], weight=0.0)] * (local_batch_size - len(items))
-        spectrograms = np.stack([w.spectrogram for w in items])
-        return EvalBatch(spectrograms.reshape((local_devices, -1) + spectrograms.shape[1:]),
-                         np.array([w.track_index for w in items]), np.array([w.weight for w in items], np.float32))
-
-    for window in windows:
-        group = pending.setdefault(window.spectrogram.shape[1], [])
-        group.append(window)
-        if len(group) == local_batch_size:
-            yield emit(group)
-            group.clear()
+    A pure function of the record index, so every process computes the same schedule and runs the same number of
+    pmapped calls with the same shapes, as JAX's multi-process runtime requires (docs/architecture.md).
+    """
+    batches, pending = [], {}
+    for track, length in enumerate(frames):
+        for start, stop, weight in window_ranges(int(length), window_frames):
+            group = pending.setdefault(stop - start, [])
+            group.append(EvalWindow(track, start, stop, float(weight)))
+            if len(group) == global_batch_size:
+                batches.append(list(group))
+                group.clear()
     for group in pending.values():
         if group:
-            yield emit(group)
+            padding = dataclasses.replace(group[0], weight=0.0)
+            batches.append(group + [padding] * (global_batch_size - len(group)))
+    return batches
+
+
+def eval_batches(prepared: PreparedDataset, split: str, schedule: list[list[EvalWindow]], *,
+                 process_index: int | None = None, process_count: int | None = None) -> Iterator[EvalBatch]:
+    """This process's contiguous share of every batch of `schedule`, each window read from the shards on its own,
+    so memory stays bounded whatever a track's length; padding is zeros."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    reader = FrameReader(prepared)
+    try:
+        for batch in schedule:
+            share = len(batch) // process_count
+            windows = tuple(batch[process_index * share:(process_index + 1) * share])
+            spectrograms = np.stack([
+                model_input(reader.read(split, w.track_index, w.start, w.stop), prepared.mean, prepared.std)
+                if w.weight > 0 else np.zeros((len(prepared.mean), w.stop - w.start, 1), np.float32)
+                for w in windows])
+            yield EvalBatch(spectrograms.reshape((jax.local_device_count(), -1) + spectrograms.shape[1:]), windows)
+    finally:
+        reader.close()

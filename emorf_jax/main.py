@@ -5,26 +5,43 @@ All hyper-parameters live in the config (`configs/`); a config variant follows a
 When the config asks for synthetic data (`dataset.synthetic_tracks`, the demo) and none is prepared yet, the data
 preparation batch steps run first, as the separate commands a user would type (`python -m data_prep.synthetic`,
 `python -m data_prep.build`), so that training only ever reads prepared data.
+
+Several hosts train one model on JAX's multi-controller runtime: start the same command on every host with
+`--distributed` (SLURM, Open MPI, Cloud TPU and Kubernetes are detected) or with `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I`; README.md, "Training on several hosts", shows the launchers.
 """
 
 import logging as python_logging
 import os
+import shlex
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data here: keep its C++ chatter out
+# TensorFlow only writes TensorBoard summaries here: keep its C++ start-up chatter out (its oneDNN notice ignores
+# TF_CPP_MIN_LOG_LEVEL; oneDNN only speeds up TensorFlow's own ops, which compute nothing of ours).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from data_prep import layout  # noqa: E402
-from emorf_jax import train  # noqa: E402
+from data_prep import layout, metadata  # noqa: E402
+from emorf_jax import checkpoints, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and the test report.")
 flags.DEFINE_bool("verbose_libraries", False, "Also show the INFO logs of orbax, TFDS and other libraries.")
+flags.DEFINE_string("compilation_cache_dir", "xla_cache", "Where compiled XLA programs are kept, so that a resumed or "
+                    "repeated run does not compile again: relative to the workdir unless absolute (one directory "
+                    "can serve many runs); '' turns it off. A JAX_COMPILATION_CACHE_DIR in the environment wins.")
+flags.DEFINE_bool("distributed", False, "Start JAX's multi-process runtime, detecting the processes from the "
+                  "cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run without a "
+                    "detected cluster (with --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run, from 0.", lower_bound=0)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -59,13 +76,44 @@ def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -
 
 
 def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Runs the data preparation steps of the demo unless its prepared data is already there."""
-    if config.dataset.synthetic_tracks <= 0 or layout.is_prepared(
+    """Runs the data preparation steps of the demo unless its prepared data is already there: once, by process
+    0, in the workdir all processes share, while the others wait."""
+    if distributed.is_primary() and config.dataset.synthetic_tracks > 0 and not layout.is_prepared(
             train.data_dir(config, workdir), config.dataset.config_name, config.dataset.split_index):
-        return
-    for command in data_preparation_commands(config, workdir):
-        logging.info("Preparing the demo's data: python %s", " ".join(command[1:]))
-        subprocess.run(command, check=True)
+        for command in data_preparation_commands(config, workdir):
+            logging.info("Preparing the demo's data: %s", shlex.join([_python_as_typed(), *command[1:]]))
+            subprocess.run(command, check=True)
+    distributed.barrier("demo data prepared")
+
+
+def predict_command(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The command that tags music with the model a run has just trained (its SWA model, else the selected or the
+    latest one), as a user would type it from here: on a test track of the demo's synthetic data, if there is one."""
+
+    def saved(kind: str) -> bool:
+        directory = os.path.join(workdir, kind)
+        return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+    kind = next(filter(saved, (checkpoints.SWA, checkpoints.BEST)), checkpoints.LATEST)
+    synthetic = os.path.join(workdir, "synthetic")
+    audio = "song.mp3"
+    if os.path.isdir(os.path.join(synthetic, "audio")):
+        track = metadata.read_split(os.path.join(synthetic, "data"), config.dataset.split_index, "test")[0]
+        audio = os.path.join(synthetic, "audio", track.path)
+    return shlex.join([_python_as_typed(), "-m", "emorf_jax.predict", audio,
+                       f"--checkpoint={os.path.join(workdir, kind)}"])
+
+
+def _python_as_typed() -> str:
+    """This interpreter as a user would type it here: `.venv/bin/python` from the repository root."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith(os.pardir) else relative
+
+
+def use_compilation_cache(directory: str, workdir: str) -> None:
+    """Points JAX's persistent compilation cache at `directory` (see --compilation_cache_dir)."""
+    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, os.path.expanduser(directory)))
 
 
 def main(argv: list[str]) -> None:
@@ -73,10 +121,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.verbose_libraries:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    distributed.initialize(auto_detect=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
+    if not distributed.is_primary():
+        logging.set_verbosity(logging.WARNING)  # process 0 logs the run; the others only their problems
+    use_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.workdir)
     prepare_synthetic_data(FLAGS.config, FLAGS.workdir)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if distributed.is_primary():
+        print(f"\nTag music with the model just trained:\n  {predict_command(FLAGS.config, FLAGS.workdir)}")
 
 
 if __name__ == "__main__":

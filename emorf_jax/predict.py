@@ -27,7 +27,7 @@ import tqdm  # noqa: E402
 
 from data_prep import features  # noqa: E402
 from emorf_jax import inference, input_pipeline  # noqa: E402
-from emorf_jax.models import receptive_field  # noqa: E402
+from emorf_jax.models import receptive_field, registry  # noqa: E402
 
 AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg")
 TAG_PREFIX_SEPARATOR = "---"  # tags read like "mood/theme---happy"; tables show "happy"
@@ -54,12 +54,23 @@ def load_taggers(checkpoints: Sequence[str], batch_size: int) -> list[inference.
     return taggers
 
 
+def read_features(path: str | Path, tagger: inference.Tagger) -> np.ndarray:
+    """The (n_mels, frames) features of an audio file in the checkpoint's setting, resampled and mixed down as data
+    preparation would; an unreadable file raises OSError or features.AudioError, naming it."""
+    settings = features.FeatureSettings(**tagger.meta["features"])
+    return features.audio_features(Path(path).read_bytes(), str(path), settings, resample=True)
+
+
 def tag_file(path: Path, taggers: Sequence[inference.Tagger], window_frames: int
              ) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
     """Probabilities (tags,) of one file, its windows (start, stop, weight) and their probabilities (windows, tags),
     averaged over the models."""
-    settings = features.FeatureSettings(**taggers[0].meta["features"])
-    spectrogram = features.audio_features(path.read_bytes(), str(path), settings, resample=True)
+    return tag_spectrogram(read_features(path, taggers[0]), taggers, window_frames)
+
+
+def tag_spectrogram(spectrogram: np.ndarray, taggers: Sequence[inference.Tagger], window_frames: int
+                    ) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
+    """`tag_file` of a track's (n_mels, frames) features."""
     track, windows = [], []
     for tagger in taggers:
         logits, weights = tagger.window_logits(spectrogram, window_frames)
@@ -69,8 +80,20 @@ def tag_file(path: Path, taggers: Sequence[inference.Tagger], window_frames: int
     return np.mean(track, axis=0), ranges, np.mean(windows, axis=0)
 
 
+def seconds_per_frame(tagger: inference.Tagger) -> float:
+    """The time step of the checkpoint's features, for time axes."""
+    settings = tagger.meta["features"]
+    return settings["hop_length"] / settings["sample_rate"]
+
+
 def short_name(tag: str) -> str:
     return tag.split(TAG_PREFIX_SEPARATOR)[-1]
+
+
+def top_tags_line(path: str, probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> str:
+    """The line standard output shows for a file: its path and its top-k tags with their probabilities."""
+    top = np.argsort(-probabilities)[:top_k]
+    return f"{path}\t" + "  ".join(f"{short_name(tags[i])} {probabilities[i]:.3f}" for i in top)
 
 
 def model_card(path: str) -> str:
@@ -78,15 +101,15 @@ def model_card(path: str) -> str:
     tagger = inference.load_tagger(path)
     meta = tagger.meta
     model, settings = meta["model"], meta["features"]
-    kind = ("Shake-Shake FA-ResNet" if model["shake_shake"] else "FA-ResNet" if model["frequency_aware"]
-            else "CP-ResNet")
     seconds_per_frame = settings["hop_length"] / settings["sample_rate"]
     lines = [
         f"checkpoint       {os.path.abspath(path)} ({meta['kind']}, step {meta['step']}, epoch {meta['epoch']:.2f})",
-        f"model            {kind}, rho={model['rho']}, base_channels={model['base_channels']}, "
-        f"{model['num_classes']} tags",
-        f"receptive field  {receptive_field.published_rf(model['rho'])} frames as published, "
-        f"{receptive_field.exact_rf(model['rho'])} exact",
+        f"model            {registry.describe(model)}",
+    ]
+    if registry.model_name(model) == "cp_resnet":
+        lines.append(f"receptive field  {receptive_field.published_rf(model['rho'])} frames as published, "
+                     f"{receptive_field.exact_rf(model['rho'])} exact")
+    lines += [
         f"features         {settings['n_mels']} mel bands, {settings['sample_rate']} Hz, n_fft {settings['n_fft']}, "
         f"hop {settings['hop_length']}, {settings['order']}",
         f"window           {meta['window_frames']} frames ({meta['window_frames'] * seconds_per_frame:.1f} s)",
@@ -172,22 +195,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         results[str(path)] = probabilities
         taggrams[str(path)] = (ranges, windows)
-    settings = taggers[0].meta["features"]
-    seconds_per_frame = settings["hop_length"] / settings["sample_rate"]
+    frame_seconds = seconds_per_frame(taggers[0])
     if args.output:
         output = Path(args.output)
         _write(output, results, tags, args.top_k)
         if args.taggram:
-            _write_taggram(output, taggrams, tags, seconds_per_frame)
+            _write_taggram(output, taggrams, tags, frame_seconds)
     else:
         for path, probabilities in results.items():
-            top = np.argsort(-probabilities)[:args.top_k]
-            print(f"{path}\t" + "  ".join(f"{short_name(tags[i])} {probabilities[i]:.3f}" for i in top))
+            print(top_tags_line(path, probabilities, tags, args.top_k))
             if args.taggram:
                 ranges, windows = taggrams[path]
                 for (start, stop, _), row in zip(ranges, windows):
                     best = np.argsort(-row)[:args.top_k]
-                    print(f"  {start * seconds_per_frame:7.1f}-{stop * seconds_per_frame:7.1f} s  "
+                    print(f"  {start * frame_seconds:7.1f}-{stop * frame_seconds:7.1f} s  "
                           + "  ".join(f"{short_name(tags[i])} {row[i]:.3f}" for i in best))
     return 1 if failed else 0
 

@@ -1,4 +1,5 @@
-"""Training and evaluation of a CP-ResNet on prepared shards: pmapped steps, mixup, SWA, snapshots, checkpoints.
+"""Training and evaluation of any registered model (models/registry.py) on prepared shards: pmapped steps,
+mixup, SWA, snapshots, checkpoints.
 
 `train_and_evaluate(config, workdir)` is the whole job on an already prepared dataset; `main.py` parses flags and
 makes the demo's data. The recipe (docs/fidelity.md): Adam, the authors' constant / linear-decay / lr-over-100
@@ -18,6 +19,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 import flax
 from flax import jax_utils, traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,9 +27,9 @@ import numpy as np
 import optax
 
 from data_prep.reader import PreparedDataset, load_prepared
-from emorf_jax import (checkpoints, ensemble, evaluate, inference, input_pipeline, metrics, submission,
-                       weight_averaging)
-from emorf_jax.models import CPResNet, receptive_field
+from emorf_jax import (checkpoints, distributed, ensemble, evaluate, inference, input_pipeline, metrics,
+                       submission, weight_averaging)
+from emorf_jax.models import receptive_field, registry
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -40,17 +42,26 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The CPResNet fields a config asks for (`max_rf` > 0 picks the largest published RF not above it)."""
+    """The model a config asks for, as the registry's name and constructor fields (models/registry.py).
+
+    A CP-ResNet (`model.name` "cp_resnet", the default) reads `max_rf` > 0 as the largest published RF not above
+    it; every other model takes the fields of `config.model` besides its name as they are.
+    """
+    name = config.model.get("name", registry.DEFAULT_MODEL)
+    if name != "cp_resnet":
+        return {"name": name, "num_classes": config.num_classes,
+                **{key: value for key, value in config.model.items() if key != "name"}}
     rho = config.model.rho
     if config.model.max_rf > 0:
         rho = receptive_field.rho_for_max_rf(config.model.max_rf)
-    return {"num_classes": config.num_classes, "rho": rho, "base_channels": config.model.base_channels,
-            "frequency_aware": config.model.frequency_aware, "shake_shake": config.model.shake_shake}
+    return {"name": name, "num_classes": config.num_classes, "rho": rho,
+            "base_channels": config.model.base_channels, "frequency_aware": config.model.frequency_aware,
+            "shake_shake": config.model.shake_shake}
 
 
 def create_model(fields: dict[str, Any], *, half_precision: bool = False, axis_name: str | None = None
-                 ) -> CPResNet:
-    return CPResNet(**fields, dtype=jnp.bfloat16 if half_precision else jnp.float32, bn_axis_name=axis_name)
+                 ) -> nn.Module:
+    return registry.build(fields, dtype=jnp.bfloat16 if half_precision else jnp.float32, bn_axis_name=axis_name)
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: float) -> int:
@@ -90,7 +101,7 @@ def snapshot_steps(config: ml_collections.ConfigDict, steps_per_epoch: float, to
     return [step for step in range(max(start, 1), total_steps + 1, every)]
 
 
-def initial_state(model: CPResNet, tx: optax.GradientTransformation, rng: jax.Array,
+def initial_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                   input_shape: tuple[int, ...]) -> TrainState:
     variables = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros(input_shape, jnp.float32))
     params = variables["params"]
@@ -124,7 +135,7 @@ def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float,
     return mixed_inputs, mixed_targets
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model: CPResNet,
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, mixup_alpha: float,
                averaging: weight_averaging.AveragingSchedule, learning_rate: optax.Schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -132,13 +143,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     rng = jax.random.fold_in(rng, state.step)
     mixup_rng, shake_rng = jax.random.split(rng)
     shake_rng = jax.random.fold_in(shake_rng, jax.lax.axis_index("batch"))  # other examples, other α and β
+    dropout_rng = jax.random.fold_in(shake_rng, 1)  # the baselines' dropout (models/vggish.py, crnn.py)
     inputs, targets = batch["spectrogram"], batch["labels"]
     if mixup_alpha > 0:
         inputs, targets = mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
 
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                                      rngs={"shake": shake_rng}, mutable=["batch_stats"])
+                                      rngs={"shake": shake_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
         loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean()
         return loss, updates["batch_stats"]
 
@@ -154,11 +166,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return new_state, {"loss": jax.lax.pmean(loss, "batch"), "learning_rate": learning_rate(state.step)}
 
 
-def batch_stats_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: CPResNet) -> Any:
+def batch_stats_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> Any:
     """This batch's BatchNorm statistics for `params`: `model` has BatchNorm momentum 0, so the incoming
     `batch_stats` only give the structure."""
     _, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["spectrogram"], train=True,
-                             rngs={"shake": jax.random.PRNGKey(0)}, mutable=["batch_stats"])
+                             rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                             mutable=["batch_stats"])
     return updates["batch_stats"]
 
 
@@ -271,7 +284,12 @@ def current_variables(state: TrainState) -> dict[str, Any]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
-    """Trains (or resumes) the run in `workdir` to its last step and returns the final test report."""
+    """Trains (or resumes) the run in `workdir` to its last step and returns the final test report.
+
+    In a multi-process job (main.py's --distributed) every process calls this with the same config and workdir;
+    each reads its share of every batch, and process 0 alone writes the config, the logs and the report.
+    """
+    distributed.check_same_config(config)
     check_config(config)
     checkpoints.check_workdir_config(workdir, config)
     prepared = load_dataset(config, workdir)
@@ -342,8 +360,7 @@ def _evaluate_and_select(run: _Run, state: TrainState, step: int, writer, best, 
         averaged_validation = run.predictor.evaluate(averaged, "validation")
         scores.update({f"val_average_{k}": v for k, v in averaged_validation.items()})
         checkpoints.save(swa, step, averaged, run.meta("swa", step) | {"validation": averaged_validation})
-    writer.write_scalars(step, scores)
-    logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items())))
+    writer.write_scalars(step, scores)  # its logging writer prints them on the console too
 
 
 def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str, dict[str, float]]:
@@ -352,6 +369,7 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
     Writes `report/`: `test_report.json`, the rows of every matrix (`<split>_track_ids.txt`), and per model its
     validation and test predictions, test decisions and thresholds; a MediaEval submission
     (`<model>/submission/{predictions,decisions}.npy`) only where the test rows are exactly the official ones.
+    Every process predicts (the predictions are collective); process 0 alone writes and prints.
     """
     models = {"final": current_variables(state)}
     if best.best_step() is not None:
@@ -371,10 +389,12 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
             for split in splits}
 
     report_dir = os.path.join(run.workdir, "report")
-    os.makedirs(report_dir, exist_ok=True)
-    for split in splits:
-        with open(os.path.join(report_dir, f"{split}_track_ids.txt"), "w") as f:
-            f.write("".join(f"{track_id}\n" for track_id in run.prepared.track_ids[split]))
+    primary = distributed.is_primary()
+    if primary:
+        os.makedirs(report_dir, exist_ok=True)
+        for split in splits:
+            with open(os.path.join(report_dir, f"{split}_track_ids.txt"), "w") as f:
+                f.write("".join(f"{track_id}\n" for track_id in run.prepared.track_ids[split]))
     official = run.prepared.tsv_track_ids["test"]
     report = {}
     for name, by_split in predictions.items():
@@ -383,6 +403,8 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
         thresholds = metrics.best_f1_thresholds(by_split["validation"].labels, validation)
         decisions = metrics.decide(test, thresholds)
         report[name] = metrics.mediaeval_metrics(by_split["test"].labels, test, decisions)
+        if not primary:
+            continue
         model_dir = os.path.join(report_dir, name)
         os.makedirs(model_dir, exist_ok=True)
         np.save(os.path.join(model_dir, "validation_predictions.npy"), validation)
@@ -394,9 +416,10 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
                                         by_split["test"].track_ids, official)
     positive_rate = float(predictions["final"]["test"].labels.mean())
     report["constant_predictor"] = {"PR-AUC-macro": positive_rate, "ROC-AUC-macro": 0.5}
-    with open(os.path.join(report_dir, "test_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(format_report(report))
+    if primary:
+        with open(os.path.join(report_dir, "test_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(format_report(report))
     return report
 
 

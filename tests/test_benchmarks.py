@@ -29,3 +29,34 @@ def test_input_pipeline_benchmark_reads_exactly_its_crops(tmp_path):
 def test_batch_correlation_benchmark_finds_no_repeated_track_in_the_new_batches():
     output = _run("benchmarks.batch_correlation", "--quick", "--seeds", "0")
     assert "new" in output and "old" in output
+
+
+def test_paper_table_quick_trains_its_rows_and_prints_them_beside_the_published_ones(tmp_path):
+    output = _run("benchmarks.paper_table", "--quick", "--rows", "vggish,popularity", "--out", str(tmp_path))
+    assert "SYNTHETIC" in output and "REAL" in output
+    rows = json.loads((tmp_path / "paper_table.json").read_text())
+    assert [row["config"] for row in rows] == ["vggish", "popularity"]
+    for row in rows:
+        assert 0 < row["ours"]["PR-AUC-macro"] <= 1 and 0 <= row["ours"]["ROC-AUC-macro"] <= 1
+    assert rows[1]["ours"]["ROC-AUC-macro"] == 0.5  # one constant column: no ranking at all
+    if (REPO.parent / "shared" / "mediaeval2019" / "baseline" / "results.tsv").is_file():
+        assert rows[0]["published"]["PR-AUC-macro"] == 0.107734 and "| 0.1077 |" in output
+    else:
+        assert rows[0]["published"] is None and "n/a" in output
+
+
+def test_train_step_benchmark_quick_times_both_frameworks_and_counts_flops():
+    output = _run("benchmarks.train_step", "--quick", "--json")
+    figures = json.loads(output[output.index("{"):])
+    rows = {row["framework"]: row for row in figures["results"]}
+    assert set(rows) == {"emorf_jax", "pytorch"}
+    assert rows["emorf_jax"]["gflops_per_step"] > 0 and rows["pytorch"]["over_pytorch"] == 1.0
+    assert rows["emorf_jax"]["mfu"] is None  # no known peak for a CPU
+
+
+def test_predict_benchmark_quick_times_decoding_features_and_models(tmp_path):
+    output = _run("benchmarks.predict", "--quick", "--out", str(tmp_path))
+    figures = json.loads(output[output.index("{"):])
+    assert figures["audio_seconds"] == 6.0 and figures["windows"] >= 1
+    for models in ("1_models", "2_models"):
+        assert figures[models]["real_time_factor"] > 0

@@ -230,6 +230,17 @@ def test_bad_files_land_in_the_failures_report_while_the_rest_is_built(synthetic
         assert list(prepared.track_ids[part]) == [track_id for track_id in listed if track_id not in reported]
     assert "failed: 5 tracks" in str(summary)
 
+    # The same music at 48 kHz: with --resample it is resampled as the tagger does, and the rebuild takes it in.
+    track = next(t for t in metadata.read_split(synthetic_tree / "data", 0, "train")
+                 if t.track_id == broken["sample_rate"])
+    waveform, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
+    soundfile.write(audio / track.path, librosa.resample(waveform.T, orig_sr=rate, target_sr=48000).T, 48000,
+                    format="WAV")
+    resampled = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False,
+                                    resample=True)
+    assert resampled.failures == {kind: 1 for kind in broken if kind != "sample_rate"}
+    assert broken["sample_rate"] in load_prepared(tmp_path / "out").track_ids["train"]
+
 
 def test_byte_identical_files_are_reported_and_can_be_dropped(synthetic_tree, prepared_data_dir, tmp_path):
     data_dir, config_name = prepared_data_dir

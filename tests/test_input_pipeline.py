@@ -105,14 +105,36 @@ def test_windows_cover_the_track_once_by_weight(frames, window):
 def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
     window = 128
     reader = FrameReader(prepared)
+    schedule = input_pipeline.eval_schedule(prepared.parts["test"].frames, window, global_batch_size=4)
     seen: dict[int, int] = {}
-    for item in input_pipeline.eval_windows(prepared, "test", window):
-        number = seen[item.track_index] = seen.get(item.track_index, -1) + 1  # windows come in track order
-        whole = input_pipeline.model_input(reader.read("test", item.track_index), prepared.mean, prepared.std)
-        start, stop, weight = input_pipeline.window_ranges(whole.shape[1], window)[number]
-        assert item.weight == weight
-        np.testing.assert_array_equal(item.spectrogram, whole[:, start:stop])
+    for batch in input_pipeline.eval_batches(prepared, "test", schedule):
+        inputs = batch.spectrograms.reshape((-1,) + batch.spectrograms.shape[2:])
+        for item, spectrogram in zip(batch.windows, inputs):
+            if item.weight == 0:  # padding
+                assert not spectrogram.any()
+                continue
+            number = seen[item.track_index] = seen.get(item.track_index, -1) + 1  # a track's windows in order
+            whole = input_pipeline.model_input(reader.read("test", item.track_index), prepared.mean, prepared.std)
+            start, stop, weight = input_pipeline.window_ranges(whole.shape[1], window)[number]
+            assert (item.start, item.stop, item.weight) == (start, stop, weight)
+            np.testing.assert_array_equal(spectrogram, whole[:, start:stop])
     frames = prepared.parts["test"].frames
     assert all(seen[track] + 1 == len(input_pipeline.window_ranges(int(frames[track]), window))
                for track in range(len(frames)))
     assert max(seen.values()) >= 3  # tracks longer than several windows and chunks
+
+
+def test_every_process_makes_the_same_evaluation_calls_and_together_they_cover_every_window(prepared):
+    """JAX's multi-process runtime needs the same pmapped calls, with the same shapes, on every process."""
+    frames = prepared.parts["validation"].frames
+    schedule = input_pipeline.eval_schedule(frames, 128, global_batch_size=4)
+    shares = [list(input_pipeline.eval_batches(prepared, "validation", schedule, process_index=p, process_count=2))
+              for p in range(2)]
+    assert len(shares[0]) == len(shares[1]) == len(schedule)
+    for first, second, batch in zip(*shares, schedule):
+        assert first.spectrograms.shape == second.spectrograms.shape
+        assert first.windows + second.windows == tuple(batch)  # contiguous halves, in device order
+        assert len({w.stop - w.start for w in batch}) == 1  # one window length per batch
+    real = [(w.track_index, w.start, w.stop) for batch in schedule for w in batch if w.weight > 0]
+    assert sorted(real) == [(track, start, stop) for track, length in enumerate(frames)
+                            for start, stop, _ in input_pipeline.window_ranges(int(length), 128)]

@@ -305,7 +305,7 @@ def test_synchronised_batch_norm_makes_two_shards_equal_one_batch():
     shard_logits, shard_stats = jax.jit(jax.vmap(shard, axis_name="devices"))(SYNC_INPUT.reshape(2, 2, 24, 24, 1))
     np.testing.assert_allclose(shard_logits.reshape(4, 3), whole_logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(shard_stats["batch_stats"]["stage3_block4"]["bn2"]["var"][1],
-                               whole_stats["stage3_block4"]["bn2"]["var"], rtol=1e-4)
+                               whole_stats["stage3_block4"]["bn2"]["var"], rtol=3e-4)  # float32 rounding
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

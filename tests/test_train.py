@@ -1,7 +1,9 @@
 """The main job end to end on real shards: `python -m emorf_jax.main` in subprocesses, killed and resumed for real."""
 
 import json
+import os
 from pathlib import Path
+import shlex
 import signal
 import subprocess
 import sys
@@ -51,7 +53,7 @@ def reference_run(prepared_data_dir, tmp_path_factory):
     return data_dir, workdir, _run(data_dir, workdir)
 
 
-def test_run_prints_the_test_report_and_saves_every_row(reference_run):
+def test_run_prints_the_test_report_and_saves_every_row(reference_run, synthetic_tree):
     data_dir, workdir, stdout = reference_run
     report = json.loads((workdir / "report" / "test_report.json").read_text())
     assert {"final", "selected", "swa", "snapshot_ensemble_2", "constant_predictor"} <= set(report)
@@ -66,6 +68,29 @@ def test_run_prints_the_test_report_and_saves_every_row(reference_run):
     # Every test track is in the shards, so each model's test rows are also written as a MediaEval submission.
     submitted = np.load(workdir / "report" / "selected" / "submission" / "predictions.npy")
     np.testing.assert_array_equal(submitted, np.load(workdir / "report" / "selected" / "test_predictions.npy"))
+    # The report ends with the command that tags music with the run's SWA model; it runs as printed.
+    assert stdout.splitlines()[-2] == "Tag music with the model just trained:"
+    command = shlex.split(stdout.splitlines()[-1])
+    assert Path(command[0]).resolve() == Path(sys.executable).resolve()
+    assert command[1:4] == ["-m", "emorf_jax.predict", "song.mp3"] and command[4] == f"--checkpoint={workdir}/swa"
+    track = metadata.read_split(synthetic_tree / "data", 0, "test")[0]
+    command[3] = str(synthetic_tree / "audio" / track.path)  # the run trained on prepared data: no demo audio
+    tagged = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert tagged.returncode == 0, tagged.stderr
+    assert tagged.stdout.startswith(f"{command[3]}\t")
+
+
+def test_the_demo_names_one_of_its_own_test_tracks_in_the_predict_command(random_checkpoints, synthetic_tree,
+                                                                         tmp_path):
+    from emorf_jax import main
+
+    (tmp_path / "swa").symlink_to(random_checkpoints[0])  # a workdir laid out as the demo's
+    (tmp_path / "synthetic").symlink_to(synthetic_tree)
+    command = shlex.split(main.predict_command(faresnet.get_config("demo"), str(tmp_path)))
+    test_paths = {str(tmp_path / "synthetic" / "audio" / t.path)
+                  for t in metadata.read_split(synthetic_tree / "data", 0, "test")}
+    assert command[3] in test_paths and Path(command[3]).is_file()
+    assert command[4] == f"--checkpoint={tmp_path}/swa"
 
 
 def test_snapshots_are_where_the_config_puts_them(reference_run):
@@ -221,3 +246,15 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
     positive_rate = report["constant_predictor"]["PR-AUC-macro"]
     assert report["final"]["PR-AUC-macro"] > positive_rate + 0.15, report
     assert report["final"]["ROC-AUC-macro"] > 0.6, report  # chance is 0.5; the test split has ~25 tracks
+
+
+def test_compilation_cache_keeps_compiled_programs_in_the_workdir(tmp_path):
+    """--compilation_cache_dir (relative: in the workdir) is where a run's compiled programs go."""
+    program = ("import sys, jax, jax.numpy as jnp; from emorf_jax import main; "
+               "main.use_compilation_cache('xla_cache', sys.argv[1]); jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))")
+    environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    environment["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any((tmp_path / "xla_cache").iterdir())

@@ -1,4 +1,5 @@
-"""CP-ResNet models (plain, frequency-aware, Shake-Shake), receptive fields, import of the authors' weights."""
+"""CP-ResNet models (plain, frequency-aware, Shake-Shake), receptive fields, import of the authors' weights; the
+baselines of the paper's table (vggish, resnet, crnn) and the registry that builds any of them by name."""
 
 import importlib
 from types import ModuleType

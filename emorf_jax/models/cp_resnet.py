@@ -7,12 +7,16 @@ weights is a plain renaming (see torch_import.py).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from emorf_jax.models import conv
 
 BN_EPSILON = 1e-5  # PyTorch's default
 BN_MOMENTUM = 0.9  # Flax convention for PyTorch's running-average momentum 0.1
@@ -42,6 +46,13 @@ def fixup_conv1_init(num_blocks: int) -> nn.initializers.Initializer:
 shortcut_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv_layer(fast_cpu_conv: bool) -> Callable[..., nn.Conv]:
+    """nn.Conv without bias, with the convolution whose gradients are fast on CPU (conv.py) or XLA's own
+    everywhere; the parameters are the same either way."""
+    function = conv.conv_general_dilated if fast_cpu_conv else jax.lax.conv_general_dilated
+    return functools.partial(nn.Conv, use_bias=False, conv_general_dilated=function)
+
+
 def block_names() -> list[tuple[int, int]]:
     """(stage, block) of the 12 basic blocks in network order, both counted from 1."""
     return [(stage, block) for stage in range(1, NUM_STAGES + 1) for block in range(1, BLOCKS_PER_STAGE + 1)]
@@ -58,10 +69,10 @@ def kernel_schedule(rho: int) -> list[tuple[str, int]]:
     _check_rho(rho)
     schedule = []
     for stage, block in block_names():
-        for conv in (1, 2):
-            name = f"stage{stage}.block{block}.conv{conv}"
+        for index in (1, 2):
+            name = f"stage{stage}.block{block}.conv{index}"
             j = len(schedule) + 1 - len(FIXED_KERNELS)
-            kernel = FIXED_KERNELS[conv - 1] if (stage, block) == (1, 1) else (3 if j <= rho else 1)
+            kernel = FIXED_KERNELS[index - 1] if (stage, block) == (1, 1) else (3 if j <= rho else 1)
             schedule.append((name, kernel))
     return schedule
 
@@ -105,11 +116,12 @@ class BasicBlock(nn.Module):
     bn_axis_name: str | None
     bn_momentum: float
     dtype: Any
+    fast_cpu_conv: bool = True  # see CPResNet
 
     def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Conv:
         padding = kernel // 3  # the authors' padding: 1 for 3x3, 0 for 1x1
-        return nn.Conv(features, (kernel, kernel), padding=[(padding, padding)] * 2, use_bias=False,
-                       kernel_init=init, dtype=self.dtype, name=name)
+        return conv_layer(self.fast_cpu_conv)(features, (kernel, kernel), padding=[(padding, padding)] * 2,
+                                              kernel_init=init, dtype=self.dtype, name=name)
 
     def _branch(self, x: jax.Array, train: bool, prefix: str) -> jax.Array:
         add_frequency = with_frequency_channel if self.frequency_aware else (lambda y: y)
@@ -155,14 +167,16 @@ class CPResNet(nn.Module):
     bn_axis_name: str | None = None  # axis of a pmap/shard_map for batch statistics synchronised across devices
     bn_momentum: float = BN_MOMENTUM  # Flax convention; 0.0 makes the running statistics this batch's statistics
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32 and logits are returned as float32
+    fast_cpu_conv: bool = True  # on CPU, conv gradients as matrix products (conv.py); False: XLA's own convs
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_input(x)
         x = x.astype(self.dtype)
         pad = [(STEM_PADDING, STEM_PADDING)] * 2
-        x = nn.Conv(self.base_channels, (STEM_KERNEL,) * 2, strides=STEM_STRIDE,
-                    padding=pad, use_bias=False, kernel_init=kaiming_fan_in, dtype=self.dtype, name="in_c_conv")(x)
+        make_conv = conv_layer(self.fast_cpu_conv)
+        x = make_conv(self.base_channels, (STEM_KERNEL,) * 2, strides=STEM_STRIDE, padding=pad,
+                      kernel_init=kaiming_fan_in, dtype=self.dtype, name="in_c_conv")(x)
         x = nn.relu(batch_norm(self, train, "in_c_bn")(x))
 
         kernels = dict(kernel_schedule(self.rho))
@@ -173,12 +187,12 @@ class CPResNet(nn.Module):
                            kernels=(kernels[f"{prefix}.conv1"], kernels[f"{prefix}.conv2"]), num_blocks=len(blocks),
                            frequency_aware=self.frequency_aware, shake_shake=self.shake_shake,
                            bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum, dtype=self.dtype,
-                           name=f"stage{stage}_block{block}")(x, train)
+                           fast_cpu_conv=self.fast_cpu_conv, name=f"stage{stage}_block{block}")(x, train)
             if (stage, block) in POOLED_BLOCKS:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
-        x = nn.Conv(self.num_classes, (1, 1), use_bias=False, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                    name="feed_forward_conv")(x)
+        x = make_conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                      name="feed_forward_conv")(x)
         x = batch_norm(self, train, "feed_forward_bn")(x)
         self.sow("intermediates", "feature_map", x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))

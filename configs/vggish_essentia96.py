@@ -1,0 +1,24 @@
+"""VGG-ish on the organisers' own input: their precomputed Essentia mel-spectrograms (`essentia96`: 12 kHz, hop 256,
+96 bands, `python -m data_prep.build --config essentia96` over their `NN/ID.npy` files), the baseline row of the
+paper's table, with the recipe of every other row (configs/default.py).
+
+Model as configs/vggish.py (Choi et al. 2016 as narrowed in the task's baseline code); 448,122 parameters at 56
+tags. Crops of 1,366 frames (29.1 s), the organisers' input length, on which the pools end at 1x1 as theirs do.
+UNVERIFIED: whole-track windows of 1,366 frames (the organisers scored the central 1,366 frames only).
+The synthetic MTG-Jamendo of `:demo` has MP3s and no Essentia `.npy` files: `:demo` and `:test` here need
+`dataset.data_dir` to hold an essentia96 dataset prepared from `.npy` input.
+"""
+
+from configs import default
+
+ORGANISERS_FRAMES = 1366  # 29.1 s at 12 kHz / hop 256, the baseline's central crop
+
+
+def get_config(variant: str | None = None):
+    config = default.get_config(variant)
+    default.set_model(config, variant, "vggish", {None: 64, "demo": 16, "test": 4}, dropout=0.5)
+    config.dataset.config_name = "essentia96"
+    if not variant:
+        config.input.crop_frames = ORGANISERS_FRAMES
+        config.input.eval_window_frames = ORGANISERS_FRAMES
+    return config

@@ -1,0 +1,121 @@
+"""A drop-in `lax.conv_general_dilated` whose gradients are matrix products on CPU (docs/architecture.md, "Model").
+
+XLA:CPU computes a convolution's kernel gradient with a slow generic loop: on CP-ResNet's convs it took 4-5x the
+forward pass for a 3x3 kernel and 8x for a 1x1 (benchmarks/RESULTS.md), and no XLA flag changes that. On CPU,
+`conv_general_dilated` below therefore computes, with the same results:
+
+- a 1x1 convolution (stride 1, no padding) as a matrix product over the channels, forward and backward, which
+  is also twice as fast as XLA:CPU's 1x1 convolution forward;
+- any other convolution forward, and its input gradient, with XLA's own convolutions (as fast as PyTorch's),
+  and its kernel gradient as matrix products: for stride 1 one product per kernel tap, dW[i, j] = X_(i,j)^T G,
+  where X_(i,j) is the padded input shifted by the tap (a contiguous run of its flattened rows); for a strided
+  conv (the 5x5 stem, whose input has one channel) one product of the input patches (im2col) with G.
+
+On every other platform (GPU, TPU) `jax.lax.platform_dependent` keeps XLA's own convolution and its gradients.
+Only what the CP-ResNet family uses takes the CPU path, 2-D NHWC x HWIO convolutions without dilation or groups;
+anything else goes to `lax.conv_general_dilated` unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]], lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+    """`lax.conv_general_dilated` with the same arguments and results; fast gradients on CPU (module docstring)."""
+    xla = functools.partial(
+        lax.conv_general_dilated, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
+    undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    if not (undilated and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
+            and _is_nhwc(lhs, rhs, dimension_numbers)):
+        return xla(lhs, rhs)
+    strides = (int(window_strides[0]), int(window_strides[1]))
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    (top, bottom), (left, right) = padding
+    pads = ((int(top), int(bottom)), (int(left), int(right)))
+    cpu = functools.partial(cpu_conv, strides=strides, padding=pads, precision=precision)
+    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
+
+
+def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return False
+    return (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+
+
+def cpu_conv(x: jax.Array, w: jax.Array, *, strides: tuple[int, int], padding: Padding,
+             precision=None) -> jax.Array:
+    """An NHWC x HWIO convolution (explicit padding, no dilation) computed the fast way for XLA:CPU."""
+    if w.shape[:2] == (1, 1) and strides == (1, 1) and padding == ((0, 0), (0, 0)):
+        return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+    return _conv(x, w, strides, padding, precision)
+
+
+def _xla_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
+    return _xla_conv(x, w, strides, padding, precision)
+
+
+def _conv_forward(x, w, strides, padding, precision):
+    return _xla_conv(x, w, strides, padding, precision), (x, w)
+
+
+def _conv_backward(strides, padding, precision, residuals, g):
+    x, w = residuals
+    transpose = jax.linear_transpose(lambda lhs: _xla_conv(lhs, w, strides, padding, precision), x)
+    return transpose(g)[0], kernel_gradient(x, g, w.shape, strides, padding, precision)
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
+
+
+def kernel_gradient(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
+                    padding: Padding, precision=None) -> jax.Array:
+    """dL/dW (HWIO) of y = conv(x, W) for the output gradient g (NHWC), as matrix products (module docstring)."""
+    kh, kw, c, o = kernel_shape
+    (top, bottom), (left, right) = padding
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+    n, hp, wp, _ = xp.shape
+    _, ho, wo, _ = g.shape
+    if strides == (1, 1):
+        # Row r = (b, h, w) of the padded grid: tap (i, j) pairs x's row r + i*wp + j with g's row r. g is padded
+        # with zeros to the padded grid, so the rows a tap reads past a row's end meet zeros; x's flattened rows
+        # get (kh-1)*wp + kw-1 more at the end, so that the last taps stay in bounds.
+        g_rows = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, hp - ho, 0), (0, wp - wo, 0), (0, 0, 0)))
+        rows = n * hp * wp
+        g_rows = g_rows.reshape(rows, o)
+        x_rows = jnp.pad(xp.reshape(rows, c), ((0, (kh - 1) * wp + kw - 1), (0, 0)))
+        taps = [_dot(lax.slice_in_dim(x_rows, i * wp + j, i * wp + j + rows), g_rows, 1, precision)
+                for i in range(kh) for j in range(kw)]
+        return jnp.stack(taps).reshape(kh, kw, c, o).astype(x.dtype)
+    # (batch, ho, wo, kh*kw, c) patches: memory kh*kw times the input's, cheap for the one-channel stem.
+    sh, sw = strides
+    patches = jnp.stack([lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                                   (1, sh, sw, 1)) for i in range(kh) for j in range(kw)], axis=3)
+    return _dot(patches, g, 3, precision).reshape(kh, kw, c, o).astype(x.dtype)
+
+
+def _dot(a: jax.Array, b: jax.Array, batch_axes: int, precision) -> jax.Array:
+    """Sum over the leading `batch_axes` axes of a_(...)ᵀ b_(...), accumulated in float32 (for bfloat16 too)."""
+    axes = tuple(range(batch_axes))
+    return lax.dot_general(a, b, ((axes, axes), ((), ())), precision=precision, preferred_element_type=jnp.float32)

@@ -1,0 +1,60 @@
+"""The organisers' MediaEval 2019 baseline ("VGG-ish"): the fully convolutional network of Choi et al. 2016,
+"Automatic tagging using deep convolutional neural networks", narrowed as in the task's baseline code
+(docs/fidelity.md, "Baselines").
+
+Five blocks of 3x3 conv (padding 1, with bias) - BatchNorm - ELU - max-pool, after a BatchNorm of the input, then
+dropout and one dense layer. The pools (2,4), (2,4), (2,4), (3,5), (4,4) (frequency, time) take the organisers' 96
+mel bands x 1,366 frames (29 s) to 1x1. On other inputs (our 256 bands, shorter windows) the same pools apply, each
+clipped to the size of the map it pools, and whatever remains after the fifth is max-pooled globally: for 96 x
+1,366 input that is the organisers' network exactly, and any input of at least one frame and band gives logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm
+
+# (frequency, time) max-pool after each conv block, for 96 bands x 1,366 frames.
+POOLS = ((2, 4), (2, 4), (2, 4), (3, 5), (4, 4))
+# Channels of the five convs as multiples of `base_channels`: the organisers' 64, 128, 128, 128, 64.
+WIDTH_FACTORS = (1, 2, 2, 2, 1)
+
+
+def clipped_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """Non-overlapping max-pool of an NHWC map (remainders dropped, as PyTorch's MaxPool2d), each window side
+    clipped to the map's size so that no axis vanishes."""
+    window = tuple(min(size, side) for size, side in zip(window, x.shape[1:3]))
+    return nn.max_pool(x, window, strides=window, padding="VALID")
+
+
+class VGGish(nn.Module):
+    """`apply(variables, x, train)` -> logits (batch, tags) of a (batch, n_mels, frames, 1) spectrogram.
+
+    Dropout (before the dense layer) draws from the rng stream "dropout" in training.
+    """
+
+    num_classes: int
+    base_channels: int = 64
+    dropout: float = 0.5
+    bn_axis_name: str | None = None
+    bn_momentum: float = BN_MOMENTUM
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"VGGish expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+        x = batch_norm(self, train, "bn_init")(x.astype(self.dtype))
+        for index, (factor, pool) in enumerate(zip(WIDTH_FACTORS, POOLS), start=1):
+            x = nn.Conv(self.base_channels * factor, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
+                        name=f"conv_{index}")(x)
+            x = nn.elu(batch_norm(self, train, f"bn_{index}")(x))
+            x = clipped_max_pool(x, pool)
+        x = jnp.max(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="dense")(x).astype(jnp.float32)

@@ -1,0 +1,161 @@
+"""Two real processes on JAX's multi-controller runtime (gloo CPU collectives, one device each) train as one
+process with two devices does: `python -m emorf_jax.main --coordinator_address=... --num_processes=2`."""
+
+import json
+import os
+from pathlib import Path
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import faresnet
+from emorf_jax import checkpoints, distributed, train
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 600  # seconds for any run: a hang fails the test instead of blocking the suite
+# One epoch of the test config: steps 1-3, resumable checkpoints at steps 2 and 3, evaluation, SWA and a
+# snapshot at step 3.
+OVERRIDES = {"num_epochs": 1, "checkpoint_every_steps": 2}
+
+
+def _command(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "emorf_jax.main", "--config=configs/faresnet.py:test",
+            f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}",
+            *(f"--config.{name}={value}" for name, value in OVERRIDES.items()), *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_two_processes(data_dir: Path, workdir: Path, extra_of_process=((), ())) -> list[subprocess.Popen]:
+    """Process 0 and 1 of a two-process job on this machine, one CPU device each; their output goes to files
+    beside the workdir (`<workdir>.<index>.out`, `.err`), so that no full pipe can stall them."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    address = f"localhost:{_free_port()}"
+    processes = []
+    for index, extra in enumerate(extra_of_process):
+        with open(f"{workdir}.{index}.out", "w") as stdout, open(f"{workdir}.{index}.err", "w") as stderr:
+            processes.append(subprocess.Popen(
+                _command(data_dir, workdir, f"--coordinator_address={address}", "--num_processes=2",
+                         f"--process_id={index}", *extra), cwd=REPO, env=env, stdout=stdout, stderr=stderr))
+    return processes
+
+
+def _finish(processes: list[subprocess.Popen], workdir: Path) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each process; all are killed if one outlives the timeout."""
+    deadline = time.time() + TIMEOUT
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    return [(process.returncode, Path(f"{workdir}.{index}.out").read_text(),
+             Path(f"{workdir}.{index}.err").read_text()) for index, process in enumerate(processes)]
+
+
+def _run_two_processes(data_dir: Path, workdir: Path) -> list[tuple[int, str, str]]:
+    results = _finish(_start_two_processes(data_dir, workdir), workdir)
+    for index, (returncode, _, stderr) in enumerate(results):
+        assert returncode == 0, f"process {index}: {stderr[-3000:]}"
+    return results
+
+
+def _has_steps(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _latest(workdir: Path):
+    with checkpoints.open_manager(str(workdir), checkpoints.LATEST, read_only=True) as manager:
+        weights, _ = checkpoints.restore(manager)
+        return manager.latest_step(), weights
+
+
+@pytest.fixture(scope="module")
+def single_process_run(prepared_data_dir, tmp_path_factory):
+    """The same job in this process with its two devices (conftest), on the same global batches."""
+    data_dir, _ = prepared_data_dir
+    config = faresnet.get_config("test")
+    config.dataset.data_dir = str(data_dir)
+    config.update(OVERRIDES)
+    workdir = tmp_path_factory.mktemp("one_process")
+    train.train_and_evaluate(config, str(workdir))
+    return data_dir, workdir
+
+
+def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(single_process_run, tmp_path):
+    data_dir, reference = single_process_run
+    workdir = tmp_path / "two_processes"
+    processes = _start_two_processes(data_dir, workdir)
+    deadline = time.time() + TIMEOUT
+    while not _has_steps(workdir / checkpoints.LATEST) and time.time() < deadline:
+        if any(p.poll() is not None for p in processes):
+            break
+        time.sleep(0.01)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    outputs = _finish(processes, workdir)
+    assert _has_steps(workdir / checkpoints.LATEST), "no checkpoint before a process ended or the timeout: " + \
+        " | ".join(stderr[-2000:] for _, _, stderr in outputs)
+    killed_at, _ = _latest(workdir)
+    reference_step, reference_weights = _latest(reference)
+    assert killed_at < reference_step, "the kill must interrupt the run before its end"
+    assert not (workdir / "report").exists()
+
+    (_, stdout_0, _), (_, stdout_1, stderr_1) = _run_two_processes(data_dir, workdir)
+    step, weights = _latest(workdir)
+    assert step == reference_step
+    # Gradients, BatchNorm statistics and mixup spanned both processes: the same weights as one process with
+    # both devices (on this CPU to the last bit; the tolerance allows for other collectives' summation order).
+    for name in ("params", "average_params", "batch_stats"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), weights[name],
+                     reference_weights[name])
+    # Each process predicted its share of every evaluation batch with its own copy of the weights.
+    report = json.loads((workdir / "report" / "test_report.json").read_text())
+    reference_report = json.loads((reference / "report" / "test_report.json").read_text())
+    assert report.keys() == reference_report.keys() >= {"final", "selected", "swa", "snapshot_ensemble_1"}
+    for name in report:
+        for figure, value in reference_report[name].items():
+            assert report[name][figure] == pytest.approx(value, abs=1e-6), (name, figure)
+        if name != "constant_predictor":
+            np.testing.assert_allclose(np.load(workdir / "report" / name / "test_predictions.npy"),
+                                       np.load(reference / "report" / name / "test_predictions.npy"), atol=1e-6)
+    # Process 0 alone reports, logs and writes; the other one says nothing unless something is wrong.
+    assert "snapshot_ensemble_1" in stdout_0 and "test set" not in stdout_1
+    assert "JAX process 1/2" in stderr_1 and "step 3:" not in stderr_1
+    assert json.loads((workdir / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+
+
+def test_processes_started_with_different_configs_are_refused(prepared_data_dir, tmp_path):
+    data_dir, _ = prepared_data_dir
+    workdir = tmp_path / "w"
+    results = _finish(_start_two_processes(data_dir, workdir, ((), ("--config.model.rho=3",))), workdir)
+    for returncode, _, stderr in results:
+        assert returncode != 0
+        assert "2 processes were started with different configs: process 1 differs from process 0 in model.rho" \
+            in stderr, stderr[-3000:]
+    assert not (workdir / "config.json").exists()
+
+
+def test_a_partial_set_of_explicit_flags_or_no_cluster_is_refused_before_anything_starts():
+    with pytest.raises(ValueError, match="--coordinator_address and --process_id missing"):
+        distributed.initialize(auto_detect=False, num_processes=2)
+    distributed.initialize(auto_detect=False)  # nothing asked: one process, nothing started
+    assert jax.process_count() == 1
+    # Detection outside any cluster, in a process whose backend is not started yet (as main.py's is not).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORD"))}
+    result = subprocess.run([sys.executable, "-c", "from emorf_jax import distributed; "
+                             "distributed.initialize(auto_detect=True)"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    assert "no SLURM, Open MPI, Cloud TPU or Kubernetes job was detected" in result.stderr, result.stderr[-3000:]
