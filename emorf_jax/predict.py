@@ -101,7 +101,7 @@ def model_card(path: str) -> str:
     tagger = inference.load_tagger(path)
     meta = tagger.meta
     model, settings = meta["model"], meta["features"]
-    seconds_per_frame = settings["hop_length"] / settings["sample_rate"]
+    frame_seconds = seconds_per_frame(tagger)
     lines = [
         f"checkpoint       {os.path.abspath(path)} ({meta['kind']}, step {meta['step']}, epoch {meta['epoch']:.2f})",
         f"model            {registry.describe(model)}",
@@ -112,7 +112,7 @@ def model_card(path: str) -> str:
     lines += [
         f"features         {settings['n_mels']} mel bands, {settings['sample_rate']} Hz, n_fft {settings['n_fft']}, "
         f"hop {settings['hop_length']}, {settings['order']}",
-        f"window           {meta['window_frames']} frames ({meta['window_frames'] * seconds_per_frame:.1f} s)",
+        f"window           {meta['window_frames']} frames ({meta['window_frames'] * frame_seconds:.1f} s)",
         f"training data    split {meta['dataset']['split_index']} of {meta['dataset']['config_name']}, "
         f"{meta['dataset']['training_tracks']} tracks, crops of {meta['dataset']['crop_frames']} frames, "
         f"batch {meta['dataset']['batch_size']}",
