@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm
-from emorf_jax.models.vggish import clipped_max_pool
+from emorf_jax.models.cp_resnet import BN_MOMENTUM
+from emorf_jax.models.vggish import conv_elu_blocks
 
 POOLS = ((2, 2), (3, 3), (4, 4), (4, 4))
 WIDTH_FACTORS = (1, 2, 2, 2)  # of `base_channels`: 64, 128, 128, 128
@@ -42,12 +42,8 @@ class CRNN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"CRNN expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
-        x = batch_norm(self, train, "bn_init")(x.astype(self.dtype))
-        for index, (factor, pool) in enumerate(zip(WIDTH_FACTORS, POOLS), start=1):
-            x = nn.Conv(self.base_channels * factor, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                        name=f"conv_{index}")(x)
-            x = nn.elu(batch_norm(self, train, f"bn_{index}")(x))
-            x = nn.Dropout(self.conv_dropout, deterministic=not train)(clipped_max_pool(x, pool))
+        x = conv_elu_blocks(self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS,
+                            dropout=self.conv_dropout)
         batch, rows, steps, channels = x.shape
         sequence = jnp.transpose(x, (0, 2, 1, 3)).reshape(batch, steps, rows * channels)
         for index in (1, 2):

@@ -32,6 +32,19 @@ def clipped_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
     return nn.max_pool(x, window, strides=window, padding="VALID")
 
 
+def conv_elu_blocks(owner: nn.Module, x: jax.Array, train: bool, widths: tuple[int, ...],
+                    pools: tuple[tuple[int, int], ...], dropout: float = 0.0) -> jax.Array:
+    """The input BatchNorm, then per block a 3x3 conv (padding 1, with bias) - BatchNorm - ELU - clipped max-pool
+    (- dropout): the convolutional part that VGG-ish and the CRNN share, built inside `owner`'s compact call."""
+    x = batch_norm(owner, train, "bn_init")(x.astype(owner.dtype))
+    for index, (features, pool) in enumerate(zip(widths, pools), start=1):
+        x = nn.Conv(features, (3, 3), padding=[(1, 1), (1, 1)], dtype=owner.dtype, name=f"conv_{index}")(x)
+        x = clipped_max_pool(nn.elu(batch_norm(owner, train, f"bn_{index}")(x)), pool)
+        if dropout:
+            x = nn.Dropout(dropout, deterministic=not train)(x)
+    return x
+
+
 class VGGish(nn.Module):
     """`apply(variables, x, train)` -> logits (batch, tags) of a (batch, n_mels, frames, 1) spectrogram.
 
@@ -49,12 +62,7 @@ class VGGish(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim != 4:
             raise ValueError(f"VGGish expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
-        x = batch_norm(self, train, "bn_init")(x.astype(self.dtype))
-        for index, (factor, pool) in enumerate(zip(WIDTH_FACTORS, POOLS), start=1):
-            x = nn.Conv(self.base_channels * factor, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                        name=f"conv_{index}")(x)
-            x = nn.elu(batch_norm(self, train, f"bn_{index}")(x))
-            x = clipped_max_pool(x, pool)
+        x = conv_elu_blocks(self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS)
         x = jnp.max(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="dense")(x).astype(jnp.float32)
