@@ -198,10 +198,15 @@ class CPResNet(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
+def check_nhwc(x: jax.Array, model_name: str) -> None:
+    """Every model of the family takes (batch, frequency, time, channels): say so instead of failing deep inside."""
+    if x.ndim != 4:
+        raise ValueError(f"{model_name} expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+
+
 def check_input(x: jax.Array) -> None:
     """Reject inputs the network cannot take, naming the offending axis, instead of failing deep inside."""
-    if x.ndim != 4:
-        raise ValueError(f"CPResNet expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+    check_nhwc(x, "CPResNet")
     for axis, name in ((1, "frequency"), (2, "time")):
         if x.shape[axis] < MIN_INPUT_SIZE:
             raise ValueError(f"CPResNet input {name} size {x.shape[axis]} (axis {axis} of {x.shape}) is below the "

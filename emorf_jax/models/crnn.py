@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM
+from emorf_jax.models.cp_resnet import BN_MOMENTUM, check_nhwc
 from emorf_jax.models.vggish import conv_elu_blocks
 
 POOLS = ((2, 2), (3, 3), (4, 4), (4, 4))
@@ -40,8 +40,7 @@ class CRNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f"CRNN expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+        check_nhwc(x, "CRNN")
         x = conv_elu_blocks(self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS,
                             dropout=self.conv_dropout)
         batch, rows, steps, channels = x.shape

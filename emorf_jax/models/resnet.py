@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm
+from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm, check_nhwc
 
 STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True}
@@ -74,8 +74,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f"ResNet expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+        check_nhwc(x, "ResNet")
         x = nn.Conv(self.base_channels, (7, 7), strides=2, padding=[(3, 3), (3, 3)], use_bias=False,
                     kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(batch_norm(self, train, "stem_bn")(x))

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm
+from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm, check_nhwc
 
 # (frequency, time) max-pool after each conv block, for 96 bands x 1,366 frames.
 POOLS = ((2, 4), (2, 4), (2, 4), (3, 5), (4, 4))
@@ -60,8 +60,7 @@ class VGGish(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if x.ndim != 4:
-            raise ValueError(f"VGGish expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
+        check_nhwc(x, "VGGish")
         x = conv_elu_blocks(self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS)
         x = jnp.max(x, axis=(1, 2))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
