@@ -5,8 +5,8 @@ paper's table, with the recipe of every other row (configs/default.py).
 Model as configs/vggish.py (Choi et al. 2016 as narrowed in the task's baseline code); 448,122 parameters at 56
 tags. Crops of 1,366 frames (29.1 s), the organisers' input length, on which the pools end at 1x1 as theirs do.
 UNVERIFIED: whole-track windows of 1,366 frames (the organisers scored the central 1,366 frames only).
-The synthetic MTG-Jamendo of `:demo` has MP3s and no Essentia `.npy` files: `:demo` and `:test` here need
-`dataset.data_dir` to hold an essentia96 dataset prepared from `.npy` input.
+The synthetic MTG-Jamendo of `:demo` has MP3s only: for it, `python -m emorf_jax.main` first writes `.npy` files in
+the organisers' format from them (`data_prep.essentia_like`: librosa's mels, not Essentia's) and prepares those.
 """
 
 from configs import default

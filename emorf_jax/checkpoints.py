@@ -31,9 +31,10 @@ def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.Che
     keep = {LATEST: 2, SNAPSHOTS: None, SWA: 1, BEST: 1}
     if kind not in keep:
         raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {sorted(keep)}")
+    # read_only, for listing and restoring: no directory is created and none deleted. orbax's own read_only option
+    # would log three warnings per manager.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep[kind],
-        read_only=read_only,
+        max_to_keep=None if read_only else keep[kind],
         create=not read_only,
         enable_async_checkpointing=False,
         best_fn=(lambda metrics: metrics["score"]) if kind == BEST else None,

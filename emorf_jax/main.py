@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from data_prep import layout, metadata  # noqa: E402
+from data_prep import features, layout, metadata  # noqa: E402
 from emorf_jax import checkpoints, distributed, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -66,7 +66,13 @@ def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -
                          "--tracks", str(config.dataset.synthetic_tracks), "--seed", str(config.dataset.synthetic_seed),
                          "--duration", str(config.dataset.synthetic_duration),
                          "--workers", str(config.dataset.workers)])
-    build = [sys.executable, "-m", "data_prep.build", "--audio_dir", os.path.join(root, "audio"),
+    inputs = os.path.join(root, "audio")
+    if features.settings_for(config.dataset.config_name).source == "npy":  # the organisers' format, made from the MP3s
+        commands.append([sys.executable, "-m", "data_prep.essentia_like", "--audio_dir", inputs,
+                         "--metadata_dir", os.path.join(root, "data"), "--out", os.path.join(root, "npy"),
+                         "--workers", str(config.dataset.workers)])
+        inputs = os.path.join(root, "npy")
+    build = [sys.executable, "-m", "data_prep.build", "--audio_dir", inputs,
              "--metadata_dir", os.path.join(root, "data"), "--data_dir", train.data_dir(config, workdir),
              "--config", config.dataset.config_name, "--split", str(config.dataset.split_index),
              "--workers", str(config.dataset.workers)]

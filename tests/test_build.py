@@ -14,7 +14,7 @@ import pytest
 import soundfile
 import tensorflow_datasets as tfds
 
-from data_prep import build, extract, features, layout, metadata, reader
+from data_prep import build, essentia_like, extract, features, layout, metadata, reader
 from data_prep.reader import PARTS, load_prepared
 
 from .conftest import CHUNK_FRAMES
@@ -266,20 +266,11 @@ def test_byte_identical_files_are_reported_and_can_be_dropped(synthetic_tree, pr
         assert sum(track_id in kept.track_ids[part] for part in PARTS for track_id in ids) == 1
 
 
-def _write_essentia_like_npy(tree: Path, out: Path) -> None:
-    """Organisers-style input from the synthetic audio: 12 kHz, frame 512, hop 256, 96 bands, dB, (96, T)."""
-    for part in PARTS:
-        for track in metadata.read_split(tree / "data", 0, part):
-            stereo, sample_rate = soundfile.read(tree / "audio" / track.path, dtype="float32")
-            waveform = librosa.resample(stereo.mean(axis=1), orig_sr=sample_rate, target_sr=12000)
-            mels = librosa.feature.melspectrogram(y=waveform, sr=12000, n_fft=512, hop_length=256, n_mels=96)
-            target = out / features.source_path(track.path, features.settings_for("essentia96"))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            np.save(target, librosa.power_to_db(mels))
-
-
 def test_precomputed_npy_input_builds_the_essentia96_dataset(synthetic_tree, tmp_path):
-    _write_essentia_like_npy(synthetic_tree, tmp_path / "npy")
+    arguments = (synthetic_tree / "audio", synthetic_tree / "data", tmp_path / "npy")
+    split_paths = {track.path for part in PARTS for track in metadata.read_split(synthetic_tree / "data", 0, part)}
+    assert essentia_like.write_essentia_like_tree(*arguments, workers=2, progress=False) == len(split_paths)
+    assert essentia_like.write_essentia_like_tree(*arguments, progress=False) == 0  # existing files are kept
     build.build_dataset(
         tmp_path / "npy", synthetic_tree / "data", tmp_path / "out", "essentia96", workers=2, progress=False
     )

@@ -141,29 +141,51 @@ def test_snapshot_steps_follow_the_config():
     assert len(steps) == 16  # epochs 125, 130, ..., 200
 
 
-def test_bfloat16_compute_trains_like_float32():
-    """half_precision (bfloat16 compute, float32 parameters): the same loss as float32 within bfloat16's rounding,
-    a loss curve within 5 % of float32's over three steps on one batch, float32 parameters, and really bfloat16
-    compute (the losses are not identical). Gradients are not compared leaf by leaf: on this tiny net (4 channels,
-    12 BatchNorms) bfloat16's differ from float32's by 40-100 % in relative L2, with XLA's convolutions as with
-    models/conv.py."""
+def test_bfloat16_compute_steps_like_float32():
+    """half_precision (bfloat16 compute, float32 parameters): the pmapped step's loss equals float32's within
+    bfloat16's rounding, the parameters it writes stay float32, and the compute is really bfloat16 (the losses are
+    not identical). Loss curves over several steps are no test of precision on this tiny net: its training-mode
+    gradients, through 12 BatchNorms' batch statistics on 8 examples of 4 channels, move by 25-60 % in relative L2
+    when the input moves by 0.1 % in float32 alone (benchmarks/RESULTS.md); the next test compares gradients without
+    that amplifier."""
     fields = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
     _, initial = _model_and_state(_TX)
     device = jax.devices()[:1]
     batch = {k: v[None] for k, v in _batch(seed=10).items()}
     rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=device)
-    curves, finals = {}, {}
+    losses, finals = {}, {}
     for half_precision in (False, True):
         model = train.create_model(fields, half_precision=half_precision, axis_name="batch")
         step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.0, averaging=_SWA,
                                           learning_rate=optax.constant_schedule(0.02)),
                         axis_name="batch", devices=device)
-        state, losses = jax_utils.replicate(initial, devices=device), []
-        for _ in range(3):
-            state, step_metrics = step(state, batch, rng)
-            losses.append(float(step_metrics["loss"][0]))
-        curves[half_precision], finals[half_precision] = np.array(losses), _first_replica(state)
+        state, step_metrics = step(jax_utils.replicate(initial, devices=device), batch, rng)
+        losses[half_precision], finals[half_precision] = float(step_metrics["loss"][0]), _first_replica(state)
     assert {leaf.dtype for leaf in jax.tree.leaves(finals[True].params)} == {np.dtype(np.float32)}
-    assert not np.array_equal(curves[True], curves[False])
-    np.testing.assert_allclose(curves[True][0], curves[False][0], rtol=5e-3)  # the same weights: bf16 rounding
-    np.testing.assert_allclose(curves[True], curves[False], rtol=0.05)  # then the gradients' differences add up
+    assert losses[True] != losses[False]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=5e-3)
+
+
+def _relative_l2(tree, reference) -> float:
+    difference = sum(float(jnp.sum((a.astype(jnp.float32) - b) ** 2)) for a, b in
+                     zip(jax.tree.leaves(tree), jax.tree.leaves(reference)))
+    return (difference / sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(reference))) ** 0.5
+
+
+def test_bfloat16_gradients_equal_float32_within_bfloat16_rounding_with_running_statistics():
+    """With BatchNorm on its running statistics, bfloat16 compute's loss gradient is float32's to within 5 % in
+    relative L2 (0.7 % measured); a broken cast (a float16 or bfloat16 parameter, a low-precision sum) fails it."""
+    fields = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
+    _, state = _model_and_state(_TX)
+    batch = _batch(seed=11)
+    gradients = {}
+    for half_precision in (False, True):
+        model = train.create_model(fields, half_precision=half_precision)
+
+        def loss(params):
+            logits = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["spectrogram"])
+            return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
+
+        gradients[half_precision] = jax.jit(jax.grad(loss))(state.params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(gradients[True])} == {np.dtype(np.float32)}
+    assert 0 < _relative_l2(gradients[True], gradients[False]) < 0.05

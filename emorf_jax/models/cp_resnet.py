@@ -84,9 +84,71 @@ def frequency_channel(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(rows[None, :, None, None], (*x.shape[:3], 1)).astype(x.dtype)
 
 
-def with_frequency_channel(x: jax.Array) -> jax.Array:
-    """`x` with the FA channel appended as its last channel."""
-    return jnp.concatenate([x, frequency_channel(x)], axis=-1)
+class FrequencyAwareConv(nn.Module):
+    """The authors' FA conv (x with the FA channel appended, a kernel of C+1 input channels) computed as the conv of
+    x with the kernel's first C channels plus the conv of the FA channel with its last (docs/architecture.md,
+    "Model"). The values and the parameter are those of nn.Conv on the concatenated input, but the concatenated map
+    is never written and the constant channel gets no input gradient: on CPU at the paper's size the concatenations
+    took 0.43 s of a 12 s step, and the largest conv's 129-channel input gradient 0.37 s more than a 128-channel
+    one (benchmarks/RESULTS.md). The channel is convolved at full batch: a batch-1 conv broadcast over the batch
+    would need its gradient summed over the batch, which XLA:CPU did in 2 s."""
+
+    features: int
+    kernel_size: int
+    padding: int
+    kernel_init: nn.initializers.Initializer
+    dtype: Any
+    fast_cpu_conv: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1] + 1, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        function = conv.conv_general_dilated if self.fast_cpu_conv else jax.lax.conv_general_dilated
+        convolve = functools.partial(function, window_strides=(1, 1), padding=[(self.padding, self.padding)] * 2,
+                                     dimension_numbers=conv.NHWC)
+        return convolve(x, kernel[:, :, :-1]) + convolve(frequency_channel(x), kernel[:, :, -1:])
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """`nn.max_pool(x, (2, 2), strides=(2, 2))` (an odd last row or column is dropped), with the same gradient, to
+    the first maximum of each window in row-major order, computed elementwise: the gradient XLA derives from
+    nn.max_pool materialises index maps and took 1.6 s of a 12 s CPU step at the paper's size
+    (benchmarks/RESULTS.md)."""
+    return _pool_windows(x).max(axis=(2, 4))
+
+
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """(batch, rows/2, 2, columns/2, 2, channels): the 2x2 windows of x."""
+    n, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    x, y = residuals
+    windows = _pool_windows(x)
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for i in (0, 1):
+        row = []
+        for j in (0, 1):
+            first = (windows[:, :, i, :, j] == y) & ~taken if (i, j) != (1, 1) else ~taken
+            taken = taken | first
+            row.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+        rows.append(jnp.stack(row, axis=3))
+    n, h, w, c = x.shape
+    gradient = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    return (jnp.pad(gradient, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def shake_shake(branch1: jax.Array, branch2: jax.Array, alpha: jax.Array, beta: jax.Array) -> jax.Array:
@@ -118,17 +180,22 @@ class BasicBlock(nn.Module):
     dtype: Any
     fast_cpu_conv: bool = True  # see CPResNet
 
-    def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Conv:
+    def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
         padding = kernel // 3  # the authors' padding: 1 for 3x3, 0 for 1x1
         return conv_layer(self.fast_cpu_conv)(features, (kernel, kernel), padding=[(padding, padding)] * 2,
                                               kernel_init=init, dtype=self.dtype, name=name)
 
+    def _block_conv(self, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
+        """A branch conv: with the FA channel as its last input when frequency-aware."""
+        if not self.frequency_aware:
+            return self._conv(self.features, kernel, init, name)
+        return FrequencyAwareConv(self.features, kernel, kernel // 3, init, self.dtype, self.fast_cpu_conv, name=name)
+
     def _branch(self, x: jax.Array, train: bool, prefix: str) -> jax.Array:
-        add_frequency = with_frequency_channel if self.frequency_aware else (lambda y: y)
         kernel1, kernel2 = self.kernels
-        y = self._conv(self.features, kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1")(add_frequency(x))
+        y = self._block_conv(kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1")(x)
         y = nn.relu(batch_norm(self, train, f"{prefix}bn1")(y))
-        y = self._conv(self.features, kernel2, nn.initializers.zeros, f"{prefix}conv2")(add_frequency(y))
+        y = self._block_conv(kernel2, nn.initializers.zeros, f"{prefix}conv2")(y)
         return batch_norm(self, train, f"{prefix}bn2")(y)
 
     @nn.compact
@@ -189,7 +256,7 @@ class CPResNet(nn.Module):
                            bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum, dtype=self.dtype,
                            fast_cpu_conv=self.fast_cpu_conv, name=f"stage{stage}_block{block}")(x, train)
             if (stage, block) in POOLED_BLOCKS:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = max_pool_2x2(x)
 
         x = make_conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype,
                       name="feed_forward_conv")(x)
