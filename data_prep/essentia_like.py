@@ -19,17 +19,16 @@ from pathlib import Path
 
 import librosa
 import numpy as np
-import soundfile
 import tqdm
 
-from data_prep import features, metadata
+from data_prep import extract, features, metadata
 
 SETTINGS = features.settings_for("essentia96")
 
 
 def essentia_like_mels(audio_file: str | Path) -> np.ndarray:
     """(96, frames) float32 dB mels of an audio file's mono mix, at the organisers' rate, frame and hop."""
-    waveform, sample_rate = soundfile.read(audio_file, dtype="float32", always_2d=True)
+    waveform, sample_rate = features.decode_audio(Path(audio_file).read_bytes(), str(audio_file))
     mono = librosa.resample(waveform.mean(axis=1), orig_sr=sample_rate, target_sr=SETTINGS.sample_rate)
     mels = librosa.feature.melspectrogram(y=mono, sr=SETTINGS.sample_rate, n_fft=SETTINGS.n_fft,
                                           hop_length=SETTINGS.hop_length, n_mels=SETTINGS.n_mels)
@@ -38,9 +37,7 @@ def essentia_like_mels(audio_file: str | Path) -> np.ndarray:
 
 def _write(audio_file: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.stem}.tmp.npy")
-    np.save(partial, essentia_like_mels(audio_file))
-    partial.replace(target)
+    extract.write_atomically(target, essentia_like_mels(audio_file))
 
 
 def write_essentia_like_tree(audio_dir: str | Path, metadata_dir: str | Path, out_dir: str | Path,

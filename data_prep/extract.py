@@ -143,7 +143,8 @@ def _failure_kind(reason: str) -> str:
     return "corrupt"
 
 
-def _write_atomically(path: Path, array: np.ndarray) -> None:
+def write_atomically(path: Path, array: np.ndarray) -> None:
+    """Saves `array` as `path` (.npy) via a temporary file: a file there is always whole."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
@@ -178,7 +179,7 @@ def extract_track(job: TrackJob, input_root: Path, cache_root: Path, settings: f
     stored = values.astype(np.float16)
     if not np.isfinite(stored).all():
         return _failure(job, "overflow", "features exceed the float16 range", sha256)
-    _write_atomically(Path(cache_root) / f"{job.track_id}.npy", stored)
+    write_atomically(Path(cache_root) / f"{job.track_id}.npy", stored)
     return Outcome(track_id=job.track_id, kind="ok", path=job.path, frames=frames, sha256=sha256)
 
 

@@ -14,12 +14,12 @@ from emorf_jax import train, weight_averaging
 
 # Large enough that every BatchNorm normalises over many values: tiny maps make its statistics ill-conditioned.
 N_MELS, FRAMES, TAGS, GLOBAL_BATCH = 64, 48, 5, 8
+FIELDS = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
 
 
 def _model_and_state(tx: optax.GradientTransformation, seed: int = 0):
     """A tiny FA-ResNet whose zero-initialised layers are perturbed, so that every layer gets gradients."""
-    fields = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
-    model = train.create_model(fields, axis_name="batch")
+    model = train.create_model(FIELDS, axis_name="batch")
     state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(seed),
                                 (1, N_MELS, FRAMES, 1))
     leaves, treedef = jax.tree.flatten(state.params)
@@ -148,14 +148,13 @@ def test_bfloat16_compute_steps_like_float32():
     gradients, through 12 BatchNorms' batch statistics on 8 examples of 4 channels, move by 25-60 % in relative L2
     when the input moves by 0.1 % in float32 alone (benchmarks/RESULTS.md); the next test compares gradients without
     that amplifier."""
-    fields = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
     _, initial = _model_and_state(_TX)
     device = jax.devices()[:1]
     batch = {k: v[None] for k, v in _batch(seed=10).items()}
     rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=device)
     losses, finals = {}, {}
     for half_precision in (False, True):
-        model = train.create_model(fields, half_precision=half_precision, axis_name="batch")
+        model = train.create_model(FIELDS, half_precision=half_precision, axis_name="batch")
         step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.0, averaging=_SWA,
                                           learning_rate=optax.constant_schedule(0.02)),
                         axis_name="batch", devices=device)
@@ -175,12 +174,11 @@ def _relative_l2(tree, reference) -> float:
 def test_bfloat16_gradients_equal_float32_within_bfloat16_rounding_with_running_statistics():
     """With BatchNorm on its running statistics, bfloat16 compute's loss gradient is float32's to within 5 % in
     relative L2 (0.67 % measured here); a broken cast (a float16 or bfloat16 parameter, a low-precision sum) fails it."""
-    fields = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
     _, state = _model_and_state(_TX)
     batch = _batch(seed=11)
     gradients = {}
     for half_precision in (False, True):
-        model = train.create_model(fields, half_precision=half_precision)
+        model = train.create_model(FIELDS, half_precision=half_precision)
 
         def loss(params):
             logits = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["spectrogram"])

@@ -52,8 +52,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     (top, bottom), (left, right) = padding
     pads = ((int(top), int(bottom)), (int(left), int(right)))
-    cpu = functools.partial(cpu_conv, strides=strides, padding=pads, precision=precision)
-    return lax.platform_dependent(lhs, rhs, cpu=cpu, default=xla)
+    return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: _conv(x, w, strides, pads, precision), default=xla)
 
 
 def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
@@ -61,12 +60,6 @@ def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
         return False
     return (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
-
-
-def cpu_conv(x: jax.Array, w: jax.Array, *, strides: tuple[int, int], padding: Padding,
-             precision=None) -> jax.Array:
-    """An NHWC x HWIO convolution (explicit padding, no dilation) computed the fast way for XLA:CPU."""
-    return _conv(x, w, strides, padding, precision)
 
 
 def _is_pointwise(w: jax.Array, strides: tuple[int, int], padding: Padding) -> bool:
@@ -81,6 +74,7 @@ def _forward(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padd
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Padding, precision) -> jax.Array:
+    """An NHWC x HWIO convolution (explicit padding, no dilation) computed the fast way for XLA:CPU."""
     return _forward(x, w, strides, padding, precision)
 
 

@@ -46,11 +46,14 @@ def fixup_conv1_init(num_blocks: int) -> nn.initializers.Initializer:
 shortcut_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv_function(fast_cpu_conv: bool) -> Callable[..., jax.Array]:
+    """The convolution whose gradients are fast on CPU (conv.py), or XLA's own everywhere."""
+    return conv.conv_general_dilated if fast_cpu_conv else jax.lax.conv_general_dilated
+
+
 def conv_layer(fast_cpu_conv: bool) -> Callable[..., nn.Conv]:
-    """nn.Conv without bias, with the convolution whose gradients are fast on CPU (conv.py) or XLA's own
-    everywhere; the parameters are the same either way."""
-    function = conv.conv_general_dilated if fast_cpu_conv else jax.lax.conv_general_dilated
-    return functools.partial(nn.Conv, use_bias=False, conv_general_dilated=function)
+    """nn.Conv without bias, with `conv_function(fast_cpu_conv)`; the parameters are the same either way."""
+    return functools.partial(nn.Conv, use_bias=False, conv_general_dilated=conv_function(fast_cpu_conv))
 
 
 def block_names() -> list[tuple[int, int]]:
@@ -105,8 +108,7 @@ class FrequencyAwareConv(nn.Module):
         shape = (self.kernel_size, self.kernel_size, x.shape[-1] + 1, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        function = conv.conv_general_dilated if self.fast_cpu_conv else jax.lax.conv_general_dilated
-        convolve = functools.partial(function, window_strides=(1, 1), padding=[(self.padding, self.padding)] * 2,
+        convolve = functools.partial(conv_function(self.fast_cpu_conv), window_strides=(1, 1), padding=[(self.padding, self.padding)] * 2,
                                      dimension_numbers=conv.NHWC)
         return convolve(x, kernel[:, :, :-1]) + convolve(frequency_channel(x), kernel[:, :, -1:])
 
