@@ -7,9 +7,11 @@ Makes a synthetic MTG-Jamendo of real MP3s whose lengths spread like the real on
 (the real median is 206 s), prepares it with the real batch step (hop512: 256 mel bands, 20-s chunks; not
 timed), then times `input_pipeline.train_batches` at the paper's training crop (256 x 861 frames, ±50-frame
 shifts) with its default two reading threads, as training runs it: per-track epochs, random crops read through
-the record index, normalisation, batching. Reports examples/s, the spectrogram bytes read per example against
-the crop's own bytes, and the cores the process used (CPU seconds per wall second). The shards sit in the page
-cache, as they would after the first epoch on a machine with enough memory.
+the record index, batching of the stored float16 frames. Reports examples/s, the spectrogram bytes read per example
+against the crop's own bytes, and the cores the process used (CPU seconds per wall second). The shards sit in the
+page cache, as they would after the first epoch on a machine with enough memory. The normalisation and transpose
+into the model's layout run inside the jitted train step (`input_pipeline.model_input`); their cost per example on
+the default device is timed apart.
 
 grain's global shuffle costs about 28/N ms per example for N training tracks (2-4 ms for the 12 of the default set,
 0.017 ms for split-0's 9,949: its index shuffle walks a domain of at least 2^16), which would dominate a small set's
@@ -87,6 +89,21 @@ def examples_per_second(prepared: PreparedDataset, *, batch_size: int, crop_fram
     return batches * batch_size / wall, cores_used
 
 
+def device_normalisation_ms_per_example(prepared: PreparedDataset, *, batch_size: int, crop_frames: int,
+                                        repeats: int = 20) -> tuple[float, str]:
+    """(ms per example, device) of `input_pipeline.model_input` on a batch of stored crops, jitted on the default
+    device: the work the train step took over from the host."""
+    import jax
+
+    stored = jax.device_put(np.zeros((batch_size, crop_frames, prepared.features["n_mels"]), np.float16))
+    normalise = jax.jit(input_pipeline.model_input)
+    normalise(stored, prepared.mean, prepared.std).block_until_ready()  # compiles
+    start = time.perf_counter()
+    for _ in range(repeats):
+        normalise(stored, prepared.mean, prepared.std).block_until_ready()
+    return (time.perf_counter() - start) / repeats / batch_size * 1e3, jax.devices()[0].platform
+
+
 def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, read_threads: int,
             as_training_tracks: int) -> dict:
     prepared = load_prepared(data_dir, "hop512", 0)
@@ -101,6 +118,8 @@ def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, 
     for k in range(examples):
         one_by_one[k]
     crop_bytes = crop_frames * prepared.features["n_mels"] * 2
+    normalisation_ms, device = device_normalisation_ms_per_example(prepared, batch_size=batch_size,
+                                                                   crop_frames=crop_frames)
     return {
         "training_tracks": len(prepared.parts["train"]),
         "median_track_frames": int(sorted(prepared.parts["train"].frames)[len(prepared.parts["train"]) // 2]),
@@ -117,6 +136,8 @@ def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, 
         "cores_used": round(cores_used, 2),
         "shuffle_ms_per_example": round(shuffle_ms_per_example(len(prepared.parts["train"])), 3),
         "shuffle_ms_per_example_at_split0": round(shuffle_ms_per_example(SPLIT0_TRAINING_TRACKS), 3),
+        "step_normalisation_ms_per_example": round(normalisation_ms, 3),
+        "step_normalisation_device": device,
         "os_cpu_count": os.cpu_count(),
     }
 

@@ -6,7 +6,8 @@
     python -m benchmarks.train_step --quick      # tiny sizes, for CI: the script cannot rot
 
 Both sides run a full step of the FA CP-ResNet (ρ=5) on the same batch shape: forward, backward, Adam update and
-BatchNorm update (emorf_jax's step also updates its SWA average; mixup is off). emorf_jax is timed through
+BatchNorm update (emorf_jax's step also normalises its float16 stored-format crops, as in training, and updates its
+SWA average; mixup is off). emorf_jax is timed through
 `train.train_step` under `jax.pmap(axis_name="batch")` on one device, compiled ahead of time so that compile seconds
 are reported apart, with the model built the default way (`--convs fast`: on CPU, convolution gradients as matrix
 products, models/conv.py) and/or with XLA's own convolutions (`--convs xla`, the earlier code); on a GPU both are
@@ -72,9 +73,9 @@ class Contender:
 
 
 def random_batch(setup: Setup, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(spectrograms NHWC, multi-hot labels): values do not change the cost of a step."""
+    """(stored-format crops: time-major float16, multi-hot labels): values do not change the cost of a step."""
     rng = np.random.default_rng(seed)
-    spectrograms = rng.normal(size=(setup.batch_size, setup.mel_bins, setup.frames, 1)).astype(np.float32)
+    spectrograms = rng.normal(size=(setup.batch_size, setup.frames, setup.mel_bins)).astype(np.float16)
     labels = (rng.random((setup.batch_size, NUM_TAGS)) < 0.05).astype(np.float32)
     return spectrograms, labels
 
@@ -120,11 +121,12 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = optax.adam(schedule)
     averaging = weight_averaging.AveragingSchedule("swa", start_step=1, every_steps=1)
+    normalisation = (np.zeros(setup.mel_bins, np.float32), np.ones(setup.mel_bins, np.float32))
     state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0),
                                 (1, setup.mel_bins, setup.frames, 1))
     def pmapped_step(model):
         return jax.pmap(functools.partial(train.train_step, model=model, tx=tx, mixup_alpha=0.0, averaging=averaging,
-                                          learning_rate=schedule),
+                                          learning_rate=schedule, normalisation=normalisation),
                         axis_name="batch", devices=[device], donate_argnums=(0,))
 
     spectrograms, labels = random_batch(setup)
@@ -178,7 +180,8 @@ def torch_contender(setup: Setup, warmup: int, threads: int, device_type: str) -
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     criterion = torch.nn.BCEWithLogitsLoss()
     spectrograms, labels = random_batch(setup)
-    inputs = torch.from_numpy(spectrograms.transpose(0, 3, 1, 2).copy()).to(device)
+    # NCHW float32, normalised on the host beforehand (mean 0, std 1): PyTorch's step gets its input ready-made.
+    inputs = torch.from_numpy(spectrograms.transpose(0, 2, 1)[:, None].astype(np.float32)).to(device)
     targets = torch.from_numpy(labels).to(device)
 
     def run(num_steps: int) -> None:

@@ -1,7 +1,8 @@
 """Whole-track predictions: from prepared shards during training, or from a checkpoint and audio in a notebook.
 
-Both paths cut a track with `input_pipeline.window_ranges` and feed the same normalised, float16-rounded features
-(the precision the shards store), so a checkpoint tags a track's audio exactly as the evaluation scored it. The
+Both paths cut a track with `input_pipeline.window_ranges` and feed the same float16 features (the precision the
+shards store), normalised on the device by `input_pipeline.model_input`, so a checkpoint tags a track's audio
+exactly as the evaluation scored it. The
 logits of a track's windows are averaged, weighted by the frames each window stands for, then turned into per-tag
 probabilities. See docs/architecture.md, "Evaluation and tagging".
 """
@@ -31,8 +32,10 @@ class Predictions:
     track_ids: tuple[str, ...]
 
 
-def _logits_step(variables: Any, spectrograms: jax.Array, *, model: nn.Module) -> jax.Array:
-    return model.apply(variables, spectrograms, train=False).astype(jnp.float32)
+def _logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module
+                 ) -> jax.Array:
+    """Logits of a batch of stored-format windows, normalised on the device by `input_pipeline.model_input`."""
+    return model.apply(variables, input_pipeline.model_input(stored, mean, std), train=False).astype(jnp.float32)
 
 
 class Predictor:
@@ -42,7 +45,8 @@ class Predictor:
         self.prepared = prepared
         self.window_frames = window_frames
         self.batch_size = batch_size
-        self.p_logits = jax.pmap(functools.partial(_logits_step, model=model), axis_name="batch")
+        self.p_logits = jax.pmap(functools.partial(_logits_step, model=model), axis_name="batch",
+                                 in_axes=(0, 0, None, None))
 
     def predict(self, variables: dict[str, Any], split: str) -> Predictions:
         """Probabilities of every track of `split` in the shards (host-local `variables`), in TSV order."""
@@ -59,7 +63,8 @@ class Predictor:
         part = self.prepared.parts[split]
         schedule = input_pipeline.eval_schedule(part.frames, self.window_frames, self.batch_size)
         replicated = jax_utils.replicate(variables)
-        local = [np.asarray(self.p_logits(replicated, batch.spectrograms)).reshape(len(batch.windows), -1)
+        mean, std = self.prepared.mean, self.prepared.std
+        local = [np.asarray(self.p_logits(replicated, batch.spectrograms, mean, std)).reshape(len(batch.windows), -1)
                  for batch in input_pipeline.eval_batches(self.prepared, split, schedule)]
         local = np.stack(local)  # (batches, local share, tags)
         if jax.process_count() > 1:  # (processes, batches, share, tags) -> each batch's shares in process order
@@ -89,12 +94,20 @@ class Predictor:
 _jitted_logits = jax.jit(_logits_step, static_argnames="model")
 
 
+def padded_batch_size(windows: int, batch_size: int) -> int:
+    """The batch that `windows` windows (at most `batch_size`) run in: the smallest power of two that holds them,
+    at most `batch_size`. A track's last, shorter group so wastes less than half of its batch instead of up to all
+    but one window (a 180-s track: 10 windows run as 8 + 2, not 8 + 8), for a few more compiled shapes."""
+    return min(batch_size, 1 << (windows - 1).bit_length())
+
+
 @dataclasses.dataclass(frozen=True)
 class Tagger:
     """A trained model loaded from a checkpoint, ready to tag audio: all it needs comes from the checkpoint.
 
-    Windows go through the model in batches of a fixed size, so neither memory nor compilation depends on a
-    track's length (a track shorter than one window is the only other shape).
+    Windows go through the model in batches of `batch_size`, the last one padded to `padded_batch_size`, so neither
+    memory nor compilation depends on a track's length: at most log2(batch_size) + 1 batch shapes (a track shorter
+    than one window is the only other window shape).
     """
 
     model: nn.Module
@@ -121,11 +134,11 @@ class Tagger:
         logits = []
         for first in range(0, len(ranges), self.batch_size):
             group = ranges[first:first + self.batch_size]
-            inputs = np.stack([input_pipeline.model_input(stored[start:stop], mean, std)
-                               for start, stop, _ in group])
-            padded = np.concatenate([inputs, np.zeros((self.batch_size - len(group),) + inputs.shape[1:],
-                                                      inputs.dtype)])
-            logits.append(np.asarray(_jitted_logits(self.variables, padded, model=self.model))[:len(group)])
+            windows = np.stack([stored[start:stop] for start, stop, _ in group])
+            padding = padded_batch_size(len(group), self.batch_size) - len(group)
+            padded = np.concatenate([windows, np.zeros((padding,) + windows.shape[1:], windows.dtype)])
+            logits.append(np.asarray(_jitted_logits(self.variables, padded, mean, std, model=self.model))
+                          [:len(group)])
         return np.concatenate(logits), np.array([weight for _, _, weight in ranges], np.float64)
 
     def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> np.ndarray:

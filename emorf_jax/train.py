@@ -137,14 +137,15 @@ def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, mixup_alpha: float,
-               averaging: weight_averaging.AveragingSchedule, learning_rate: optax.Schedule
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on this device's share of the global batch (run under pmap with axis 'batch')."""
+               averaging: weight_averaging.AveragingSchedule, learning_rate: optax.Schedule,
+               normalisation: tuple[jax.Array, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on this device's share of the global batch of stored crops, normalised here by the
+    (mean, std) per mel band of `normalisation` (run under pmap with axis 'batch')."""
     rng = jax.random.fold_in(rng, state.step)
     mixup_rng, shake_rng = jax.random.split(rng)
     shake_rng = jax.random.fold_in(shake_rng, jax.lax.axis_index("batch"))  # other examples, other α and β
     dropout_rng = jax.random.fold_in(shake_rng, 1)  # the baselines' dropout (models/vggish.py, crnn.py)
-    inputs, targets = batch["spectrogram"], batch["labels"]
+    inputs, targets = input_pipeline.model_input(batch["spectrogram"], *normalisation), batch["labels"]
     if mixup_alpha > 0:
         inputs, targets = mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
 
@@ -166,10 +167,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return new_state, {"loss": jax.lax.pmean(loss, "batch"), "learning_rate": learning_rate(state.step)}
 
 
-def batch_stats_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> Any:
+def batch_stats_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: nn.Module,
+                     normalisation: tuple[jax.Array, jax.Array]) -> Any:
     """This batch's BatchNorm statistics for `params`: `model` has BatchNorm momentum 0, so the incoming
     `batch_stats` only give the structure."""
-    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["spectrogram"], train=True,
+    inputs = input_pipeline.model_input(batch["spectrogram"], *normalisation)
+    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs, train=True,
                              rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
                              mutable=["batch_stats"])
     return updates["batch_stats"]
@@ -248,12 +251,14 @@ class _Run:
         self.schedule = learning_rate_schedule(config, self.steps_per_epoch)
         self.tx = optax.adam(self.schedule, b1=config.adam_b1, b2=config.adam_b2)
         self.averaging = averaging_schedule(config, self.steps_per_epoch)
+        normalisation = (prepared.mean, prepared.std)
         self.p_train_step = jax.pmap(
             functools.partial(train_step, model=self.model, tx=self.tx, mixup_alpha=config.mixup_alpha,
-                              averaging=self.averaging, learning_rate=self.schedule),
+                              averaging=self.averaging, learning_rate=self.schedule, normalisation=normalisation),
             axis_name="batch", donate_argnums=(0,))
         stats_model = self.model.clone(bn_momentum=0.0)
-        self.p_batch_stats = jax.pmap(functools.partial(batch_stats_step, model=stats_model), axis_name="batch")
+        self.p_batch_stats = jax.pmap(
+            functools.partial(batch_stats_step, model=stats_model, normalisation=normalisation), axis_name="batch")
         self.predictor = inference.Predictor(self.model.clone(bn_axis_name=None), prepared,
                                              window_frames=config.input.eval_window_frames,
                                              batch_size=config.eval_batch_size)

@@ -18,9 +18,17 @@ def prepared(prepared_data_dir):
 
 
 def _whole_track(prepared, track: int) -> np.ndarray:
-    """The normalised (n_mels, frames) model input of a whole training track."""
-    reader = FrameReader(prepared)
-    return input_pipeline.model_input(reader.read("train", track), prepared.mean, prepared.std)[..., 0]
+    """The stored (frames, n_mels) float16 frames of a whole training track."""
+    return FrameReader(prepared).read("train", track)
+
+
+def test_model_input_normalises_and_transposes_stored_frames_on_the_device(prepared):
+    stored = np.stack([FrameReader(prepared).read("train", track, 0, CROP) for track in (0, 1)])
+    inputs = np.asarray(jax.jit(input_pipeline.model_input)(stored, prepared.mean, prepared.std))
+    assert stored.dtype == np.float16 and inputs.dtype == np.float32 and inputs.shape == (2, 256, CROP, 1)
+    expected = (stored.astype(np.float32) - prepared.mean) / prepared.std  # per mel band, in float32
+    np.testing.assert_allclose(inputs[..., 0], np.swapaxes(expected, 1, 2), rtol=3e-7, atol=1e-7)  # to 1-2 ulp
+    assert abs(float(inputs.mean())) < 1 and 0.3 < float(inputs.std()) < 3  # normalised
 
 
 def test_every_training_track_is_drawn_once_per_epoch(prepared):
@@ -42,7 +50,7 @@ def test_crops_start_anywhere_in_the_track_and_cross_chunk_edges(prepared):
         example = examples[k]
         track, start = int(example["track"]), int(example["start"])
         whole = _whole_track(prepared, track)
-        np.testing.assert_array_equal(example["spectrogram"][..., 0], whole[:, start:start + CROP])
+        np.testing.assert_array_equal(example["spectrogram"], whole[start:start + CROP])
         np.testing.assert_array_equal(example["labels"], prepared.parts["train"].labels[track])
         crossing += start // CHUNK_FRAMES != (start + CROP - 1) // CHUNK_FRAMES
         starts_past_first_chunk += start >= CHUNK_FRAMES
@@ -57,12 +65,12 @@ def test_only_a_track_shorter_than_the_crop_is_looped(prepared):
     for k in range(len(frames)):
         example = examples[k]
         whole = _whole_track(prepared, int(example["track"]))
-        if whole.shape[1] < crop:
-            np.testing.assert_array_equal(example["spectrogram"][..., 0], np.tile(whole, (1, 2))[:, :crop])
+        if whole.shape[0] < crop:
+            np.testing.assert_array_equal(example["spectrogram"], np.tile(whole, (2, 1))[:crop])
             looped += 1
         else:
             start = int(example["start"])
-            np.testing.assert_array_equal(example["spectrogram"][..., 0], whole[:, start:start + crop])
+            np.testing.assert_array_equal(example["spectrogram"], whole[start:start + crop])
     assert looped == 2
 
 
@@ -83,7 +91,8 @@ def test_a_resumed_stream_continues_the_batches_of_an_uninterrupted_one(prepared
     uninterrupted = batches(0, 7)
     resumed = batches(4, 3)
     devices = jax.local_device_count()
-    assert uninterrupted[0]["spectrogram"].shape == (devices, 4 // devices, 256, CROP, 1)
+    assert uninterrupted[0]["spectrogram"].shape == (devices, 4 // devices, CROP, 256)
+    assert uninterrupted[0]["spectrogram"].dtype == np.float16  # the stored format: half the bytes to send
     for got, want in zip(resumed, uninterrupted[4:]):
         for key in ("spectrogram", "labels"):
             np.testing.assert_array_equal(got[key], want[key])
@@ -114,10 +123,10 @@ def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
                 assert not spectrogram.any()
                 continue
             number = seen[item.track_index] = seen.get(item.track_index, -1) + 1  # a track's windows in order
-            whole = input_pipeline.model_input(reader.read("test", item.track_index), prepared.mean, prepared.std)
-            start, stop, weight = input_pipeline.window_ranges(whole.shape[1], window)[number]
+            whole = reader.read("test", item.track_index)
+            start, stop, weight = input_pipeline.window_ranges(whole.shape[0], window)[number]
             assert (item.start, item.stop, item.weight) == (start, stop, weight)
-            np.testing.assert_array_equal(spectrogram, whole[:, start:stop])
+            np.testing.assert_array_equal(spectrogram, whole[start:stop])
     frames = prepared.parts["test"].frames
     assert all(seen[track] + 1 == len(input_pipeline.window_ranges(int(frames[track]), window))
                for track in range(len(frames)))

@@ -80,18 +80,23 @@ def test_an_ensemble_of_random_checkpoints_is_the_mean_of_each_alone(audio_folde
         assert not np.allclose(alone[0], alone[1])  # two different models
 
 
-def test_a_long_track_runs_in_fixed_batches_without_recompiling(random_checkpoints, synthetic_tree):
+def test_tracks_of_any_length_run_in_a_few_batch_shapes_without_recompiling(random_checkpoints, synthetic_tree):
+    """Batches of 4 windows and a last one padded to 1, 2 or 4: three compiled shapes for every track length."""
     tagger = inference.load_tagger(random_checkpoints[0], batch_size=4)
     settings = features.FeatureSettings(**tagger.meta["features"])
     track = metadata.read_split(synthetic_tree / "data", 0, "test")[0]
     waveform, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
-    short = features.waveform_features(waveform, rate, "short", settings)
     long = features.waveform_features(np.tile(waveform, (20, 1)), rate, "long", settings)
-    tagger.tag_spectrogram(short)
+    compiled = inference._jitted_logits._cache_size()
+    for windows in range(1, 10):  # last groups of 1, 2, 3 and 4 windows
+        tagger.tag_spectrogram(long[:, :windows * tagger.window_frames])
+    assert inference._jitted_logits._cache_size() <= compiled + 3
     compiled = inference._jitted_logits._cache_size()
     logits, weights = tagger.window_logits(long)
-    assert inference._jitted_logits._cache_size() == compiled  # the same batch shape, whatever the length
+    assert inference._jitted_logits._cache_size() == compiled  # whatever the length
     assert len(weights) > 4 * tagger.batch_size and weights.sum() == long.shape[1]
+    assert [inference.padded_batch_size(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert inference.padded_batch_size(5, 6) == 6
 
 
 def test_describe_prints_the_model_card(random_checkpoints):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import faresnet
-from emorf_jax import train, weight_averaging
+from emorf_jax import input_pipeline, train, weight_averaging
 
 # Large enough that every BatchNorm normalises over many values: tiny maps make its statistics ill-conditioned.
 N_MELS, FRAMES, TAGS, GLOBAL_BATCH = 64, 48, 5, 8
@@ -29,9 +29,16 @@ def _model_and_state(tx: optax.GradientTransformation, seed: int = 0):
     return model, state.replace(params=params, opt_state=tx.init(params), average_params=params)
 
 
+# The per-band (mean, std) with which the steps normalise the stored-format batches of `_batch`.
+NORMALISATION = (np.linspace(-1, 1, N_MELS, dtype=np.float32), np.linspace(2, 3, N_MELS, dtype=np.float32))
+
+
 def _batch(seed: int):
+    """Stored-format crops (time-major float16), as the input pipeline makes them, and labels."""
     rng = np.random.default_rng(seed)
-    return {"spectrogram": rng.normal(size=(GLOBAL_BATCH, N_MELS, FRAMES, 1)).astype(np.float32),
+    mean, std = NORMALISATION
+    stored = rng.normal(size=(GLOBAL_BATCH, FRAMES, N_MELS)) * std + mean
+    return {"spectrogram": stored.astype(np.float16),
             "labels": (rng.random((GLOBAL_BATCH, TAGS)) < 0.4).astype(np.float32)}
 
 
@@ -50,7 +57,7 @@ def _run_steps(num_devices: int):
     model, initial = _model_and_state(_TX)
     devices = jax.devices()[:num_devices]
     step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.3, averaging=_SWA,
-                                      learning_rate=optax.constant_schedule(0.02)),
+                                      learning_rate=optax.constant_schedule(0.02), normalisation=NORMALISATION),
                     axis_name="batch", devices=devices)
     state = jax_utils.replicate(initial, devices=devices)
     rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=devices)
@@ -156,7 +163,7 @@ def test_bfloat16_compute_steps_like_float32():
     for half_precision in (False, True):
         model = train.create_model(FIELDS, half_precision=half_precision, axis_name="batch")
         step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.0, averaging=_SWA,
-                                          learning_rate=optax.constant_schedule(0.02)),
+                                          learning_rate=optax.constant_schedule(0.02), normalisation=NORMALISATION),
                         axis_name="batch", devices=device)
         state, step_metrics = step(jax_utils.replicate(initial, devices=device), batch, rng)
         losses[half_precision], finals[half_precision] = float(step_metrics["loss"][0]), _first_replica(state)
@@ -181,7 +188,8 @@ def test_bfloat16_gradients_equal_float32_within_bfloat16_rounding_with_running_
         model = train.create_model(FIELDS, half_precision=half_precision)
 
         def loss(params):
-            logits = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["spectrogram"])
+            inputs = input_pipeline.model_input(batch["spectrogram"], *NORMALISATION)
+            logits = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs)
             return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
 
         gradients[half_precision] = jax.jit(jax.grad(loss))(state.params)
