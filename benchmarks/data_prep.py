@@ -1,6 +1,7 @@
 """Real-time factor per core and peak memory of the whole data-preparation step.
 
     python -m benchmarks.data_prep --tracks 24 --duration 120 --workers 2 --out /tmp/bench_data_prep
+    python -m benchmarks.data_prep --quick      # tiny sizes, for CI: the script cannot rot
 
 Builds a synthetic tree (real 320 kbit/s stereo MP3s, not timed), then times ``build_dataset`` end to end
 (worker start, decode, features, cache, normalisation stats, TFRecord shards; TensorFlow's import, a
@@ -167,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=120.0, help="typical track length in seconds")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="work dir; its synthetic tree is reused between runs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tracks, args.duration = 10, 3.0
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
     tree = out / "tree"

@@ -7,17 +7,17 @@
 
 Both sides run a full step of the FA CP-ResNet (ρ=5) on the same batch shape: forward, backward, Adam update and
 BatchNorm update (emorf_jax's step also normalises its float16 stored-format crops, as in training, and updates its
-SWA average; mixup is off). emorf_jax is timed through
-`train.train_step` under `jax.pmap(axis_name="batch")` on one device, compiled ahead of time so that compile seconds
-are reported apart, with the model built the default way (`--convs fast`: on CPU, convolution gradients as matrix
-products, models/conv.py) and/or with XLA's own convolutions (`--convs xla`, the earlier code); on a GPU both are
-XLA's. PyTorch is `tests/torch_reference.TorchCPResNet` (the authors' architecture) in float32 with
-`torch.optim.Adam` and `BCEWithLogitsLoss` in train mode, on as many threads as this process may use (XLA's CPU
-thread pool uses them all). Repetitions of all contenders alternate, so that the load of a shared machine falls on
-all alike; the medians are reported, per step and per example, with the ratio of each emorf_jax contender's
-examples/s to PyTorch's. emorf_jax's FLOPs per step come from XLA's cost analysis of the compiled step; the model
-FLOP utilisation (MFU) is printed where the device's peak is known (`PEAK_TFLOPS`). Run it from the repository
-root as a module (it imports `tests`).
+SWA average; mixup is off). emorf_jax is timed through `train.train_step` under `jax.pmap(axis_name="batch")` on one
+device, compiled ahead of time so that compile seconds are reported apart, with the model built the default way
+(`--convs fast`: on CPU, convolution gradients as matrix products, models/conv.py) and/or with XLA's own
+convolutions (`--convs xla`, the earlier code); on a GPU both are XLA's. PyTorch is
+`tests/torch_reference.TorchCPResNet` (the authors' architecture) in float32 with `torch.optim.Adam` and
+`BCEWithLogitsLoss` in train mode, on as many threads as this process may use (XLA's CPU thread pool uses them all).
+Repetitions of all contenders alternate, so that the load of a shared machine falls on all alike; the medians are
+reported, per step and per example, with the ratio of each emorf_jax contender's examples/s to PyTorch's.
+emorf_jax's FLOPs per step come from XLA's cost analysis of the compiled step; the model FLOP utilisation (MFU) is
+printed where the device's peak is known (`PEAK_TFLOPS`). Run it from the repository root as a module (it imports
+`tests`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 Both paths cut a track with `input_pipeline.window_ranges` and feed the same float16 features (the precision the
 shards store), normalised on the device by `input_pipeline.model_input`, so a checkpoint tags a track's audio
-exactly as the evaluation scored it. The
-logits of a track's windows are averaged, weighted by the frames each window stands for, then turned into per-tag
-probabilities. See docs/architecture.md, "Evaluation and tagging".
+exactly as the evaluation scored it. The logits of a track's windows are averaged, weighted by the frames each
+window stands for, then turned into per-tag probabilities. See docs/architecture.md, "Evaluation and tagging".
 """
 
 import dataclasses

@@ -26,6 +26,21 @@ def test_input_pipeline_benchmark_reads_exactly_its_crops(tmp_path):
     assert 0.5 < figures["bytes_read_per_crop_byte"] <= 1.0  # below 1 only for tracks shorter than the crop
 
 
+def test_data_prep_benchmark_quick_builds_both_inputs_and_reports_their_rates(tmp_path):
+    output = _run("benchmarks.data_prep", "--quick", "--out", str(tmp_path))
+    figures = json.loads(output[output.index("{"):])
+    for source in ("mp3", "npy"):
+        assert figures[source]["tracks"] > 0 and figures[source]["rtf_per_core"] > 0
+        assert figures[source]["peak_pss_total_mib"] > 0
+
+
+@pytest.mark.skipif(not REAL_METADATA.is_dir(), reason=f"real MTG-Jamendo metadata not found at {REAL_METADATA}")
+def test_preparation_memory_benchmark_keeps_the_new_schedule_within_its_budget():
+    output = _run("benchmarks.preparation_memory", "--workers", "16", "--memory_budget_gb", "8")
+    new = next(line for line in output.splitlines() if line.startswith("| new"))
+    assert float(new.split("|")[2].split()[0]) <= 8.0
+
+
 @pytest.mark.skipif(not REAL_METADATA.is_dir(), reason=f"real MTG-Jamendo metadata not found at {REAL_METADATA}")
 def test_batch_correlation_benchmark_finds_no_repeated_track_in_the_new_batches():
     output = _run("benchmarks.batch_correlation", "--quick", "--seeds", "0")
