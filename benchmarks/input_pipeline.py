@@ -11,7 +11,8 @@ the record index, batching of the stored float16 frames. Reports examples/s, the
 against the crop's own bytes, and the cores the process used (CPU seconds per wall second). The shards sit in the
 page cache, as they would after the first epoch on a machine with enough memory. The normalisation and transpose
 into the model's layout run inside the jitted train step (`input_pipeline.model_input`); their cost per example on
-the default device is timed apart.
+the default device is timed apart, and the stream at split-0's size is timed a second time as the training loop
+consumes it, put on the default device two batches ahead (`examples_per_s_to_device`).
 
 grain's global shuffle costs about 28/N ms per example for N training tracks (2-4 ms for the 12 of the default set,
 0.017 ms for split-0's 9,949: its index shuffle walks a domain of at least 2^16), which would dominate a small set's
@@ -77,14 +78,21 @@ def with_training_tracks(prepared: PreparedDataset, count: int) -> PreparedDatas
 
 
 def examples_per_second(prepared: PreparedDataset, *, batch_size: int, crop_frames: int, batches: int,
-                        read_threads: int) -> tuple[float, float]:
-    """(examples/s, cores used) of the training batches as training reads them."""
+                        read_threads: int, to_device: bool = False) -> tuple[float, float]:
+    """(examples/s, cores used) of the training batches as training reads them; `to_device`: also put on the
+    default device two batches ahead, as the training loop does (flax's `prefetch_to_device`)."""
+    import jax
+    from flax import jax_utils
+
     stream = input_pipeline.train_batches(prepared, global_batch_size=batch_size, crop_frames=crop_frames,
                                           max_time_shift=50, seed=0, read_threads=read_threads)
+    if to_device:
+        stream = jax_utils.prefetch_to_device(stream, 2)
     next(stream)  # start-up: threads, first reads
     cpu_before, start = _cpu_seconds(), time.perf_counter()
     for _ in range(batches):
-        next(stream)
+        batch = next(stream)
+    jax.block_until_ready(batch)
     wall, cores_used = time.perf_counter() - start, (_cpu_seconds() - cpu_before) / (time.perf_counter() - start)
     return batches * batch_size / wall, cores_used
 
@@ -109,7 +117,9 @@ def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, 
     prepared = load_prepared(data_dir, "hop512", 0)
     timing = dict(batch_size=batch_size, crop_frames=crop_frames, batches=batches, read_threads=read_threads)
     as_prepared, cores_as_prepared = examples_per_second(prepared, **timing)
-    rate, cores_used = examples_per_second(with_training_tracks(prepared, as_training_tracks), **timing)
+    at_scale = with_training_tracks(prepared, as_training_tracks)
+    rate, cores_used = examples_per_second(at_scale, **timing)
+    to_device, cores_to_device = examples_per_second(at_scale, **timing, to_device=True)
     examples = batches * batch_size
     # Bytes per example from the same stream read example by example (the threads above read ahead).
     reader = FrameReader(prepared)
@@ -134,6 +144,8 @@ def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, 
         "bytes_read_per_example": round(reader.bytes_read / examples),
         "bytes_read_per_crop_byte": round(reader.bytes_read / examples / crop_bytes, 3),
         "cores_used": round(cores_used, 2),
+        "examples_per_s_to_device": round(to_device, 1),
+        "cores_used_to_device": round(cores_to_device, 2),
         "shuffle_ms_per_example": round(shuffle_ms_per_example(len(prepared.parts["train"])), 3),
         "shuffle_ms_per_example_at_split0": round(shuffle_ms_per_example(SPLIT0_TRAINING_TRACKS), 3),
         "step_normalisation_ms_per_example": round(normalisation_ms, 3),

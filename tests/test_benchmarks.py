@@ -22,6 +22,7 @@ def test_input_pipeline_benchmark_reads_exactly_its_crops(tmp_path):
     output = _run("benchmarks.input_pipeline", "--quick", "--out", str(tmp_path))
     figures = json.loads(output[output.index("{"):])
     assert figures["examples_per_s"] > 0 and figures["examples_per_s_as_prepared"] > 0
+    assert figures["examples_per_s_to_device"] > 0 and figures["step_normalisation_ms_per_example"] > 0
     assert figures["as_training_tracks"] == 9949 and figures["training_tracks"] < 9949
     assert 0.5 < figures["bytes_read_per_crop_byte"] <= 1.0  # below 1 only for tracks shorter than the crop
 
