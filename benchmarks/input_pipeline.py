@@ -31,7 +31,9 @@ import resource
 import time
 from pathlib import Path
 
+from flax import jax_utils
 import grain
+import jax
 import numpy as np
 
 from data_prep import build, layout, synthetic
@@ -81,9 +83,6 @@ def examples_per_second(prepared: PreparedDataset, *, batch_size: int, crop_fram
                         read_threads: int, to_device: bool = False) -> tuple[float, float]:
     """(examples/s, cores used) of the training batches as training reads them; `to_device`: also put on the
     default device two batches ahead, as the training loop does (flax's `prefetch_to_device`)."""
-    import jax
-    from flax import jax_utils
-
     stream = input_pipeline.train_batches(prepared, global_batch_size=batch_size, crop_frames=crop_frames,
                                           max_time_shift=50, seed=0, read_threads=read_threads)
     if to_device:
@@ -101,8 +100,6 @@ def device_normalisation_ms_per_example(prepared: PreparedDataset, *, batch_size
                                         repeats: int = 20) -> tuple[float, str]:
     """(ms per example, device) of `input_pipeline.model_input` on a batch of stored crops, jitted on the default
     device: the work the train step took over from the host."""
-    import jax
-
     stored = jax.device_put(np.zeros((batch_size, crop_frames, prepared.features["n_mels"]), np.float16))
     normalise = jax.jit(input_pipeline.model_input)
     normalise(stored, prepared.mean, prepared.std).block_until_ready()  # compiles

@@ -108,8 +108,8 @@ class FrequencyAwareConv(nn.Module):
         shape = (self.kernel_size, self.kernel_size, x.shape[-1] + 1, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        convolve = functools.partial(conv_function(self.fast_cpu_conv), window_strides=(1, 1), padding=[(self.padding, self.padding)] * 2,
-                                     dimension_numbers=conv.NHWC)
+        convolve = functools.partial(conv_function(self.fast_cpu_conv), window_strides=(1, 1),
+                                     padding=[(self.padding, self.padding)] * 2, dimension_numbers=conv.NHWC)
         return convolve(x, kernel[:, :, :-1]) + convolve(frequency_channel(x), kernel[:, :, -1:])
 
 
