@@ -1,15 +1,16 @@
 """emorf_jax: receptive-field-regularised ResNets for music emotion/theme tagging, in JAX/Flax."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
     name="emorf_jax",
     version="0.1.0",
     description=(
-        "JAX/Flax reimplementation of the CP-JKU system that won MediaEval 2019 "
-        "Emotion and Theme Recognition in Music"
+        "JAX/Flax reimplementation of the CP-JKU system that won MediaEval 2019 Emotion and Theme Recognition in Music"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["emorf_jax", "emorf_jax.*", "data_prep", "data_prep.*"]),

@@ -29,6 +29,7 @@ import threadpoolctl
 
 from data_prep import build, features, metadata, synthetic
 
+
 def _pss_bytes(pid: int) -> int:
     """Proportional set size: shared pages split among their users, so that a sum over processes is right
     (a fresh fork's RSS would count its parent's pages twice)."""
@@ -72,7 +73,7 @@ class PeakMemory:
             self.peak_worker = max([self.peak_worker, *worker_pss])
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -176,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_data_prep_"))
     tree = out / "tree"
     if not (tree / "data").exists():
-        synthetic.make_synthetic(tree, num_tracks=args.tracks, seed=0, duration=args.duration, long_tracks=0,
-                                 duplicate_groups=0)
+        synthetic.make_synthetic(
+            tree, num_tracks=args.tracks, seed=0, duration=args.duration, long_tracks=0, duplicate_groups=0
+        )
     if not (out / "npy").exists():
         _write_npy_inputs(tree, out / "npy")
     for stale in ("built_mp3", "built_npy"):

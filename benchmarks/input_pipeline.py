@@ -31,10 +31,10 @@ import resource
 import time
 from pathlib import Path
 
-from flax import jax_utils
 import grain
 import jax
 import numpy as np
+from flax import jax_utils
 
 from data_prep import build, layout, synthetic
 from data_prep.reader import FrameReader, PreparedDataset, load_prepared
@@ -52,8 +52,9 @@ def prepare(out: Path, tracks: int, duration: float, workers: int) -> Path:
     if not layout.is_prepared(data_dir, "hop512", 0):
         if not (out / "tree" / "audio").is_dir():
             synthetic.make_synthetic(out / "tree", num_tracks=tracks, seed=0, duration=duration, workers=workers)
-        build.build_dataset(out / "tree" / "audio", out / "tree" / "data", data_dir, "hop512", workers=workers,
-                            progress=False)
+        build.build_dataset(
+            out / "tree" / "audio", out / "tree" / "data", data_dir, "hop512", workers=workers, progress=False
+        )
     return data_dir
 
 
@@ -73,18 +74,35 @@ def with_training_tracks(prepared: PreparedDataset, count: int) -> PreparedDatas
     """`prepared` whose training part lists its tracks' index entries cyclically, `count` in all (same shards)."""
     train = prepared.parts["train"]
     order = np.resize(np.arange(len(train)), count)
-    repeated = dataclasses.replace(train, track_ids=tuple(f"{train.track_ids[k]}#{n}" for n, k in enumerate(order)),
-                                   frames=train.frames[order], labels=train.labels[order],
-                                   first_chunk=train.first_chunk[order])
+    repeated = dataclasses.replace(
+        train,
+        track_ids=tuple(f"{train.track_ids[k]}#{n}" for n, k in enumerate(order)),
+        frames=train.frames[order],
+        labels=train.labels[order],
+        first_chunk=train.first_chunk[order],
+    )
     return dataclasses.replace(prepared, parts={**prepared.parts, "train": repeated})
 
 
-def examples_per_second(prepared: PreparedDataset, *, batch_size: int, crop_frames: int, batches: int,
-                        read_threads: int, to_device: bool = False) -> tuple[float, float]:
+def examples_per_second(
+    prepared: PreparedDataset,
+    *,
+    batch_size: int,
+    crop_frames: int,
+    batches: int,
+    read_threads: int,
+    to_device: bool = False,
+) -> tuple[float, float]:
     """(examples/s, cores used) of the training batches as training reads them; `to_device`: also put on the
     default device two batches ahead, as the training loop does (flax's `prefetch_to_device`)."""
-    stream = input_pipeline.train_batches(prepared, global_batch_size=batch_size, crop_frames=crop_frames,
-                                          max_time_shift=50, seed=0, read_threads=read_threads)
+    stream = input_pipeline.train_batches(
+        prepared,
+        global_batch_size=batch_size,
+        crop_frames=crop_frames,
+        max_time_shift=50,
+        seed=0,
+        read_threads=read_threads,
+    )
     if to_device:
         stream = jax_utils.prefetch_to_device(stream, 2)
     next(stream)  # start-up: threads, first reads
@@ -96,8 +114,9 @@ def examples_per_second(prepared: PreparedDataset, *, batch_size: int, crop_fram
     return batches * batch_size / wall, cores_used
 
 
-def device_normalisation_ms_per_example(prepared: PreparedDataset, *, batch_size: int, crop_frames: int,
-                                        repeats: int = 20) -> tuple[float, str]:
+def device_normalisation_ms_per_example(
+    prepared: PreparedDataset, *, batch_size: int, crop_frames: int, repeats: int = 20
+) -> tuple[float, str]:
     """(ms per example, device) of `input_pipeline.model_input` on a batch of stored crops, jitted on the default
     device: the work the train step took over from the host."""
     stored = jax.device_put(np.zeros((batch_size, crop_frames, prepared.features["n_mels"]), np.float16))
@@ -109,8 +128,9 @@ def device_normalisation_ms_per_example(prepared: PreparedDataset, *, batch_size
     return (time.perf_counter() - start) / repeats / batch_size * 1e3, jax.devices()[0].platform
 
 
-def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, read_threads: int,
-            as_training_tracks: int) -> dict:
+def measure(
+    data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, read_threads: int, as_training_tracks: int
+) -> dict:
     prepared = load_prepared(data_dir, "hop512", 0)
     timing = dict(batch_size=batch_size, crop_frames=crop_frames, batches=batches, read_threads=read_threads)
     as_prepared, cores_as_prepared = examples_per_second(prepared, **timing)
@@ -120,13 +140,15 @@ def measure(data_dir: Path, *, batch_size: int, crop_frames: int, batches: int, 
     examples = batches * batch_size
     # Bytes per example from the same stream read example by example (the threads above read ahead).
     reader = FrameReader(prepared)
-    one_by_one = input_pipeline.training_examples(prepared, crop_frames=crop_frames, max_time_shift=50, seed=0,
-                                                  reader=reader)
+    one_by_one = input_pipeline.training_examples(
+        prepared, crop_frames=crop_frames, max_time_shift=50, seed=0, reader=reader
+    )
     for k in range(examples):
         one_by_one[k]
     crop_bytes = crop_frames * prepared.features["n_mels"] * 2
-    normalisation_ms, device = device_normalisation_ms_per_example(prepared, batch_size=batch_size,
-                                                                   crop_frames=crop_frames)
+    normalisation_ms, device = device_normalisation_ms_per_example(
+        prepared, batch_size=batch_size, crop_frames=crop_frames
+    )
     return {
         "training_tracks": len(prepared.parts["train"]),
         "median_track_frames": int(sorted(prepared.parts["train"].frames)[len(prepared.parts["train"]) // 2]),
@@ -161,17 +183,31 @@ def main() -> None:
     parser.add_argument("--crop_frames", type=int, default=861, help="the paper's 10-s crop")
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--read_threads", type=int, default=2)
-    parser.add_argument("--as_training_tracks", type=int, default=SPLIT0_TRAINING_TRACKS,
-                        help="training tracks the second timing lists (the prepared ones, repeated)")
+    parser.add_argument(
+        "--as_training_tracks",
+        type=int,
+        default=SPLIT0_TRAINING_TRACKS,
+        help="training tracks the second timing lists (the prepared ones, repeated)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     args = parser.parse_args()
     if args.quick:
         args.tracks, args.duration, args.crop_frames, args.batches, args.batch_size = 12, 4.0, 128, 5, 4
         args.out = str(Path(args.out) / "quick")
     data_dir = prepare(Path(args.out), args.tracks, args.duration, args.workers)
-    print(json.dumps(measure(data_dir, batch_size=args.batch_size, crop_frames=args.crop_frames,
-                             batches=args.batches, read_threads=args.read_threads,
-                             as_training_tracks=args.as_training_tracks), indent=1))
+    print(
+        json.dumps(
+            measure(
+                data_dir,
+                batch_size=args.batch_size,
+                crop_frames=args.crop_frames,
+                batches=args.batches,
+                read_threads=args.read_threads,
+                as_training_tracks=args.as_training_tracks,
+            ),
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

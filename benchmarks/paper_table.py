@@ -24,16 +24,16 @@ import dataclasses
 import importlib
 import json
 import os
-from pathlib import Path
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import ml_collections  # noqa: E402
+import ml_collections
 
-from configs import avg_ensemble, default  # noqa: E402
-from data_prep.reader import load_prepared  # noqa: E402
-from emorf_jax import ensemble_recipe, evaluate, main, metrics, train  # noqa: E402
+from configs import avg_ensemble, default
+from data_prep.reader import load_prepared
+from emorf_jax import ensemble_recipe, evaluate, main, metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO.parent / "shared" / "mediaeval2019"
@@ -49,8 +49,11 @@ class Row:
 
 
 ROWS = (
-    Row("VGG-ish (organisers' baseline), their essentia96 input", "vggish_essentia96",
-        ("baseline/results.tsv", "vggish")),
+    Row(
+        "VGG-ish (organisers' baseline), their essentia96 input",
+        "vggish_essentia96",
+        ("baseline/results.tsv", "vggish"),
+    ),
     Row("VGG-ish, our hop512 input", "vggish", None),
     Row("ResNet-34", "resnet34", ("CP-JKU/results.tsv", "5_resnet34")),
     Row("CRNN", "crnn", ("CP-JKU/results.tsv", "4_crnn")),
@@ -96,8 +99,9 @@ def trained_row(config: ml_collections.ConfigDict, workdir: str, out: str) -> di
 def popularity_row(out: str, data_dir: str) -> dict[str, float]:
     metadata_dir = os.path.join(out, "synthetic", "data")
     test_labels = evaluate.split_labels(metadata_dir, 0, "test")
-    predictions, decisions = evaluate.popularity_baseline(evaluate.split_labels(metadata_dir, 0, "train"),
-                                                          len(test_labels))
+    predictions, decisions = evaluate.popularity_baseline(
+        evaluate.split_labels(metadata_dir, 0, "train"), len(test_labels)
+    )
     prepared = load_prepared(data_dir, "hop512", 0)  # the same test tracks as every trained row
     if tuple(prepared.tsv_track_ids["test"]) != tuple(prepared.parts["test"].track_ids):
         raise RuntimeError("the prepared test set lacks tracks of the test TSV: see its failures.tsv")
@@ -126,8 +130,15 @@ def run_table(out: str, quick: bool, rows: tuple[Row, ...] = ROWS) -> list[dict]
                 config.model.rho, config.seed = members[row.config]
                 workdir = ensemble_recipe.member_workdir(out, row.config, *members[row.config])
             ours = trained_row(config, workdir, out)
-        results.append({"row": row.label, "config": row.config, "ours": {k: ours[k] for k in FIGURES},
-                        "published": published_figures(row), "seconds": time.monotonic() - start})
+        results.append(
+            {
+                "row": row.label,
+                "config": row.config,
+                "ours": {k: ours[k] for k in FIGURES},
+                "published": published_figures(row),
+                "seconds": time.monotonic() - start,
+            }
+        )
         print(f"{row.label}: done in {results[-1]['seconds']:.0f} s", flush=True)
     return results
 
@@ -146,12 +157,16 @@ def format_table(results: list[dict], quick: bool, seconds: float) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for result in results:
-        lines.append(f"| {result['row']} | {result['config']} | {figure(result['ours'], 'PR-AUC-macro')} | "
-                     f"{figure(result['ours'], 'ROC-AUC-macro')} | {figure(result['published'], 'PR-AUC-macro')} | "
-                     f"{figure(result['published'], 'ROC-AUC-macro')} | {result['seconds']:.0f} |")
+        lines.append(
+            f"| {result['row']} | {result['config']} | {figure(result['ours'], 'PR-AUC-macro')} | "
+            f"{figure(result['ours'], 'ROC-AUC-macro')} | {figure(result['published'], 'PR-AUC-macro')} | "
+            f"{figure(result['published'], 'ROC-AUC-macro')} | {result['seconds']:.0f} |"
+        )
     lines.append("")
-    lines.append(f"wall time {seconds:.0f} s in all, with the data preparation (the essentia96 and hop1536 "
-                 "shards in the first row of each)")
+    lines.append(
+        f"wall time {seconds:.0f} s in all, with the data preparation (the essentia96 and hop1536 "
+        "shards in the first row of each)"
+    )
     return "\n".join(lines)
 
 
@@ -159,8 +174,11 @@ def main_cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_table", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/paper_table", help="data, every row's run and the table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (configs :test, 24 tracks), for CI")
-    parser.add_argument("--rows", default=",".join(row.config for row in ROWS),
-                        help="comma-separated rows by config name (default: all)")
+    parser.add_argument(
+        "--rows",
+        default=",".join(row.config for row in ROWS),
+        help="comma-separated rows by config name (default: all)",
+    )
     args = parser.parse_args(argv)
     chosen = args.rows.split(",")
     unknown = sorted(set(chosen) - {row.config for row in ROWS})

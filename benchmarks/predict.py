@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import json
 import os
-from pathlib import Path
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -40,20 +40,26 @@ def write_track(path: Path, seconds: float) -> None:
 
 def random_taggers(count: int, base_channels: int, window_frames: int) -> list[inference.Tagger]:
     settings = features.settings_for("hop512")
-    meta = {"tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)], "features": dataclasses.asdict(settings),
-            "normalisation": {"mean": [0.0] * settings.n_mels, "std": [20.0] * settings.n_mels},
-            "window_frames": window_frames}
+    meta = {
+        "tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)],
+        "features": dataclasses.asdict(settings),
+        "normalisation": {"mean": [0.0] * settings.n_mels, "std": [20.0] * settings.n_mels},
+        "window_frames": window_frames,
+    }
     model = CPResNet(num_classes=NUM_TAGS, rho=5, base_channels=base_channels, frequency_aware=True)
     shape = (1, settings.n_mels, window_frames, 1)
-    return [inference.Tagger(model, model.init(jax.random.PRNGKey(seed), np.zeros(shape, np.float32)), meta)
-            for seed in range(count)]
+    return [
+        inference.Tagger(model, model.init(jax.random.PRNGKey(seed), np.zeros(shape, np.float32)), meta)
+        for seed in range(count)
+    ]
 
 
 def measure(path: Path, taggers: list[inference.Tagger], models: int) -> dict:
     data = path.read_bytes()
     settings = features.FeatureSettings(**taggers[0].meta["features"])
-    features.waveform_features(np.zeros((settings.sample_rate, 2), np.float32), settings.sample_rate, "warm-up",
-                               settings)  # the first call's one-off costs (filter banks, imports) are not timed
+    features.waveform_features(
+        np.zeros((settings.sample_rate, 2), np.float32), settings.sample_rate, "warm-up", settings
+    )  # the first call's one-off costs (filter banks, imports) are not timed
     start = time.perf_counter()
     waveform, sample_rate = features.decode_audio(data, str(path))
     decoded = time.perf_counter()
@@ -64,18 +70,27 @@ def measure(path: Path, taggers: list[inference.Tagger], models: int) -> dict:
     windows = len(inference.input_pipeline.window_ranges(spectrogram.shape[1], window))
     compile_start = time.perf_counter()
     for group in {min(windows, batch), windows % batch or batch}:  # compiles the batch shapes the track runs in
-        predict.tag_spectrogram(spectrogram[:, :group * window], taggers[:1], window)
+        predict.tag_spectrogram(spectrogram[:, : group * window], taggers[:1], window)
     compile_seconds = time.perf_counter() - compile_start
-    figures = {"audio_seconds": round(seconds, 1), "file_bytes": len(data), "windows": windows,
-        "decode_seconds": round(decoded - start, 3), "features_seconds": round(featured - decoded, 3),
-        "compile_seconds": round(compile_seconds, 2), "cores": len(os.sched_getaffinity(0))}
+    figures = {
+        "audio_seconds": round(seconds, 1),
+        "file_bytes": len(data),
+        "windows": windows,
+        "decode_seconds": round(decoded - start, 3),
+        "features_seconds": round(featured - decoded, 3),
+        "compile_seconds": round(compile_seconds, 2),
+        "cores": len(os.sched_getaffinity(0)),
+    }
     for count in sorted({1, models}):
         model_start = time.perf_counter()
         predict.tag_spectrogram(spectrogram, taggers[:count], window)
         model_seconds = time.perf_counter() - model_start
         total = featured - start + model_seconds
-        figures[f"{count}_models"] = {"model_seconds": round(model_seconds, 3), "total_seconds": round(total, 3),
-                                      "real_time_factor": round(seconds / total, 1)}
+        figures[f"{count}_models"] = {
+            "model_seconds": round(model_seconds, 3),
+            "total_seconds": round(total, 3),
+            "real_time_factor": round(seconds / total, 1),
+        }
     return figures
 
 

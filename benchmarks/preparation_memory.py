@@ -12,8 +12,8 @@ memory and how long the whole stage takes relative to a perfect split of the wor
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 import heapq
+from collections.abc import Callable
 from pathlib import Path
 
 from data_prep import extract, metadata
@@ -21,8 +21,12 @@ from data_prep import extract, metadata
 METADATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "mtg-jamendo" / "data"
 
 
-def replay(jobs: list[extract.TrackJob], workers: int, take: Callable[[], extract.TrackJob | None],
-           finished: Callable[[extract.TrackJob], None]) -> tuple[int, float]:
+def replay(
+    jobs: list[extract.TrackJob],
+    workers: int,
+    take: Callable[[], extract.TrackJob | None],
+    finished: Callable[[extract.TrackJob], None],
+) -> tuple[int, float]:
     """(peak bytes held by the running workers, finishing time) when idle workers start `take()`'s jobs and each
     job's end is told to `finished`."""
     running: list[tuple[float, int, extract.TrackJob]] = []  # (end time, tie-breaker, job)
@@ -48,29 +52,35 @@ def main() -> None:
     parser.add_argument("--memory_budget_gb", type=float, default=extract.DEFAULT_MEMORY_BUDGET_GB)
     args = parser.parse_args()
     if not args.metadata_dir.is_dir():
-        raise SystemExit(f"preparation_memory: {args.metadata_dir} not found; this benchmark needs the real "
-                         "MTG-Jamendo metadata")
+        raise SystemExit(
+            f"preparation_memory: {args.metadata_dir} not found; this benchmark needs the real MTG-Jamendo metadata"
+        )
     tracks = [track for part in metadata.SPLIT_PARTS for track in metadata.read_split(args.metadata_dir, 0, part)]
     jobs = [extract.TrackJob(track.track_id, track.path, track.duration) for track in tracks]
     ideal = sum(job.duration for job in jobs) / args.workers
 
     longest_first = sorted(jobs, key=lambda job: -job.duration)
-    old_peak, old_end = replay(jobs, args.workers, lambda: longest_first.pop(0) if longest_first else None,
-                               lambda job: None)
+    old_peak, old_end = replay(
+        jobs, args.workers, lambda: longest_first.pop(0) if longest_first else None, lambda job: None
+    )
     schedule = extract._Schedule(jobs, int(args.memory_budget_gb * 2**30))
     new_peak, new_end = replay(jobs, args.workers, schedule.take, schedule.finished)
 
     gib = 2**30
-    longest = sorted(job.duration for job in jobs)[-args.workers:]
-    print(f"split-0: {len(jobs)} tracks, {sum(j.duration for j in jobs) / 3600:.0f} h; the {args.workers} longest: "
-          f"{longest[0] / 60:.0f}-{longest[-1] / 60:.0f} min; {args.workers} workers; "
-          f"{extract.WORKER_BYTES_PER_SECOND / 1e6:.2f} MB per second of audio + "
-          f"{extract.WORKER_BYTES_PER_TRACK / 2**20:.0f} MiB per track")
+    longest = sorted(job.duration for job in jobs)[-args.workers :]
+    print(
+        f"split-0: {len(jobs)} tracks, {sum(j.duration for j in jobs) / 3600:.0f} h; the {args.workers} longest: "
+        f"{longest[0] / 60:.0f}-{longest[-1] / 60:.0f} min; {args.workers} workers; "
+        f"{extract.WORKER_BYTES_PER_SECOND / 1e6:.2f} MB per second of audio + "
+        f"{extract.WORKER_BYTES_PER_TRACK / 2**20:.0f} MiB per track"
+    )
     print("| order | peak of the workers' memory | stage 1 time / perfect split |")
     print("| --- | --- | --- |")
     print(f"| old: longest first, one per worker | {old_peak / gib:.1f} GiB | {old_end / ideal:.3f} |")
-    print(f"| new: longest that fits a {args.memory_budget_gb:g} GiB budget | {new_peak / gib:.1f} GiB | "
-          f"{new_end / ideal:.3f} |")
+    print(
+        f"| new: longest that fits a {args.memory_budget_gb:g} GiB budget | {new_peak / gib:.1f} GiB | "
+        f"{new_end / ideal:.3f} |"
+    )
 
 
 if __name__ == "__main__":

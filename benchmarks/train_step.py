@@ -108,26 +108,45 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
     """emorf_jax's real pmapped train step (SWA on, mixup off) on the first device of the chosen platform, with the
     model's default convolutions (`convs="fast"`) or XLA's own (`"xla"`)."""
     import jax
-    from flax import jax_utils
     import optax
+    from flax import jax_utils
 
     from emorf_jax import train, weight_averaging
 
     device = jax.devices()[0]
-    fields = {"num_classes": NUM_TAGS, "rho": RHO, "base_channels": setup.base_channels,
-              "frequency_aware": True, "shake_shake": False}
+    fields = {
+        "num_classes": NUM_TAGS,
+        "rho": RHO,
+        "base_channels": setup.base_channels,
+        "frequency_aware": True,
+        "shake_shake": False,
+    }
     model = train.create_model(fields, half_precision=half_precision, axis_name="batch").clone(
-        fast_cpu_conv=convs == "fast")
+        fast_cpu_conv=convs == "fast"
+    )
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = optax.adam(schedule)
     averaging = weight_averaging.AveragingSchedule("swa", start_step=1, every_steps=1)
     normalisation = (np.zeros(setup.mel_bins, np.float32), np.ones(setup.mel_bins, np.float32))
-    state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0),
-                                (1, setup.mel_bins, setup.frames, 1))
+    state = train.initial_state(
+        model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0), (1, setup.mel_bins, setup.frames, 1)
+    )
+
     def pmapped_step(model):
-        return jax.pmap(functools.partial(train.train_step, model=model, tx=tx, mixup_alpha=0.0, averaging=averaging,
-                                          learning_rate=schedule, normalisation=normalisation),
-                        axis_name="batch", devices=[device], donate_argnums=(0,))
+        return jax.pmap(
+            functools.partial(
+                train.train_step,
+                model=model,
+                tx=tx,
+                mixup_alpha=0.0,
+                averaging=averaging,
+                learning_rate=schedule,
+                normalisation=normalisation,
+            ),
+            axis_name="batch",
+            devices=[device],
+            donate_argnums=(0,),
+        )
 
     spectrograms, labels = random_batch(setup)
     # Laid out as the input pipeline's prefetch_to_device lays out a batch: a leading axis split over the devices.
@@ -152,8 +171,15 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
     warmup_seconds = timed(lambda: run(warmup))
     name = "emorf_jax" if convs == "fast" else "emorf_jax (XLA convs)"
     dtype = "bfloat16" if half_precision else "float32"
-    return Contender(name, f"{device.platform} {dtype}", compile_seconds, warmup_seconds, run, flops,
-                     peak_flops(device.device_kind, half_precision))
+    return Contender(
+        name,
+        f"{device.platform} {dtype}",
+        compile_seconds,
+        warmup_seconds,
+        run,
+        flops,
+        peak_flops(device.device_kind, half_precision),
+    )
 
 
 def torch_device(requested: str) -> str:
@@ -163,8 +189,10 @@ def torch_device(requested: str) -> str:
     if requested == "cpu":
         return "cpu"
     if not torch.cuda.is_available():
-        raise SystemExit(f"--device gpu: this torch ({torch.__version__}) sees no CUDA device; install a CUDA build "
-                         "of torch, or pass --frameworks jax")
+        raise SystemExit(
+            f"--device gpu: this torch ({torch.__version__}) sees no CUDA device; install a CUDA build "
+            "of torch, or pass --frameworks jax"
+        )
     return "cuda"
 
 
@@ -202,7 +230,7 @@ def measure(contenders: list[Contender], steps: int, repeats: int) -> dict[str, 
     seconds: dict[str, list[float]] = {c.framework: [] for c in contenders}
     for _ in range(repeats):
         for contender in contenders:
-            seconds[contender.framework].append(timed(lambda: contender.run(steps)) / steps)
+            seconds[contender.framework].append(timed(functools.partial(contender.run, steps)) / steps)
     return seconds
 
 
@@ -212,19 +240,24 @@ def summarise(setup: Setup, contenders: list[Contender], seconds: dict[str, list
         per_step = seconds[contender.framework]
         median = statistics.median(per_step)
         flops = contender.flops_per_step
-        rows.append({
-            "framework": contender.framework, "device": contender.device, "input": setup.input_label,
-            "batch": setup.batch_size, "base_channels": setup.base_channels,
-            "compile_seconds": round(contender.prepare_seconds, 2),
-            "warmup_seconds": round(contender.warmup_seconds, 2),
-            "steps_per_second": round(1 / median, 4),
-            "examples_per_second": round(setup.batch_size / median, 3),
-            "ms_per_example": round(median / setup.batch_size * 1e3, 2),
-            "seconds_per_step_each_repeat": [round(s, 4) for s in per_step],
-            "gflops_per_step": float(f"{flops / 1e9:.4g}") if flops else None,
-            "achieved_tflops": round(flops / median / 1e12, 3) if flops else None,
-            "mfu": round(flops / median / contender.peak_flops, 4) if flops and contender.peak_flops else None,
-        })
+        rows.append(
+            {
+                "framework": contender.framework,
+                "device": contender.device,
+                "input": setup.input_label,
+                "batch": setup.batch_size,
+                "base_channels": setup.base_channels,
+                "compile_seconds": round(contender.prepare_seconds, 2),
+                "warmup_seconds": round(contender.warmup_seconds, 2),
+                "steps_per_second": round(1 / median, 4),
+                "examples_per_second": round(setup.batch_size / median, 3),
+                "ms_per_example": round(median / setup.batch_size * 1e3, 2),
+                "seconds_per_step_each_repeat": [round(s, 4) for s in per_step],
+                "gflops_per_step": float(f"{flops / 1e9:.4g}") if flops else None,
+                "achieved_tflops": round(flops / median / 1e12, 3) if flops else None,
+                "mfu": round(flops / median / contender.peak_flops, 4) if flops and contender.peak_flops else None,
+            }
+        )
     torch_rate = next((row["examples_per_second"] for row in rows if row["framework"] == "pytorch"), None)
     for row in rows:
         row["over_pytorch"] = round(row["examples_per_second"] / torch_rate, 3) if torch_rate else None
@@ -232,18 +265,43 @@ def summarise(setup: Setup, contenders: list[Contender], seconds: dict[str, list
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("framework", "device", "input", "batch", "compile s", "warmup s", "s/step per repeat", "examples/s",
-              "ms/example", "/ pytorch", "GFLOP/step", "TFLOP/s", "MFU")
-    lines = [[row["framework"], row["device"], row["input"], str(row["batch"]), f"{row['compile_seconds']:.1f}",
-              f"{row['warmup_seconds']:.1f}", " ".join(f"{s:.3f}" for s in row["seconds_per_step_each_repeat"]),
-              f"{row['examples_per_second']:.2f}", f"{row['ms_per_example']:.1f}",
-              "-" if row["over_pytorch"] is None else f"{row['over_pytorch']:.2f}",
-              "-" if row["gflops_per_step"] is None else f"{row['gflops_per_step']:.4g}",
-              "-" if row["achieved_tflops"] is None else f"{row['achieved_tflops']:.3f}",
-              "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}"] for row in rows]
+    header = (
+        "framework",
+        "device",
+        "input",
+        "batch",
+        "compile s",
+        "warmup s",
+        "s/step per repeat",
+        "examples/s",
+        "ms/example",
+        "/ pytorch",
+        "GFLOP/step",
+        "TFLOP/s",
+        "MFU",
+    )
+    lines = [
+        [
+            row["framework"],
+            row["device"],
+            row["input"],
+            str(row["batch"]),
+            f"{row['compile_seconds']:.1f}",
+            f"{row['warmup_seconds']:.1f}",
+            " ".join(f"{s:.3f}" for s in row["seconds_per_step_each_repeat"]),
+            f"{row['examples_per_second']:.2f}",
+            f"{row['ms_per_example']:.1f}",
+            "-" if row["over_pytorch"] is None else f"{row['over_pytorch']:.2f}",
+            "-" if row["gflops_per_step"] is None else f"{row['gflops_per_step']:.4g}",
+            "-" if row["achieved_tflops"] is None else f"{row['achieved_tflops']:.3f}",
+            "n/a" if row["mfu"] is None else f"{row['mfu']:.1%}",
+        ]
+        for row in rows
+    ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
-                     for line in (header, *lines))
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in (header, *lines)
+    )
 
 
 def select_jax_platform(device: str) -> None:
@@ -253,8 +311,10 @@ def select_jax_platform(device: str) -> None:
     if device == "cpu":
         jax.config.update("jax_platforms", "cpu")
     elif jax.default_backend() != "gpu":
-        raise SystemExit(f"--device gpu: JAX found no GPU (its backend is {jax.default_backend()!r}); install "
-                         "jax[cuda] or run with --device cpu")
+        raise SystemExit(
+            f"--device gpu: JAX found no GPU (its backend is {jax.default_backend()!r}); install "
+            "jax[cuda] or run with --device cpu"
+        )
 
 
 def usable_cores() -> int:
@@ -264,8 +324,12 @@ def usable_cores() -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="paper: 256 mel bins x 431 frames; small: 64 x 128; tiny: 32 x 48")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="small",
+        help="paper: 256 mel bins x 431 frames; small: 64 x 128; tiny: 32 x 48",
+    )
     parser.add_argument("--batch_size", default="16", help="a batch size, or several comma-separated (8,16)")
     parser.add_argument("--base_channels", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
@@ -273,10 +337,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--frameworks", default="jax,torch", help="comma-separated subset of jax,torch")
-    parser.add_argument("--convs", default="fast",
-                        help="emorf_jax's convolutions, comma-separated: fast (the default model), xla (XLA's own)")
-    parser.add_argument("--half_precision", action="store_true",
-                        help="emorf_jax in bfloat16 compute with float32 parameters (PyTorch stays float32)")
+    parser.add_argument(
+        "--convs",
+        default="fast",
+        help="emorf_jax's convolutions, comma-separated: fast (the default model), xla (XLA's own)",
+    )
+    parser.add_argument(
+        "--half_precision",
+        action="store_true",
+        help="emorf_jax in bfloat16 compute with float32 parameters (PyTorch stays float32)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one step, for CI")
     args = parser.parse_args(argv)
@@ -312,6 +382,7 @@ def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jaxlib.__version__}
     try:
         import torch
+
         found["torch"] = torch.__version__
     except ImportError:
         pass
@@ -339,19 +410,27 @@ def main(argv: list[str] | None = None) -> None:
         del contenders  # free this batch size's states before the next
         if not args.json and batch_size != args.batch_sizes[-1]:
             print(format_table(rows), flush=True)  # so far, in case a long run is stopped
-    context = {"command": " ".join(["python -m benchmarks.train_step", *(argv or sys.argv[1:])]),
-               "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "cores": threads,
-               "device_kind": jax.devices()[0].device_kind, "versions": versions(),
-               "load_average_before": [round(x, 2) for x in load_before],
-               "load_average_after": [round(x, 2) for x in os.getloadavg()],
-               "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    context = {
+        "command": " ".join(["python -m benchmarks.train_step", *(argv or sys.argv[1:])]),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "cores": threads,
+        "device_kind": jax.devices()[0].device_kind,
+        "versions": versions(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     if args.json:
         print(json.dumps({"context": context, "results": rows}, indent=2))
     else:
         print(format_table(rows))
-        print(f"{context['device_kind']}; load average before {context['load_average_before']}, after "
-              f"{context['load_average_after']}; {threads} cores; median of {args.repeats} x {args.steps} steps; "
-              + ", ".join(f"{k} {v}" for k, v in context["versions"].items()))
+        print(
+            f"{context['device_kind']}; load average before {context['load_average_before']}, after "
+            f"{context['load_average_after']}; {threads} cores; median of {args.repeats} x {args.steps} steps; "
+            + ", ".join(f"{k} {v}" for k, v in context["versions"].items())
+        )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,14 @@ UNVERIFIED: the authors do not list the members of their ensemble; the ρ and se
 import ml_collections
 
 # (config in configs/, ρ, seed) of every member at paper size; `:demo` and `:test` shrink the list.
-PAPER_MEMBERS = (("faresnet", 5, 0), ("faresnet", 5, 1), ("faresnet", 7, 0),
-                 ("shake_faresnet", 5, 0), ("shake_faresnet", 5, 1), ("shake_faresnet", 7, 0))
+PAPER_MEMBERS = (
+    ("faresnet", 5, 0),
+    ("faresnet", 5, 1),
+    ("faresnet", 7, 0),
+    ("shake_faresnet", 5, 0),
+    ("shake_faresnet", 5, 1),
+    ("shake_faresnet", 7, 0),
+)
 DEMO_MEMBERS = (("faresnet", 5, 0), ("faresnet", 7, 1), ("shake_faresnet", 5, 0), ("shake_faresnet", 7, 1))
 TEST_MEMBERS = (("faresnet", 2, 0), ("shake_faresnet", 3, 1))
 

@@ -18,8 +18,15 @@ CHOI_FRAMES = 861  # 30 s at 44.1 kHz / hop 1536
 
 def get_config(variant: str | None = None):
     config = default.get_config(variant)
-    default.set_model(config, variant, "crnn", {None: 64, "demo": 16, "test": 4},
-                      gru_units={None: 32, "demo": 16, "test": 4}[variant or None], conv_dropout=0.1, dropout=0.3)
+    default.set_model(
+        config,
+        variant,
+        "crnn",
+        {None: 64, "demo": 16, "test": 4},
+        gru_units={None: 32, "demo": 16, "test": 4}[variant or None],
+        conv_dropout=0.1,
+        dropout=0.3,
+    )
     default.use_hop1536(config)
     if not variant:
         config.input.crop_frames = CHOI_FRAMES

@@ -89,8 +89,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     return config
 
 
-def set_model(config: ml_collections.ConfigDict, variant: str | None, name: str, widths: dict[str | None, int],
-              **fields) -> None:
+def set_model(
+    config: ml_collections.ConfigDict, variant: str | None, name: str, widths: dict[str | None, int], **fields
+) -> None:
     """Replaces the CP-ResNet fields by another registered model's (emorf_jax/models/registry.py): its name, its
     `base_channels` for this variant (`widths[None]` is the paper's, "demo" and "test" smaller) and `fields`."""
     config.model = ml_collections.ConfigDict({"name": name, "base_channels": widths[variant or None], **fields})

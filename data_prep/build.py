@@ -19,11 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from data_prep import extract
+from data_prep import extract, layout, reader
 from data_prep import features as features_lib
-from data_prep import layout
 from data_prep import metadata as metadata_lib
-from data_prep import reader
 
 DUPLICATE_POLICIES: tuple[str, ...] = ("none", "keep_one", "all")
 # keep_one keeps the copy in the part that matters most for evaluation.
@@ -59,7 +57,7 @@ def read_parts(metadata_dir: str | Path, split_index: int) -> dict[str, list[met
     """The tracks of each part of a split; a track listed in two parts is an error naming both."""
     parts = {part: metadata_lib.read_split(metadata_dir, split_index, part) for part in metadata_lib.SPLIT_PARTS}
     seen: dict[str, str] = {}
-    for part, tracks in parts.items():
+    for tracks in parts.values():
         for track in tracks:
             if track.track_id in seen:
                 raise metadata_lib.MetadataError(
@@ -169,8 +167,16 @@ def _plan(
         for track in tracks
     ]
     outcomes = extract.extract_all(
-        jobs, audio_dir, cache, settings, workers, retry_failed=retry_failed, progress=progress,
-        memory_budget_gb=memory_budget_gb, tracks_per_worker=tracks_per_worker, resample=resample,
+        jobs,
+        audio_dir,
+        cache,
+        settings,
+        workers,
+        retry_failed=retry_failed,
+        progress=progress,
+        memory_budget_gb=memory_budget_gb,
+        tracks_per_worker=tracks_per_worker,
+        resample=resample,
     )
     groups = duplicate_groups(parts, outcomes)
     dropped = duplicates_to_drop(groups, drop_duplicates)
@@ -240,19 +246,39 @@ def build_dataset(
     duplicates_to_drop([], drop_duplicates)  # validates the policy before any work
     cache = extract.TrackCache(Path(cache_dir) if cache_dir else layout.cache_dir(data_dir, config_name))
     directory = layout.dataset_dir(data_dir, config_name, split_index)
-    prepared = reader.load_prepared(data_dir, config_name, split_index) if layout.is_prepared(
-        data_dir, config_name, split_index) else None
-    failed = [] if prepared is None else [
-        record for record in prepared.failure_records
-        if retry_failed or (record["kind"] in extract.RELOOKED_KINDS and (Path(audio_dir) / record["path"]).exists())
-        or (resample and record["kind"] in extract.RESAMPLED_KINDS)
-    ]
+    prepared = (
+        reader.load_prepared(data_dir, config_name, split_index)
+        if layout.is_prepared(data_dir, config_name, split_index)
+        else None
+    )
+    failed = (
+        []
+        if prepared is None
+        else [
+            record
+            for record in prepared.failure_records
+            if retry_failed
+            or (record["kind"] in extract.RELOOKED_KINDS and (Path(audio_dir) / record["path"]).exists())
+            or (resample and record["kind"] in extract.RESAMPLED_KINDS)
+        ]
+    )
     if prepared is not None and not failed:
         print(f"already prepared: {directory}")
     else:
         plan = _plan(
-            Path(audio_dir), Path(metadata_dir), config_name, split_index, workers, cache, drop_duplicates,
-            retry_failed, progress, chunk_frames, memory_budget_gb, tracks_per_worker, resample,
+            Path(audio_dir),
+            Path(metadata_dir),
+            config_name,
+            split_index,
+            workers,
+            cache,
+            drop_duplicates,
+            retry_failed,
+            progress,
+            chunk_frames,
+            memory_budget_gb,
+            tracks_per_worker,
+            resample,
         )
         stored = None if prepared is None else prepared.track_ids
         if stored == {part: tuple(track.track_id for track in tracks) for part, tracks in plan.parts.items()}:
@@ -290,18 +316,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="hop512", choices=tuple(features_lib.CONFIGS), help="feature setting")
     parser.add_argument("--split", type=int, default=0, help="split index (0 is the MediaEval 2019 split)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="extraction processes")
-    parser.add_argument("--drop_duplicates", default="none", choices=DUPLICATE_POLICIES,
-                        help="byte-identical files: report only, keep one copy (test > validation > train), drop all")
+    parser.add_argument(
+        "--drop_duplicates",
+        default="none",
+        choices=DUPLICATE_POLICIES,
+        help="byte-identical files: report only, keep one copy (test > validation > train), drop all",
+    )
     parser.add_argument("--retry_failed", action="store_true", help="extract failed tracks again")
-    parser.add_argument("--resample", action="store_true",
-                        help="resample other sample rates and mix down other channel counts instead of failing them")
+    parser.add_argument(
+        "--resample",
+        action="store_true",
+        help="resample other sample rates and mix down other channel counts instead of failing them",
+    )
     parser.add_argument("--delete_cache", action="store_true", help="delete the feature cache after the build")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default DATA_DIR/cache/CONFIG)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--chunk_frames", type=int, default=None,
-                        help="frames per stored chunk (default: the config's, 20 s); training reads across chunks")
-    parser.add_argument("--memory_budget_gb", type=float, default=extract.DEFAULT_MEMORY_BUDGET_GB,
-                        help="bound on the workers' estimated memory; a longer track than it allows runs alone")
+    parser.add_argument(
+        "--chunk_frames",
+        type=int,
+        default=None,
+        help="frames per stored chunk (default: the config's, 20 s); training reads across chunks",
+    )
+    parser.add_argument(
+        "--memory_budget_gb",
+        type=float,
+        default=extract.DEFAULT_MEMORY_BUDGET_GB,
+        help="bound on the workers' estimated memory; a longer track than it allows runs alone",
+    )
     return parser.parse_args(argv)
 
 

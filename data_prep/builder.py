@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from pathlib import Path
 import shutil
 import struct
-from typing import Iterator
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -29,16 +29,18 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import tensorflow_datasets as tfds  # noqa: E402
-from tensorflow.core.example import example_pb2  # noqa: E402
-from tensorflow_datasets.core import writer as tfds_writer  # noqa: E402
-import tqdm  # noqa: E402
+import tensorflow_datasets as tfds
+import tqdm
+from tensorflow.core.example import example_pb2
+from tensorflow_datasets.core import writer as tfds_writer
 
-from data_prep import extract  # noqa: E402
-from data_prep import features as features_lib  # noqa: E402
-from data_prep import layout  # noqa: E402
-from data_prep import metadata as metadata_lib  # noqa: E402
-from data_prep.reader import PARTS  # noqa: E402
+from data_prep import (
+    extract,
+    layout,
+)
+from data_prep import features as features_lib
+from data_prep import metadata as metadata_lib
+from data_prep.reader import PARTS
 
 # A TFRecord is: uint64 length, uint32 masked CRC of the length, the data, uint32 masked CRC of the data.
 _RECORD_HEADER = 12
@@ -173,20 +175,24 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
             chunks = num_chunks(values.shape[1], chunk_frames)
             labels = metadata_lib.track_labels(track, self._plan.tags)
             for index in range(chunks):
-                yield f"{track.track_id}/{index:05d}", {
-                    "spectrogram": values[:, index * chunk_frames : (index + 1) * chunk_frames].T,
-                    "labels": labels,
-                    "track_id": track.track_id,
-                    "artist_id": track.artist_id,
-                    "duration": np.float32(track.duration),
-                    "chunk_index": np.int32(index),
-                    "num_chunks": np.int32(chunks),
-                    "num_frames": np.int32(values.shape[1]),
-                }
+                yield (
+                    f"{track.track_id}/{index:05d}",
+                    {
+                        "spectrogram": values[:, index * chunk_frames : (index + 1) * chunk_frames].T,
+                        "labels": labels,
+                        "track_id": track.track_id,
+                        "artist_id": track.artist_id,
+                        "duration": np.float32(track.duration),
+                        "chunk_index": np.int32(index),
+                        "num_chunks": np.int32(chunks),
+                        "num_frames": np.int32(values.shape[1]),
+                    },
+                )
 
 
-def write_shards(plan: ShardPlan, data_dir: str | Path, config_name: str, split_index: int,
-                 progress: bool = False) -> Path:
+def write_shards(
+    plan: ShardPlan, data_dir: str | Path, config_name: str, split_index: int, progress: bool = False
+) -> Path:
     """Writes the shards, then their record index (TFDS renames its temporary dir at the end, and the index is
     written last, atomically: a killed write just reruns, reusing complete shards). `progress`: the bars of the
     statistics pass and of TFDS's generation and writing passes."""
@@ -200,8 +206,9 @@ def write_shards(plan: ShardPlan, data_dir: str | Path, config_name: str, split_
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
     )
     directory = Path(builder.data_dir)
-    write_record_index(directory, {part: builder.info.splits[part].filenames for part in PARTS},
-                       len(plan.tags), plan.settings.n_mels)
+    write_record_index(
+        directory, {part: builder.info.splits[part].filenames for part in PARTS}, len(plan.tags), plan.settings.n_mels
+    )
     return directory
 
 

@@ -30,8 +30,9 @@ def essentia_like_mels(audio_file: str | Path) -> np.ndarray:
     """(96, frames) float32 dB mels of an audio file's mono mix, at the organisers' rate, frame and hop."""
     waveform, sample_rate = features.decode_audio(Path(audio_file).read_bytes(), str(audio_file))
     mono = librosa.resample(waveform.mean(axis=1), orig_sr=sample_rate, target_sr=SETTINGS.sample_rate)
-    mels = librosa.feature.melspectrogram(y=mono, sr=SETTINGS.sample_rate, n_fft=SETTINGS.n_fft,
-                                          hop_length=SETTINGS.hop_length, n_mels=SETTINGS.n_mels)
+    mels = librosa.feature.melspectrogram(
+        y=mono, sr=SETTINGS.sample_rate, n_fft=SETTINGS.n_fft, hop_length=SETTINGS.hop_length, n_mels=SETTINGS.n_mels
+    )
     return librosa.power_to_db(mels).astype(np.float32)
 
 
@@ -40,8 +41,9 @@ def _write(audio_file: Path, target: Path) -> None:
     extract.write_atomically(target, essentia_like_mels(audio_file))
 
 
-def write_essentia_like_tree(audio_dir: str | Path, metadata_dir: str | Path, out_dir: str | Path,
-                             workers: int = 1, progress: bool = True) -> int:
+def write_essentia_like_tree(
+    audio_dir: str | Path, metadata_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True
+) -> int:
     """Writes the `.npy` of every split-0 track not written yet; the number written."""
     audio_dir, out_dir = Path(audio_dir), Path(out_dir)
     tracks = [track for part in metadata.SPLIT_PARTS for track in metadata.read_split(metadata_dir, 0, part)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,8 +24,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import tqdm
@@ -150,8 +151,9 @@ def write_atomically(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def extract_track(job: TrackJob, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings,
-                  resample: bool = False) -> Outcome:
+def extract_track(
+    job: TrackJob, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings, resample: bool = False
+) -> Outcome:
     """Computes and caches one track's features; every problem becomes a failure outcome, not an error.
     `resample`: other sample rates and channel counts are resampled and mixed down instead of failing."""
     source = Path(input_root) / job.path
@@ -203,8 +205,9 @@ def job_memory(job: TrackJob) -> int:
     return WORKER_BYTES_PER_TRACK + int(WORKER_BYTES_PER_SECOND * job.duration)
 
 
-def _worker_main(connection, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings,
-                 resample: bool) -> None:
+def _worker_main(
+    connection, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings, resample: bool
+) -> None:
     """A worker: one BLAS/FFT thread; extracts each job it receives and sends back its outcome, until it gets
     None or its parent is gone (the pipe's end of file), so a killed build leaves no worker behind."""
     import threadpoolctl
@@ -219,7 +222,7 @@ def _worker_main(connection, input_root: Path, cache_root: Path, settings: featu
             return
         try:
             outcome = extract_track(job, input_root, cache_root, settings, resample)
-        except Exception as error:  # noqa: BLE001  an unforeseen error costs one track, reported, not the run
+        except Exception as error:
             outcome = _failure(job, "error", f"{type(error).__name__}: {error}")
         connection.send(outcome)
 
@@ -241,8 +244,7 @@ class _Pool:
     worker dies or retires; see docs/architecture.md, "Prepared data".)
     """
 
-    def __init__(self, size: int, input_root: Path, cache_root: Path, settings, tracks_per_worker: int,
-                 resample: bool):
+    def __init__(self, size: int, input_root: Path, cache_root: Path, settings, tracks_per_worker: int, resample: bool):
         self._context = multiprocessing.get_context("spawn")  # the parent may hold threads that fork would copy
         self._args = (input_root, cache_root, settings, resample)
         self._tracks_per_worker = tracks_per_worker
@@ -257,10 +259,8 @@ class _Pool:
 
     def replace(self, worker: _Worker) -> None:
         """Stops a worker (killing it if it does not stop at once) and starts a fresh one in its place."""
-        try:
+        with contextlib.suppress(OSError):
             worker.connection.send(None)
-        except OSError:
-            pass
         worker.process.join(timeout=5)
         if worker.process.is_alive():
             worker.process.kill()
@@ -284,8 +284,9 @@ class _Pool:
         replaced here once they have done their share of tracks.
         """
         busy = [worker for worker in self.workers if worker.job is not None]
-        ready = set(multiprocessing.connection.wait([w.connection for w in busy] +
-                                                    [w.process.sentinel for w in self.workers]))
+        ready = set(
+            multiprocessing.connection.wait([w.connection for w in busy] + [w.process.sentinel for w in self.workers])
+        )
         finished, dead = [], []
         for worker in list(self.workers):
             if worker.job is not None and worker.connection in ready:
@@ -341,8 +342,16 @@ class _Schedule:
         self.in_flight -= job_memory(job)
 
 
-def _outcomes(jobs: list[TrackJob], workers: int, input_root: Path, cache_root: Path, settings,
-              memory_budget: int, tracks_per_worker: int, resample: bool) -> Iterator[Outcome]:
+def _outcomes(
+    jobs: list[TrackJob],
+    workers: int,
+    input_root: Path,
+    cache_root: Path,
+    settings,
+    memory_budget: int,
+    tracks_per_worker: int,
+    resample: bool,
+) -> Iterator[Outcome]:
     """Outcomes of `jobs` in completion order. A track whose worker dies is tried once more alone (no other track
     in flight, in a fresh worker); if that worker dies too, the track is reported as `worker_crash`."""
     schedule = _Schedule(jobs, memory_budget)
@@ -409,15 +418,19 @@ def extract_all(
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
     if memory_budget_gb <= 0 or tracks_per_worker < 1:
-        raise ValueError(f"memory_budget_gb={memory_budget_gb} and tracks_per_worker={tracks_per_worker} must be "
-                         "positive")
+        raise ValueError(
+            f"memory_budget_gb={memory_budget_gb} and tracks_per_worker={tracks_per_worker} must be positive"
+        )
     jobs = list(jobs)
     cache.claim(settings)
     cache.tidy()
     done = cache.read_journal()
     redone = RELOOKED_KINDS | (RESAMPLED_KINDS if resample else frozenset())
-    todo = [job for job in jobs if job.track_id not in done or done[job.track_id].kind in redone
-            or (retry_failed and not done[job.track_id].ok)]
+    todo = [
+        job
+        for job in jobs
+        if job.track_id not in done or done[job.track_id].kind in redone or (retry_failed and not done[job.track_id].ok)
+    ]
     bar = tqdm.tqdm(
         total=round(sum(job.duration for job in todo)),
         unit="s",
@@ -428,8 +441,16 @@ def extract_all(
     durations = {job.track_id: job.duration for job in todo}
     failed = 0
     with bar:
-        for outcome in _outcomes(todo, workers, Path(input_root), cache.root, settings,
-                                 int(memory_budget_gb * 2**30), tracks_per_worker, resample):
+        for outcome in _outcomes(
+            todo,
+            workers,
+            Path(input_root),
+            cache.root,
+            settings,
+            int(memory_budget_gb * 2**30),
+            tracks_per_worker,
+            resample,
+        ):
             cache.append(outcome)
             done[outcome.track_id] = outcome
             failed += not outcome.ok

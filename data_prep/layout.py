@@ -1,9 +1,9 @@
 """Where a prepared dataset lives on disk; no TensorFlow here, so the CLI checks it before importing TF.
 
-    DATA_DIR/cache/<config>/                                  per-track features and the journal (stage 1)
-    DATA_DIR/split-<k>/mtg_jamendo_moodtheme/<config>/2.0.0/  TFRecord shards, dataset_info.json,
-                                                              metadata.json, record_index.npz,
-                                                              failures.tsv, duplicates.tsv
+DATA_DIR/cache/<config>/                                  per-track features and the journal (stage 1)
+DATA_DIR/split-<k>/mtg_jamendo_moodtheme/<config>/2.0.0/  TFRecord shards, dataset_info.json,
+                                                          metadata.json, record_index.npz,
+                                                          failures.tsv, duplicates.tsv
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -80,9 +80,13 @@ def load_prepared(data_dir: str | Path, config_name: str = "hop512", split_index
     directory = layout.dataset_dir(data_dir, config_name, split_index)
     if not layout.is_prepared(data_dir, config_name, split_index):
         older = sorted(p.name for p in directory.parent.glob("*.*.*") if p.is_dir() and p.name != layout.VERSION)
-        reason = (f"only an older layout ({', '.join(older)}) is there; " if older
-                  else "its shards have no record index yet; " if layout.has_shards(data_dir, config_name, split_index)
-                  else "")
+        reason = (
+            f"only an older layout ({', '.join(older)}) is there; "
+            if older
+            else "its shards have no record index yet; "
+            if layout.has_shards(data_dir, config_name, split_index)
+            else ""
+        )
         raise FileNotFoundError(
             f"no prepared dataset {config_name!r} of split {split_index} at {directory}; {reason}prepare it with: "
             f"{layout.prepare_command(data_dir, config_name, split_index)}"
@@ -156,7 +160,7 @@ class FrameReader:
             chunk_start = chunk * self._chunk_frames
             begin, end = max(start, chunk_start), min(stop, chunk_start + self._chunk_frames)
             record = entry.first_chunk[track] + chunk
-            target = memoryview(out[begin - start:end - start]).cast("B")
+            target = memoryview(out[begin - start : end - start]).cast("B")
             offset = int(entry.chunk_offset[record]) + (begin - chunk_start) * row_bytes
             got = os.preadv(self._descriptor(entry.shard_paths[entry.chunk_shard[record]]), [target], offset)
             if got != len(target):

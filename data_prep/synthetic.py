@@ -575,14 +575,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tracks", type=int, default=300, help="number of tracks in the full TSV")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--duration", type=float, default=6.0, help="median track length in seconds")
-    parser.add_argument("--length_log_std", type=float, default=LENGTH_LOG_STD,
-                        help="spread of log(length); the real data's by default, 0 for equal lengths")
+    parser.add_argument(
+        "--length_log_std",
+        type=float,
+        default=LENGTH_LOG_STD,
+        help="spread of log(length); the real data's by default, 0 for equal lengths",
+    )
     parser.add_argument("--long_tracks", type=int, default=0, help="extra tracks of 30-50 s")
     parser.add_argument("--duplicate_groups", type=int, default=2, help="pairs of byte-identical MP3s")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
     args = parser.parse_args(argv)
     make_synthetic(
-        args.out, args.tracks, args.seed, args.duration, args.long_tracks, args.duplicate_groups, args.workers,
+        args.out,
+        args.tracks,
+        args.seed,
+        args.duration,
+        args.long_tracks,
+        args.duplicate_groups,
+        args.workers,
         args.length_log_std,
     )
 

@@ -41,12 +41,12 @@ def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.Che
         best_mode="max",
         keep_checkpoints_without_metrics=kind != BEST,
     )
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), kind), options=options,
-                                 item_names=_ITEMS)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), kind), options=options, item_names=_ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str, Any],
-         score: float | None = None) -> None:
+def save(
+    manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str, Any], score: float | None = None
+) -> None:
     """Saves host-local (unreplicated) `weights` and their metadata at `step`, unless a step this late is saved.
 
     Every process of a multi-process run calls this with the same weights (they are replicated): orbax writes
@@ -59,8 +59,7 @@ def save(manager: ocp.CheckpointManager, step: int, weights: Any, meta: dict[str
     latest = manager.latest_step()
     if latest is not None and step <= latest:
         return
-    args = ocp.args.Composite(weights=ocp.args.StandardSave(jax.device_get(weights)),
-                              meta=ocp.args.JsonSave(meta))
+    args = ocp.args.Composite(weights=ocp.args.StandardSave(jax.device_get(weights)), meta=ocp.args.JsonSave(meta))
     manager.save(step, args=args, metrics=None if score is None else {"score": float(score)}, force=True)
     manager.wait_until_finished()
 
@@ -107,7 +106,8 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> Non
             changed = sorted(config_differences(previous, current))
             raise ValueError(
                 f"workdir {workdir} holds a run of another config (differences: {', '.join(changed)}); "
-                "use a new --workdir, or the config that run was started with")
+                "use a new --workdir, or the config that run was started with"
+            )
         return
     if jax.process_index() == 0:  # one writer; the other processes compared, or will compare, the same file
         with open(path + ".tmp", "w") as f:

@@ -15,18 +15,18 @@ tracks is refused, naming the missing ones.
 """
 
 import argparse
-from collections.abc import Sequence
 import json
 import os
-from pathlib import Path
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from numpy.typing import ArrayLike  # noqa: E402
+import numpy as np
+from numpy.typing import ArrayLike
 
-from emorf_jax.metrics import as_score_matrix  # noqa: E402
+from emorf_jax.metrics import as_score_matrix
 
 SPLITS = ("validation", "test")
 
@@ -46,8 +46,7 @@ def average_predictions(predictions: Sequence[ArrayLike], weights: Sequence[floa
     for index, matrix in enumerate(matrices):
         if matrix.shape != matrices[0].shape:
             raise ValueError(
-                f"predictions[{index}] shape {matrix.shape} does not match predictions[0] shape "
-                f"{matrices[0].shape}"
+                f"predictions[{index}] shape {matrix.shape} does not match predictions[0] shape {matrices[0].shape}"
             )
         if matrix.min() < 0 or matrix.max() > 1:
             raise ValueError(
@@ -57,9 +56,7 @@ def average_predictions(predictions: Sequence[ArrayLike], weights: Sequence[floa
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
         if weights.shape != (len(matrices),):
-            raise ValueError(
-                f"weights shape {weights.shape} does not match the {len(matrices)} prediction matrices"
-            )
+            raise ValueError(f"weights shape {weights.shape} does not match the {len(matrices)} prediction matrices")
         if np.any(~np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights.tolist()}")
     return np.average(np.stack(matrices), axis=0, weights=weights)
@@ -80,8 +77,9 @@ def _checkpoint_members(paths: Sequence[str], data_dir: str, batch_size: int) ->
         for key in ("tags", "features", "normalisation"):
             if meta[key] != first_meta[key]:
                 raise ValueError(f"{path} has other {key} than {paths[0]}: their outputs cannot be averaged")
-        predictor = inference.Predictor(registry.build(meta["model"]), prepared,
-                                        window_frames=meta["window_frames"], batch_size=batch_size)
+        predictor = inference.Predictor(
+            registry.build(meta["model"]), prepared, window_frames=meta["window_frames"], batch_size=batch_size
+        )
         members.append({split: predictor.predict(variables, split) for split in SPLITS})
     return members, prepared
 
@@ -94,14 +92,20 @@ def _report_member(directory: str) -> dict[str, tuple[np.ndarray, list[str]]]:
         ids_file = folder.parent / f"{split}_track_ids.txt"
         matrix_file = folder / f"{split}_predictions.npy"
         if not ids_file.exists() or not matrix_file.exists():
-            raise FileNotFoundError(f"{directory} is not a model folder of a run report: {matrix_file.name} or "
-                                    f"{ids_file} is missing")
+            raise FileNotFoundError(
+                f"{directory} is not a model folder of a run report: {matrix_file.name} or {ids_file} is missing"
+            )
         member[split] = (np.load(matrix_file), ids_file.read_text().split())
     return member
 
 
-def write_ensemble(output_dir: str, tags: Sequence[str], members: Sequence[dict[str, tuple[np.ndarray, list[str]]]],
-                   labels: dict[str, np.ndarray], official_test_ids: Sequence[str]) -> dict[str, float]:
+def write_ensemble(
+    output_dir: str,
+    tags: Sequence[str],
+    members: Sequence[dict[str, tuple[np.ndarray, list[str]]]],
+    labels: dict[str, np.ndarray],
+    official_test_ids: Sequence[str],
+) -> dict[str, float]:
     """Averages the members, chooses thresholds on validation, writes the submission and its reports."""
     from emorf_jax import evaluate, metrics, submission
 
@@ -131,26 +135,36 @@ def write_ensemble(output_dir: str, tags: Sequence[str], members: Sequence[dict[
     return figures
 
 
-def _write_per_tag(path: Path, tags: Sequence[str], truth: np.ndarray, scores: np.ndarray, decisions: np.ndarray,
-                   thresholds: np.ndarray) -> None:
+def _write_per_tag(
+    path: Path,
+    tags: Sequence[str],
+    truth: np.ndarray,
+    scores: np.ndarray,
+    decisions: np.ndarray,
+    thresholds: np.ndarray,
+) -> None:
     from sklearn import metrics as sk_metrics
 
     from emorf_jax import metrics
 
     pr_auc = metrics.per_tag_pr_auc(truth, scores)
-    precision, recall, f1, _ = sk_metrics.precision_recall_fscore_support(truth, decisions, average=None,
-                                                                          zero_division=0.0)
+    precision, recall, f1, _ = sk_metrics.precision_recall_fscore_support(
+        truth, decisions, average=None, zero_division=0.0
+    )
     lines = ["tag\tpositives\tPR-AUC\tROC-AUC\tthreshold\tprecision\trecall\tF-score"]
     for index, tag in enumerate(tags):
         both = 0 < truth[:, index].sum() < len(truth)
         roc = sk_metrics.roc_auc_score(truth[:, index], scores[:, index]) if both else float("nan")
-        lines.append(f"{tag}\t{int(truth[:, index].sum())}\t{pr_auc[index]:.6f}\t{roc:.6f}\t{thresholds[index]:.6g}"
-                     f"\t{precision[index]:.6f}\t{recall[index]:.6f}\t{f1[index]:.6f}")
+        lines.append(
+            f"{tag}\t{int(truth[:, index].sum())}\t{pr_auc[index]:.6f}\t{roc:.6f}\t{thresholds[index]:.6g}"
+            f"\t{precision[index]:.6f}\t{recall[index]:.6f}\t{f1[index]:.6f}"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
-def _plot_precision_recall(path: Path, tags: Sequence[str], truth: np.ndarray, scores: np.ndarray,
-                           figures: dict[str, float]) -> None:
+def _plot_precision_recall(
+    path: Path, tags: Sequence[str], truth: np.ndarray, scores: np.ndarray, figures: dict[str, float]
+) -> None:
     """Every tag's precision-recall curve (thin) and the micro-averaged one (thick)."""
     import matplotlib
 
@@ -164,8 +178,9 @@ def _plot_precision_recall(path: Path, tags: Sequence[str], truth: np.ndarray, s
             precision, recall, _ = sk_metrics.precision_recall_curve(truth[:, index], scores[:, index])
             axes.plot(recall, precision, color="#8db3d9", linewidth=0.6, alpha=0.6)
     precision, recall, _ = sk_metrics.precision_recall_curve(truth.ravel(), scores.ravel())
-    axes.plot(recall, precision, color="black", linewidth=2,
-              label=f"micro average (PR-AUC {figures['PR-AUC-micro']:.4f})")
+    axes.plot(
+        recall, precision, color="black", linewidth=2, label=f"micro average (PR-AUC {figures['PR-AUC-micro']:.4f})"
+    )
     axes.plot([], [], color="#8db3d9", label=f"each tag (macro PR-AUC {figures['PR-AUC-macro']:.4f})")
     axes.axhline(truth.mean(), color="grey", linestyle=":", label=f"positive rate {truth.mean():.4f}")
     axes.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Test set, ensemble")
@@ -178,8 +193,12 @@ def _plot_precision_recall(path: Path, tags: Sequence[str], truth: np.ndarray, s
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emorf_jax.ensemble", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", action="append", default=[], help="a checkpoint directory (repeatable)")
-    parser.add_argument("--predictions", action="append", default=[],
-                        help="a model folder of a run report, e.g. runs/demo/report/swa (repeatable)")
+    parser.add_argument(
+        "--predictions",
+        action="append",
+        default=[],
+        help="a model folder of a run report, e.g. runs/demo/report/swa (repeatable)",
+    )
     parser.add_argument("--data_dir", required=True, help="the prepared dataset (labels and official rows)")
     parser.add_argument("--config", default=None, help="its feature setting when only --predictions are given")
     parser.add_argument("--split", type=int, default=0, help="its split when only --predictions are given")
@@ -195,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepared = None
         if args.checkpoint:
             checkpoint_members, prepared = _checkpoint_members(args.checkpoint, args.data_dir, args.batch_size)
-            members += [{split: (p[split].probabilities, list(p[split].track_ids)) for split in SPLITS}
-                        for p in checkpoint_members]
+            members += [
+                {split: (p[split].probabilities, list(p[split].track_ids)) for split in SPLITS}
+                for p in checkpoint_members
+            ]
         if prepared is None:
             prepared = load_prepared(args.data_dir, args.config or "hop512", args.split)
         members += [_report_member(directory) for directory in args.predictions]

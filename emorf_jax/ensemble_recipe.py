@@ -10,18 +10,18 @@ prepared dataset; without it the `:demo` variant makes its synthetic MTG-Jamendo
 """
 
 import argparse
-from collections.abc import Sequence
 import importlib
 import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import ml_collections  # noqa: E402
+import ml_collections
 
-from emorf_jax import checkpoints, ensemble, train  # noqa: E402
+from emorf_jax import checkpoints, ensemble, train
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

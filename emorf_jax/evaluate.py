@@ -71,8 +71,10 @@ def popularity_baseline(train_labels: np.ndarray, num_tracks: int) -> tuple[np.n
 def split_labels(metadata_dir: str | Path, split_index: int, part: str) -> np.ndarray:
     """(tracks, tags) bool labels of one part of a split, rows in its TSV's order, columns in the tag list's."""
     tags = metadata.read_tag_list(metadata_dir)
-    return np.array([metadata.track_labels(track, tags) for track in metadata.read_split(metadata_dir, split_index,
-                                                                                         part)], dtype=bool)
+    return np.array(
+        [metadata.track_labels(track, tags) for track in metadata.read_split(metadata_dir, split_index, part)],
+        dtype=bool,
+    )
 
 
 def format_table(figures: dict[str, float]) -> str:
@@ -102,8 +104,15 @@ def plot_per_tag_pr_auc(
 
     figure, axes = pyplot.subplots(figsize=(7, 2 + 0.19 * len(order)))
     axes.barh(positions, pr_auc[order], color="#8db3d9", label="PR-AUC (average precision)")
-    axes.scatter(positive_rate[order], positions, marker="|", s=120, color="black", zorder=3,
-                 label="positive rate (a constant predictor's PR-AUC)")
+    axes.scatter(
+        positive_rate[order],
+        positions,
+        marker="|",
+        s=120,
+        color="black",
+        zorder=3,
+        label="positive rate (a constant predictor's PR-AUC)",
+    )
     axes.set_yticks(positions, labels, fontsize=8)
     axes.set_ylim(len(order) - 0.5, -0.5)
     axes.set_xlim(0, 1)
@@ -126,8 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--groundtruth", required=True, help="bool .npy (tracks, tags)")
     parser.add_argument("--predictions", help="float .npy (tracks, tags), e.g. probabilities")
-    parser.add_argument("--popularity", action="store_true",
-                        help="score the 'popular' baseline (needs --metadata-dir) instead of --predictions")
+    parser.add_argument(
+        "--popularity",
+        action="store_true",
+        help="score the 'popular' baseline (needs --metadata-dir) instead of --predictions",
+    )
     parser.add_argument("--split", type=int, default=0, help="the split whose training tracks --popularity counts")
     decisions = parser.add_mutually_exclusive_group()
     decisions.add_argument("--decisions", help="bool .npy (tracks, tags); without it (or --thresholds) only AUCs")
@@ -183,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             decisions = metrics.decide(predictions, thresholds)
         figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions)
         if args.plot:
-            plot_per_tag_pr_auc(groundtruth, predictions, _tag_names(args, threshold_tags, groundtruth.shape[1]),
-                                args.plot)
+            plot_per_tag_pr_auc(
+                groundtruth, predictions, _tag_names(args, threshold_tags, groundtruth.shape[1]), args.plot
+            )
     except (OSError, ValueError) as error:
         parser.error(str(error))
     print(json.dumps(figures, indent=2) if args.json else format_table(figures))

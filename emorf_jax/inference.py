@@ -10,12 +10,12 @@ import dataclasses
 import functools
 from typing import Any
 
-from flax import jax_utils
 import flax.linen as nn
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from flax import jax_utils
+from jax.experimental import multihost_utils
 from scipy.special import expit
 
 from data_prep import features
@@ -31,8 +31,7 @@ class Predictions:
     track_ids: tuple[str, ...]
 
 
-def _logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module
-                 ) -> jax.Array:
+def _logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module) -> jax.Array:
     """Logits of a batch of stored-format windows, normalised on the device by `input_pipeline.model_input`."""
     return model.apply(variables, input_pipeline.model_input(stored, mean, std), train=False).astype(jnp.float32)
 
@@ -44,8 +43,9 @@ class Predictor:
         self.prepared = prepared
         self.window_frames = window_frames
         self.batch_size = batch_size
-        self.p_logits = jax.pmap(functools.partial(_logits_step, model=model), axis_name="batch",
-                                 in_axes=(0, 0, None, None))
+        self.p_logits = jax.pmap(
+            functools.partial(_logits_step, model=model), axis_name="batch", in_axes=(0, 0, None, None)
+        )
 
     def predict(self, variables: dict[str, Any], split: str) -> Predictions:
         """Probabilities of every track of `split` in the shards (host-local `variables`), in TSV order."""
@@ -63,8 +63,10 @@ class Predictor:
         schedule = input_pipeline.eval_schedule(part.frames, self.window_frames, self.batch_size)
         replicated = jax_utils.replicate(variables)
         mean, std = self.prepared.mean, self.prepared.std
-        local = [np.asarray(self.p_logits(replicated, batch.spectrograms, mean, std)).reshape(len(batch.windows), -1)
-                 for batch in input_pipeline.eval_batches(self.prepared, split, schedule)]
+        local = [
+            np.asarray(self.p_logits(replicated, batch.spectrograms, mean, std)).reshape(len(batch.windows), -1)
+            for batch in input_pipeline.eval_batches(self.prepared, split, schedule)
+        ]
         local = np.stack(local)  # (batches, local share, tags)
         if jax.process_count() > 1:  # (processes, batches, share, tags) -> each batch's shares in process order
             local = np.swapaxes(multihost_utils.process_allgather(local), 0, 1)
@@ -86,8 +88,7 @@ class Predictor:
         labels = self.prepared.parts[split].labels
         figures = metrics.mediaeval_metrics(labels, expit(logits))
         loss = np.mean(np.logaddexp(0.0, logits) - labels * logits)  # BCE on logits
-        return {"loss": float(loss), "PR-AUC-macro": figures["PR-AUC-macro"],
-                "ROC-AUC-macro": figures["ROC-AUC-macro"]}
+        return {"loss": float(loss), "PR-AUC-macro": figures["PR-AUC-macro"], "ROC-AUC-macro": figures["ROC-AUC-macro"]}
 
 
 _jitted_logits = jax.jit(_logits_step, static_argnames="model")
@@ -123,8 +124,7 @@ class Tagger:
         """The evaluation window the model was validated with."""
         return int(self.meta["window_frames"])
 
-    def window_logits(self, spectrogram: np.ndarray, window_frames: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def window_logits(self, spectrogram: np.ndarray, window_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(windows, tags) logits and (windows,) weights of one track's (n_mels, frames) spectrogram."""
         norm = self.meta["normalisation"]
         mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
@@ -132,12 +132,11 @@ class Tagger:
         ranges = input_pipeline.window_ranges(stored.shape[0], window_frames or self.window_frames)
         logits = []
         for first in range(0, len(ranges), self.batch_size):
-            group = ranges[first:first + self.batch_size]
+            group = ranges[first : first + self.batch_size]
             windows = np.stack([stored[start:stop] for start, stop, _ in group])
             padding = padded_batch_size(len(group), self.batch_size) - len(group)
             padded = np.concatenate([windows, np.zeros((padding,) + windows.shape[1:], windows.dtype)])
-            logits.append(np.asarray(_jitted_logits(self.variables, padded, mean, std, model=self.model))
-                          [:len(group)])
+            logits.append(np.asarray(_jitted_logits(self.variables, padded, mean, std, model=self.model))[: len(group)])
         return np.concatenate(logits), np.array([weight for _, _, weight in ranges], np.float64)
 
     def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> np.ndarray:
@@ -150,14 +149,14 @@ class Tagger:
         channel count, computed by data preparation's own code, mixed down and resampled to the model's rate."""
         settings = features.FeatureSettings(**self.meta["features"])
         if settings.source != "audio":
-            raise ValueError(f"this model was trained on {settings.source!r} input, not audio: pass that input "
-                             "to tag_spectrogram")
+            raise ValueError(
+                f"this model was trained on {settings.source!r} input, not audio: pass that input to tag_spectrogram"
+            )
         waveform = np.asarray(waveform, np.float32)
         waveform = waveform[:, None] if waveform.ndim == 1 else waveform
         return features.waveform_features(waveform, sample_rate, "the waveform", settings, resample=True)
 
-    def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None
-                  ) -> dict[str, float]:
+    def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None) -> dict[str, float]:
         """{tag: probability} for a waveform (samples,) or (samples, channels) of the whole track."""
         probabilities = self.tag_spectrogram(self.spectrogram(waveform, sample_rate), window_frames)
         return dict(zip(self.tags, probabilities.tolist()))

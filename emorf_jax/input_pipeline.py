@@ -11,8 +11,8 @@ the track's end) whose logits are averaged, weighted by the new frames each wind
 docs/architecture.md, "Input pipeline".
 """
 
-from collections.abc import Iterator
 import dataclasses
+from collections.abc import Iterator
 
 import grain
 import jax
@@ -40,8 +40,9 @@ def steps_per_epoch(prepared: PreparedDataset, global_batch_size: int) -> float:
     """Optimiser steps per epoch, an epoch being one pass over the training tracks (may be fractional)."""
     num_tracks = len(prepared.parts[TRAIN])
     if num_tracks < global_batch_size:
-        raise ValueError(f"the training split has {num_tracks} tracks, fewer than one global batch of "
-                         f"{global_batch_size}")
+        raise ValueError(
+            f"the training split has {num_tracks} tracks, fewer than one global batch of {global_batch_size}"
+        )
     return num_tracks / global_batch_size
 
 
@@ -63,16 +64,20 @@ class TrainingCrop(grain.transforms.RandomMap):
             crop = self.reader.read(TRAIN, track, start, start + self.crop_frames)
         else:
             whole = self.reader.read(TRAIN, track)
-            crop = np.tile(whole, (-(-self.crop_frames // frames), 1))[:self.crop_frames]
+            crop = np.tile(whole, (-(-self.crop_frames // frames), 1))[: self.crop_frames]
         if self.max_time_shift > 0:
             crop = np.roll(crop, int(rng.integers(-self.max_time_shift, self.max_time_shift + 1)), axis=0)
-        return {"spectrogram": crop,
-                "labels": self.prepared.parts[TRAIN].labels[track].astype(np.float32),
-                "track": np.int32(track), "start": np.int32(start)}
+        return {
+            "spectrogram": crop,
+            "labels": self.prepared.parts[TRAIN].labels[track].astype(np.float32),
+            "track": np.int32(track),
+            "start": np.int32(start),
+        }
 
 
-def training_examples(prepared: PreparedDataset, *, crop_frames: int, max_time_shift: int, seed: int,
-                      reader: FrameReader | None = None) -> grain.MapDataset:
+def training_examples(
+    prepared: PreparedDataset, *, crop_frames: int, max_time_shift: int, seed: int, reader: FrameReader | None = None
+) -> grain.MapDataset:
     """The endless example stream: example k is a crop of track permutation_e[k mod N] with epoch e = k // N."""
     num_tracks = len(prepared.parts[TRAIN])
     crops = TrainingCrop(reader or FrameReader(prepared), prepared, crop_frames, max_time_shift)
@@ -85,9 +90,17 @@ def _device_layout(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: batch[key].reshape((devices, -1) + batch[key].shape[1:]) for key in ("spectrogram", "labels")}
 
 
-def train_batches(prepared: PreparedDataset, *, global_batch_size: int, crop_frames: int, max_time_shift: int,
-                  seed: int, start_step: int = 0, read_threads: int = 2, reader: FrameReader | None = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+    prepared: PreparedDataset,
+    *,
+    global_batch_size: int,
+    crop_frames: int,
+    max_time_shift: int,
+    seed: int,
+    start_step: int = 0,
+    read_threads: int = 2,
+    reader: FrameReader | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from `start_step`: stored float16 crops shaped (local_devices, per_device_batch,
     crop_frames, n_mels) and labels.
 
@@ -95,9 +108,10 @@ def train_batches(prepared: PreparedDataset, *, global_batch_size: int, crop_fra
     contiguous share of them.
     """
     processes, local_batch = jax.process_count(), global_batch_size // jax.process_count()
-    examples = training_examples(prepared, crop_frames=crop_frames, max_time_shift=max_time_shift, seed=seed,
-                                 reader=reader)
-    batches = examples.batch(local_batch)[start_step * processes + jax.process_index()::processes]
+    examples = training_examples(
+        prepared, crop_frames=crop_frames, max_time_shift=max_time_shift, seed=seed, reader=reader
+    )
+    batches = examples.batch(local_batch)[start_step * processes + jax.process_index() :: processes]
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
     return iter(batches.map(_device_layout).to_iter_dataset(options))
 
@@ -157,8 +171,14 @@ def eval_schedule(frames: np.ndarray, window_frames: int, global_batch_size: int
     return batches
 
 
-def eval_batches(prepared: PreparedDataset, split: str, schedule: list[list[EvalWindow]], *,
-                 process_index: int | None = None, process_count: int | None = None) -> Iterator[EvalBatch]:
+def eval_batches(
+    prepared: PreparedDataset,
+    split: str,
+    schedule: list[list[EvalWindow]],
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[EvalBatch]:
     """This process's contiguous share of every batch of `schedule` in the stored format, each window read from the
     shards on its own, so memory stays bounded whatever a track's length; padding is zeros."""
     process_index = jax.process_index() if process_index is None else process_index
@@ -167,10 +187,15 @@ def eval_batches(prepared: PreparedDataset, split: str, schedule: list[list[Eval
     try:
         for batch in schedule:
             share = len(batch) // process_count
-            windows = tuple(batch[process_index * share:(process_index + 1) * share])
-            spectrograms = np.stack([
-                reader.read(split, w.track_index, w.start, w.stop) if w.weight > 0
-                else np.zeros((w.stop - w.start, len(prepared.mean)), STORED_DTYPE) for w in windows])
+            windows = tuple(batch[process_index * share : (process_index + 1) * share])
+            spectrograms = np.stack(
+                [
+                    reader.read(split, w.track_index, w.start, w.stop)
+                    if w.weight > 0
+                    else np.zeros((w.stop - w.start, len(prepared.mean)), STORED_DTYPE)
+                    for w in windows
+                ]
+            )
             yield EvalBatch(spectrograms.reshape((jax.local_device_count(), -1) + spectrograms.shape[1:]), windows)
     finally:
         reader.close()

@@ -22,24 +22,36 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from absl import app, flags, logging  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from data_prep import features, layout, metadata  # noqa: E402
-from emorf_jax import checkpoints, distributed, train  # noqa: E402
+from data_prep import features, layout, metadata
+from emorf_jax import checkpoints, distributed, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and the test report.")
 flags.DEFINE_bool("verbose_libraries", False, "Also show the INFO logs of orbax, TFDS and other libraries.")
-flags.DEFINE_string("compilation_cache_dir", "xla_cache", "Where compiled XLA programs are kept, so that a resumed or "
-                    "repeated run does not compile again: relative to the workdir unless absolute (one directory "
-                    "can serve many runs); '' turns it off. A JAX_COMPILATION_CACHE_DIR in the environment wins.")
-flags.DEFINE_bool("distributed", False, "Start JAX's multi-process runtime, detecting the processes from the "
-                  "cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes).")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run without a "
-                    "detected cluster (with --num_processes and --process_id).")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    "xla_cache",
+    "Where compiled XLA programs are kept, so that a resumed or "
+    "repeated run does not compile again: relative to the workdir unless absolute (one directory "
+    "can serve many runs); '' turns it off. A JAX_COMPILATION_CACHE_DIR in the environment wins.",
+)
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Start JAX's multi-process runtime, detecting the processes from the "
+    "cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes).",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0, for a multi-process run without a "
+    "detected cluster (with --num_processes and --process_id).",
+)
 flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run, from 0.", lower_bound=0)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
@@ -62,20 +74,58 @@ def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -
     root = os.path.join(workdir, "synthetic")
     commands = []
     if not os.path.isdir(os.path.join(root, "audio")):
-        commands.append([sys.executable, "-m", "data_prep.synthetic", "--out", root,
-                         "--tracks", str(config.dataset.synthetic_tracks), "--seed", str(config.dataset.synthetic_seed),
-                         "--duration", str(config.dataset.synthetic_duration),
-                         "--workers", str(config.dataset.workers)])
+        commands.append(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.synthetic",
+                "--out",
+                root,
+                "--tracks",
+                str(config.dataset.synthetic_tracks),
+                "--seed",
+                str(config.dataset.synthetic_seed),
+                "--duration",
+                str(config.dataset.synthetic_duration),
+                "--workers",
+                str(config.dataset.workers),
+            ]
+        )
     inputs = os.path.join(root, "audio")
     if features.settings_for(config.dataset.config_name).source == "npy":  # the organisers' format, made from the MP3s
-        commands.append([sys.executable, "-m", "data_prep.essentia_like", "--audio_dir", inputs,
-                         "--metadata_dir", os.path.join(root, "data"), "--out", os.path.join(root, "npy"),
-                         "--workers", str(config.dataset.workers)])
+        commands.append(
+            [
+                sys.executable,
+                "-m",
+                "data_prep.essentia_like",
+                "--audio_dir",
+                inputs,
+                "--metadata_dir",
+                os.path.join(root, "data"),
+                "--out",
+                os.path.join(root, "npy"),
+                "--workers",
+                str(config.dataset.workers),
+            ]
+        )
         inputs = os.path.join(root, "npy")
-    build = [sys.executable, "-m", "data_prep.build", "--audio_dir", inputs,
-             "--metadata_dir", os.path.join(root, "data"), "--data_dir", train.data_dir(config, workdir),
-             "--config", config.dataset.config_name, "--split", str(config.dataset.split_index),
-             "--workers", str(config.dataset.workers)]
+    build = [
+        sys.executable,
+        "-m",
+        "data_prep.build",
+        "--audio_dir",
+        inputs,
+        "--metadata_dir",
+        os.path.join(root, "data"),
+        "--data_dir",
+        train.data_dir(config, workdir),
+        "--config",
+        config.dataset.config_name,
+        "--split",
+        str(config.dataset.split_index),
+        "--workers",
+        str(config.dataset.workers),
+    ]
     if config.dataset.chunk_frames:
         build += ["--chunk_frames", str(config.dataset.chunk_frames)]
     return commands + [build]
@@ -84,8 +134,13 @@ def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -
 def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs the data preparation steps of the demo unless its prepared data is already there: once, by process
     0, in the workdir all processes share, while the others wait."""
-    if distributed.is_primary() and config.dataset.synthetic_tracks > 0 and not layout.is_prepared(
-            train.data_dir(config, workdir), config.dataset.config_name, config.dataset.split_index):
+    if (
+        distributed.is_primary()
+        and config.dataset.synthetic_tracks > 0
+        and not layout.is_prepared(
+            train.data_dir(config, workdir), config.dataset.config_name, config.dataset.split_index
+        )
+    ):
         for command in data_preparation_commands(config, workdir):
             logging.info("Preparing the demo's data: %s", shlex.join([_python_as_typed(), *command[1:]]))
             subprocess.run(command, check=True)
@@ -106,8 +161,9 @@ def predict_command(config: ml_collections.ConfigDict, workdir: str) -> str:
     if os.path.isdir(os.path.join(synthetic, "audio")):
         track = metadata.read_split(os.path.join(synthetic, "data"), config.dataset.split_index, "test")[0]
         audio = os.path.join(synthetic, "audio", track.path)
-    return shlex.join([_python_as_typed(), "-m", "emorf_jax.predict", audio,
-                       f"--checkpoint={os.path.join(workdir, kind)}"])
+    return shlex.join(
+        [_python_as_typed(), "-m", "emorf_jax.predict", audio, f"--checkpoint={os.path.join(workdir, kind)}"]
+    )
 
 
 def _python_as_typed() -> str:
@@ -127,10 +183,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.verbose_libraries:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    distributed.initialize(auto_detect=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
-                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
-                 jax.local_devices())
+    distributed.initialize(
+        auto_detect=FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(), jax.local_devices())
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)  # process 0 logs the run; the others only their problems
     use_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.workdir)

@@ -58,8 +58,7 @@ def as_score_matrix(values: ArrayLike, name: str) -> np.ndarray:
     if np.any(not_finite):
         row, tag = np.argwhere(not_finite)[0]
         raise ValueError(
-            f"{name} contain {int(not_finite.sum())} NaN or infinite values "
-            f"(first at row {row}, tag {tag})"
+            f"{name} contain {int(not_finite.sum())} NaN or infinite values (first at row {row}, tag {tag})"
         )
     return array.astype(np.float64)
 

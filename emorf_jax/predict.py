@@ -13,21 +13,21 @@ input was tagged, 1 when some could not be, 2 for a usage error.
 
 import argparse
 import csv
-from collections.abc import Sequence
 import json
 import os
-from pathlib import Path
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-from scipy.special import expit  # noqa: E402
-import tqdm  # noqa: E402
+import numpy as np
+import tqdm
+from scipy.special import expit
 
-from data_prep import features  # noqa: E402
-from emorf_jax import inference, input_pipeline  # noqa: E402
-from emorf_jax.models import receptive_field, registry  # noqa: E402
+from data_prep import features
+from emorf_jax import inference, input_pipeline
+from emorf_jax.models import receptive_field, registry
 
 AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg")
 TAG_PREFIX_SEPARATOR = "---"  # tags read like "mood/theme---happy"; tables show "happy"
@@ -61,15 +61,17 @@ def read_features(path: str | Path, tagger: inference.Tagger) -> np.ndarray:
     return features.audio_features(Path(path).read_bytes(), str(path), settings, resample=True)
 
 
-def tag_file(path: Path, taggers: Sequence[inference.Tagger], window_frames: int
-             ) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
+def tag_file(
+    path: Path, taggers: Sequence[inference.Tagger], window_frames: int
+) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
     """Probabilities (tags,) of one file, its windows (start, stop, weight) and their probabilities (windows, tags),
     averaged over the models."""
     return tag_spectrogram(read_features(path, taggers[0]), taggers, window_frames)
 
 
-def tag_spectrogram(spectrogram: np.ndarray, taggers: Sequence[inference.Tagger], window_frames: int
-                    ) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
+def tag_spectrogram(
+    spectrogram: np.ndarray, taggers: Sequence[inference.Tagger], window_frames: int
+) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
     """`tag_file` of a track's (n_mels, frames) features."""
     track, windows = [], []
     for tagger in taggers:
@@ -107,8 +109,10 @@ def model_card(path: str) -> str:
         f"model            {registry.describe(model)}",
     ]
     if registry.model_name(model) == "cp_resnet":
-        lines.append(f"receptive field  {receptive_field.published_rf(model['rho'])} frames as published, "
-                     f"{receptive_field.exact_rf(model['rho'])} exact")
+        lines.append(
+            f"receptive field  {receptive_field.published_rf(model['rho'])} frames as published, "
+            f"{receptive_field.exact_rf(model['rho'])} exact"
+        )
     lines += [
         f"features         {settings['n_mels']} mel bands, {settings['sample_rate']} Hz, n_fft {settings['n_fft']}, "
         f"hop {settings['hop_length']}, {settings['order']}",
@@ -142,19 +146,33 @@ def _write_taggram(output: Path, taggrams: dict, tags: list[str], seconds_per_fr
         writer.writerow(["path", "start_s", "end_s", *tags])
         for path, (ranges, probabilities) in taggrams.items():
             for (start, stop, _), row in zip(ranges, probabilities):
-                writer.writerow([path, f"{start * seconds_per_frame:.2f}", f"{stop * seconds_per_frame:.2f}",
-                                 *(f"{p:.6f}" for p in row)])
+                writer.writerow(
+                    [
+                        path,
+                        f"{start * seconds_per_frame:.2f}",
+                        f"{stop * seconds_per_frame:.2f}",
+                        *(f"{p:.6f}" for p in row),
+                    ]
+                )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m emorf_jax.predict", description=__doc__.split("\n")[0])
     parser.add_argument("paths", nargs="*", metavar="PATH", help="audio files or folders")
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="CKPT",
-                        help="a checkpoint directory; repeat to average several")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="CKPT",
+        help="a checkpoint directory; repeat to average several",
+    )
     parser.add_argument("--output", help="FILE.csv or FILE.json; without it, the top tags on standard output")
     parser.add_argument("--top_k", type=int, default=5, help="tags listed per file (default 5)")
-    parser.add_argument("--taggram", action="store_true",
-                        help="also the per-window probabilities: <output stem>.taggram.csv, or on standard output")
+    parser.add_argument(
+        "--taggram",
+        action="store_true",
+        help="also the per-window probabilities: <output stem>.taggram.csv, or on standard output",
+    )
     parser.add_argument("--window_frames", type=int, help="window length (default: the first checkpoint's)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per model call")
     parser.add_argument("--describe", metavar="CKPT", help="print a checkpoint's model card and exit")
@@ -207,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.taggram:
                 ranges, windows = taggrams[path]
                 for (start, stop, _), row in zip(ranges, windows):
-                    best = np.argsort(-row)[:args.top_k]
-                    print(f"  {start * frame_seconds:7.1f}-{stop * frame_seconds:7.1f} s  "
-                          + "  ".join(f"{short_name(tags[i])} {row[i]:.3f}" for i in best))
+                    best = np.argsort(-row)[: args.top_k]
+                    print(
+                        f"  {start * frame_seconds:7.1f}-{stop * frame_seconds:7.1f} s  "
+                        + "  ".join(f"{short_name(tags[i])} {row[i]:.3f}" for i in best)
+                    )
     return 1 if failed else 0
 
 

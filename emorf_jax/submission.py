@@ -5,8 +5,8 @@ preparation could not read, say) or holds them in another order would be scored 
 one is refused unless the rows are the official ones, in TSV order.
 """
 
-from collections.abc import Sequence
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,18 +20,27 @@ def check_rows(track_ids: Sequence[str], official_track_ids: Sequence[str]) -> N
     extra = [track_id for track_id in track_ids if track_id not in official]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} official test tracks are missing ({', '.join(missing[:10])}"
-                        f"{', ...' if len(missing) > 10 else ''})")
+        problems.append(
+            f"{len(missing)} official test tracks are missing ({', '.join(missing[:10])}"
+            f"{', ...' if len(missing) > 10 else ''})"
+        )
     if extra:
         problems.append(f"{len(extra)} rows are not official test tracks ({', '.join(extra[:10])})")
     if not problems:
         problems.append("the rows are not in the test TSV's order")
-    raise ValueError(f"not a MediaEval submission: {'; '.join(problems)}; a submission has exactly the "
-                     f"{len(official_track_ids)} tracks of the test TSV, in its order")
+    raise ValueError(
+        f"not a MediaEval submission: {'; '.join(problems)}; a submission has exactly the "
+        f"{len(official_track_ids)} tracks of the test TSV, in its order"
+    )
 
 
-def write_submission(directory: str, predictions: np.ndarray, decisions: np.ndarray, track_ids: Sequence[str],
-                     official_track_ids: Sequence[str]) -> None:
+def write_submission(
+    directory: str,
+    predictions: np.ndarray,
+    decisions: np.ndarray,
+    track_ids: Sequence[str],
+    official_track_ids: Sequence[str],
+) -> None:
     """Writes `directory/predictions.npy` (float32) and `directory/decisions.npy` (bool), or refuses (ValueError)."""
     check_rows(track_ids, official_track_ids)
     for name, matrix in (("predictions", predictions), ("decisions", decisions)):

@@ -8,27 +8,36 @@ the train state (SWA or EMA), snapshot members saved for ensembles, and a final 
 metrics next to a constant predictor's score.
 """
 
-from collections.abc import Iterator
 import dataclasses
 import functools
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from absl import logging
-from clu import metric_writers, periodic_actions
 import flax
-from flax import jax_utils, traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import jax_utils, traverse_util
 
 from data_prep.reader import PreparedDataset, load_prepared
-from emorf_jax import (checkpoints, distributed, ensemble, evaluate, inference, input_pipeline, metrics,
-                       submission, weight_averaging)
+from emorf_jax import (
+    checkpoints,
+    distributed,
+    ensemble,
+    evaluate,
+    inference,
+    input_pipeline,
+    metrics,
+    submission,
+    weight_averaging,
+)
 from emorf_jax.models import receptive_field, registry
 
 
@@ -49,18 +58,25 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """
     name = config.model.get("name", registry.DEFAULT_MODEL)
     if name != "cp_resnet":
-        return {"name": name, "num_classes": config.num_classes,
-                **{key: value for key, value in config.model.items() if key != "name"}}
+        return {
+            "name": name,
+            "num_classes": config.num_classes,
+            **{key: value for key, value in config.model.items() if key != "name"},
+        }
     rho = config.model.rho
     if config.model.max_rf > 0:
         rho = receptive_field.rho_for_max_rf(config.model.max_rf)
-    return {"name": name, "num_classes": config.num_classes, "rho": rho,
-            "base_channels": config.model.base_channels, "frequency_aware": config.model.frequency_aware,
-            "shake_shake": config.model.shake_shake}
+    return {
+        "name": name,
+        "num_classes": config.num_classes,
+        "rho": rho,
+        "base_channels": config.model.base_channels,
+        "frequency_aware": config.model.frequency_aware,
+        "shake_shake": config.model.shake_shake,
+    }
 
 
-def create_model(fields: dict[str, Any], *, half_precision: bool = False, axis_name: str | None = None
-                 ) -> nn.Module:
+def create_model(fields: dict[str, Any], *, half_precision: bool = False, axis_name: str | None = None) -> nn.Module:
     return registry.build(fields, dtype=jnp.bfloat16 if half_precision else jnp.float32, bn_axis_name=axis_name)
 
 
@@ -78,20 +94,21 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
 
     def schedule(step: jax.Array) -> jax.Array:
         epoch = jnp.floor(step / steps_per_epoch)
-        factor = jnp.where(epoch <= constant, 1.0,
-                           jnp.where(epoch < end, (end - epoch) / (end - constant), config.lr_final_factor))
+        factor = jnp.where(
+            epoch <= constant, 1.0, jnp.where(epoch < end, (end - epoch) / (end - constant), config.lr_final_factor)
+        )
         return config.learning_rate * factor
 
     return schedule
 
 
-def averaging_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float
-                       ) -> weight_averaging.AveragingSchedule:
+def averaging_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float) -> weight_averaging.AveragingSchedule:
     return weight_averaging.AveragingSchedule(
         kind=config.weight_average.kind,
         start_step=max(epochs_to_steps(config.weight_average.start_epoch, steps_per_epoch), 1),
         every_steps=max(epochs_to_steps(config.weight_average.every_epochs, steps_per_epoch), 1),
-        ema_decay=config.weight_average.ema_decay)
+        ema_decay=config.weight_average.ema_decay,
+    )
 
 
 def snapshot_steps(config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int) -> list[int]:
@@ -101,16 +118,24 @@ def snapshot_steps(config: ml_collections.ConfigDict, steps_per_epoch: float, to
     return [step for step in range(max(start, 1), total_steps + 1, every)]
 
 
-def initial_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                  input_shape: tuple[int, ...]) -> TrainState:
+def initial_state(
+    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, input_shape: tuple[int, ...]
+) -> TrainState:
     variables = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros(input_shape, jnp.float32))
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(params), average_params=params, average_count=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        average_params=params,
+        average_count=jnp.zeros((), jnp.int32),
+    )
 
 
-def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float,
-          axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+def mixup(
+    rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float, axis_name: str | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Per-example λ ~ Beta(α, α) made ≥ 0.5, each example mixed with a partner drawn by a permutation of the
     GLOBAL batch (inputs and targets), whatever the number of devices.
 
@@ -135,10 +160,18 @@ def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float,
     return mixed_inputs, mixed_targets
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, mixup_alpha: float,
-               averaging: weight_averaging.AveragingSchedule, learning_rate: optax.Schedule,
-               normalisation: tuple[jax.Array, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mixup_alpha: float,
+    averaging: weight_averaging.AveragingSchedule,
+    learning_rate: optax.Schedule,
+    normalisation: tuple[jax.Array, jax.Array],
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on this device's share of the global batch of stored crops, normalised here by the
     (mean, std) per mel band of `normalisation` (run under pmap with axis 'batch')."""
     rng = jax.random.fold_in(rng, state.step)
@@ -150,8 +183,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
         inputs, targets = mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
 
     def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                                      rngs={"shake": shake_rng, "dropout": dropout_rng}, mutable=["batch_stats"])
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            inputs,
+            train=True,
+            rngs={"shake": shake_rng, "dropout": dropout_rng},
+            mutable=["batch_stats"],
+        )
         loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean()
         return loss, updates["batch_stats"]
 
@@ -161,20 +199,37 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
     average_params, average_count = weight_averaging.update_average(
-        state.average_params, params, state.average_count, step, averaging)
-    new_state = state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                              average_params=average_params, average_count=average_count)
+        state.average_params, params, state.average_count, step, averaging
+    )
+    new_state = state.replace(
+        step=step,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        average_params=average_params,
+        average_count=average_count,
+    )
     return new_state, {"loss": jax.lax.pmean(loss, "batch"), "learning_rate": learning_rate(state.step)}
 
 
-def batch_stats_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, model: nn.Module,
-                     normalisation: tuple[jax.Array, jax.Array]) -> Any:
+def batch_stats_step(
+    params: Any,
+    batch_stats: Any,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    normalisation: tuple[jax.Array, jax.Array],
+) -> Any:
     """This batch's BatchNorm statistics for `params`: `model` has BatchNorm momentum 0, so the incoming
     `batch_stats` only give the structure."""
     inputs = input_pipeline.model_input(batch["spectrogram"], *normalisation)
-    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, inputs, train=True,
-                             rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                             mutable=["batch_stats"])
+    _, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        inputs,
+        train=True,
+        rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+        mutable=["batch_stats"],
+    )
     return updates["batch_stats"]
 
 
@@ -192,11 +247,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     devices = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices:
-            raise ValueError(f"{name} {config[name]} is not divisible by the {devices} devices; choose a multiple "
-                             f"of {devices}")
+            raise ValueError(
+                f"{name} {config[name]} is not divisible by the {devices} devices; choose a multiple of {devices}"
+            )
     if config.selection_metric not in ("loss", "PR-AUC-macro", "ROC-AUC-macro"):
-        raise ValueError(f"selection_metric must be 'loss', 'PR-AUC-macro' or 'ROC-AUC-macro', "
-                         f"not {config.selection_metric!r}")
+        raise ValueError(
+            f"selection_metric must be 'loss', 'PR-AUC-macro' or 'ROC-AUC-macro', not {config.selection_metric!r}"
+        )
 
 
 def check_dataset(config: ml_collections.ConfigDict, prepared: PreparedDataset) -> None:
@@ -204,7 +261,8 @@ def check_dataset(config: ml_collections.ConfigDict, prepared: PreparedDataset) 
         raise ValueError(
             f"the prepared dataset has {len(prepared.tags)} tags ({', '.join(prepared.tags[:5])}, ...) but the "
             f"config asks for num_classes={config.num_classes}; prepare the dataset with the config's tag set or "
-            "set num_classes to match")
+            "set num_classes to match"
+        )
 
 
 def warn_about_missing_tracks(prepared: PreparedDataset) -> None:
@@ -215,13 +273,27 @@ def warn_about_missing_tracks(prepared: PreparedDataset) -> None:
             consequence = "; no MediaEval submission can be written" if part == "test" else ""
             logging.warning(
                 "%d of the %d %s tracks are not in the prepared data (e.g. %s: %s); %s figures cover the other %d%s; "
-                "the reasons are in %s", len(missing), len(prepared.tsv_track_ids[part]), part,
-                missing[0]["track_id"], missing[0]["kind"], part, len(prepared.parts[part]), consequence,
-                prepared.failures_report)
+                "the reasons are in %s",
+                len(missing),
+                len(prepared.tsv_track_ids[part]),
+                part,
+                missing[0]["track_id"],
+                missing[0]["kind"],
+                part,
+                len(prepared.parts[part]),
+                consequence,
+                prepared.failures_report,
+            )
 
 
-def checkpoint_meta(fields: dict[str, Any], prepared: PreparedDataset, config: ml_collections.ConfigDict,
-                    kind: str, step: int, steps_per_epoch: float) -> dict[str, Any]:
+def checkpoint_meta(
+    fields: dict[str, Any],
+    prepared: PreparedDataset,
+    config: ml_collections.ConfigDict,
+    kind: str,
+    step: int,
+    steps_per_epoch: float,
+) -> dict[str, Any]:
     """What a checkpoint needs to be used without the training config, and what it was trained on."""
     return {
         "format": "emorf_jax.checkpoint/2",
@@ -233,9 +305,13 @@ def checkpoint_meta(fields: dict[str, Any], prepared: PreparedDataset, config: m
         "features": dict(prepared.features),
         "normalisation": {"mean": np.asarray(prepared.mean).tolist(), "std": np.asarray(prepared.std).tolist()},
         "window_frames": int(config.input.eval_window_frames),
-        "dataset": {"config_name": config.dataset.config_name, "split_index": config.dataset.split_index,
-                    "training_tracks": len(prepared.parts["train"]), "crop_frames": int(config.input.crop_frames),
-                    "batch_size": int(config.batch_size)},
+        "dataset": {
+            "config_name": config.dataset.config_name,
+            "split_index": config.dataset.split_index,
+            "training_tracks": len(prepared.parts["train"]),
+            "crop_frames": int(config.input.crop_frames),
+            "batch_size": int(config.batch_size),
+        },
     }
 
 
@@ -253,24 +329,42 @@ class _Run:
         self.averaging = averaging_schedule(config, self.steps_per_epoch)
         normalisation = (prepared.mean, prepared.std)
         self.p_train_step = jax.pmap(
-            functools.partial(train_step, model=self.model, tx=self.tx, mixup_alpha=config.mixup_alpha,
-                              averaging=self.averaging, learning_rate=self.schedule, normalisation=normalisation),
-            axis_name="batch", donate_argnums=(0,))
+            functools.partial(
+                train_step,
+                model=self.model,
+                tx=self.tx,
+                mixup_alpha=config.mixup_alpha,
+                averaging=self.averaging,
+                learning_rate=self.schedule,
+                normalisation=normalisation,
+            ),
+            axis_name="batch",
+            donate_argnums=(0,),
+        )
         stats_model = self.model.clone(bn_momentum=0.0)
         self.p_batch_stats = jax.pmap(
-            functools.partial(batch_stats_step, model=stats_model, normalisation=normalisation), axis_name="batch")
-        self.predictor = inference.Predictor(self.model.clone(bn_axis_name=None), prepared,
-                                             window_frames=config.input.eval_window_frames,
-                                             batch_size=config.eval_batch_size)
+            functools.partial(batch_stats_step, model=stats_model, normalisation=normalisation), axis_name="batch"
+        )
+        self.predictor = inference.Predictor(
+            self.model.clone(bn_axis_name=None),
+            prepared,
+            window_frames=config.input.eval_window_frames,
+            batch_size=config.eval_batch_size,
+        )
 
     def meta(self, kind: str, step: int) -> dict[str, Any]:
         return checkpoint_meta(self.fields, self.prepared, self.config, kind, step, self.steps_per_epoch)
 
     def train_batches(self, start_step: int, seed: int) -> Iterator[Any]:
         batches = input_pipeline.train_batches(
-            self.prepared, global_batch_size=self.config.batch_size, crop_frames=self.config.input.crop_frames,
-            max_time_shift=self.config.input.max_time_shift, seed=seed, start_step=start_step,
-            read_threads=self.config.input.read_threads)
+            self.prepared,
+            global_batch_size=self.config.batch_size,
+            crop_frames=self.config.input.crop_frames,
+            max_time_shift=self.config.input.max_time_shift,
+            seed=seed,
+            start_step=start_step,
+            read_threads=self.config.input.read_threads,
+        )
         return jax_utils.prefetch_to_device(batches, 2)
 
     def averaged_variables(self, state: TrainState) -> dict[str, Any]:
@@ -279,9 +373,14 @@ class _Run:
         batches = self.train_batches(start_step=0, seed=self.config.seed + 1)
         batch_stats = weight_averaging.reestimate_batch_stats(
             lambda params, batch: self.p_batch_stats(params, state.batch_stats, batch),
-            state.average_params, batches, num_batches)
-        return {"params": jax_utils.unreplicate(state.average_params),
-                "batch_stats": jax_utils.unreplicate(batch_stats)}
+            state.average_params,
+            batches,
+            num_batches,
+        )
+        return {
+            "params": jax_utils.unreplicate(state.average_params),
+            "batch_stats": jax_utils.unreplicate(batch_stats),
+        }
 
 
 def current_variables(state: TrainState) -> dict[str, Any]:
@@ -303,8 +402,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run = _Run(config, workdir, prepared)
 
     n_mels = prepared.features["n_mels"]
-    state = initial_state(run.model.clone(bn_axis_name=None), run.tx, jax.random.PRNGKey(config.seed),
-                          (1, n_mels, config.input.crop_frames, 1))
+    state = initial_state(
+        run.model.clone(bn_axis_name=None),
+        run.tx,
+        jax.random.PRNGKey(config.seed),
+        (1, n_mels, config.input.crop_frames, 1),
+    )
     latest = checkpoints.open_manager(workdir, checkpoints.LATEST)
     if latest.latest_step() is not None:
         state, _ = checkpoints.restore(latest, target=state)
@@ -322,8 +425,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     snapshot_at = set(snapshot_steps(config, run.steps_per_epoch, run.total_steps))
     eval_every = max(epochs_to_steps(config.eval_every_epochs, run.steps_per_epoch), 1)
     rng = jax_utils.replicate(jax.random.PRNGKey(config.seed + 2))
-    logging.info("%d training tracks, %.2f steps per epoch, %d steps in all, snapshots at %s",
-                 len(prepared.parts["train"]), run.steps_per_epoch, run.total_steps, sorted(snapshot_at))
+    logging.info(
+        "%d training tracks, %.2f steps per epoch, %d steps in all, snapshots at %s",
+        len(prepared.parts["train"]),
+        run.steps_per_epoch,
+        run.total_steps,
+        sorted(snapshot_at),
+    )
 
     batches = run.train_batches(start_step, config.seed)
     train_losses = []
@@ -335,9 +443,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.log_every_steps == 0 or step == run.total_steps:
             values = jax.device_get(jax_utils.unreplicate(step_metrics))
             losses = jax.device_get(train_losses)
-            writer.write_scalars(step, {"train_loss": float(np.mean([l[0] for l in losses])),
-                                        "learning_rate": float(values["learning_rate"]),
-                                        "epoch": step / run.steps_per_epoch})
+            writer.write_scalars(
+                step,
+                {
+                    "train_loss": float(np.mean([loss[0] for loss in losses])),
+                    "learning_rate": float(values["learning_rate"]),
+                    "epoch": step / run.steps_per_epoch,
+                },
+            )
             train_losses = []
         if step in snapshot_at:
             checkpoints.save(snapshots, step, current_variables(state), run.meta("snapshot", step))
@@ -382,16 +495,22 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
     if swa.latest_step() is not None:
         models["swa"] = checkpoints.restore(swa)[0]
     splits = ("validation", "test")
-    predictions = {name: {split: run.predictor.predict(variables, split) for split in splits}
-                   for name, variables in models.items()}
-    members = snapshots.all_steps()[-run.config.snapshots.ensemble_size:]
+    predictions = {
+        name: {split: run.predictor.predict(variables, split) for split in splits} for name, variables in models.items()
+    }
+    members = snapshots.all_steps()[-run.config.snapshots.ensemble_size :]
     if members:
-        member_predictions = [{split: run.predictor.predict(checkpoints.restore(snapshots, step)[0], split)
-                               for split in splits} for step in members]
+        member_predictions = [
+            {split: run.predictor.predict(checkpoints.restore(snapshots, step)[0], split) for split in splits}
+            for step in members
+        ]
         predictions[f"snapshot_ensemble_{len(members)}"] = {
-            split: dataclasses.replace(member_predictions[0][split], probabilities=ensemble.average_predictions(
-                [p[split].probabilities for p in member_predictions]))
-            for split in splits}
+            split: dataclasses.replace(
+                member_predictions[0][split],
+                probabilities=ensemble.average_predictions([p[split].probabilities for p in member_predictions]),
+            )
+            for split in splits
+        }
 
     report_dir = os.path.join(run.workdir, "report")
     primary = distributed.is_primary()
@@ -417,8 +536,9 @@ def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str
         np.save(os.path.join(model_dir, "test_decisions.npy"), decisions)
         evaluate.write_thresholds(os.path.join(model_dir, "thresholds.tsv"), run.prepared.tags, thresholds)
         if tuple(by_split["test"].track_ids) == tuple(official):
-            submission.write_submission(os.path.join(model_dir, "submission"), test, decisions,
-                                        by_split["test"].track_ids, official)
+            submission.write_submission(
+                os.path.join(model_dir, "submission"), test, decisions, by_split["test"].track_ids, official
+            )
     positive_rate = float(predictions["final"]["test"].labels.mean())
     report["constant_predictor"] = {"PR-AUC-macro": positive_rate, "ROC-AUC-macro": 0.5}
     if primary:
@@ -434,4 +554,3 @@ def format_report(report: dict[str, dict[str, float]]) -> str:
     for name, figures in report.items():
         lines.append(f"{name:<{width}}  {figures['PR-AUC-macro']:>12.4f}  {figures['ROC-AUC-macro']:>13.4f}")
     return "\n".join(lines)
-

@@ -5,8 +5,8 @@ averaged but re-estimated on training batches before the averaged weights are ev
 authors did after every SWA update (PyTorch's `bn_update`: a cumulative average of per-batch statistics).
 """
 
-from collections.abc import Callable, Iterator
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -30,8 +30,9 @@ class AveragingSchedule:
             raise ValueError(f"the SWA interval must be at least one step, got {self.every_steps}")
 
 
-def update_average(average: Any, params: Any, count: jax.Array, step: jax.Array,
-                   schedule: AveragingSchedule) -> tuple[Any, jax.Array]:
+def update_average(
+    average: Any, params: Any, count: jax.Array, step: jax.Array, schedule: AveragingSchedule
+) -> tuple[Any, jax.Array]:
     """The average after optimiser step `step` (1-based) produced `params`; `count` = weights averaged so far.
 
     SWA: at step start_step and every `every_steps` after it, new = old + (w - old) / (count + 1).
@@ -49,8 +50,9 @@ def update_average(average: Any, params: Any, count: jax.Array, step: jax.Array,
     return optax.incremental_update(params, average, step_size), count + due.astype(count.dtype)
 
 
-def reestimate_batch_stats(batch_stats_fn: Callable[[Any, Any], Any], params: Any,
-                           batches: Iterator[Any], num_batches: int) -> Any:
+def reestimate_batch_stats(
+    batch_stats_fn: Callable[[Any, Any], Any], params: Any, batches: Iterator[Any], num_batches: int
+) -> Any:
     """Equal-weight mean over `num_batches` batches of the BatchNorm statistics that `params` produce.
 
     `batch_stats_fn(params, batch)` returns one batch's statistics (a model whose BatchNorm momentum is 0 run in

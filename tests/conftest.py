@@ -6,8 +6,8 @@ longer than running it, and the end-to-end tests compile the same programs in se
 """
 
 import os
-from pathlib import Path
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "emorf_jax_test_xla_cache"))
@@ -43,8 +43,14 @@ def prepared_data_dir(synthetic_tree, tmp_path_factory) -> tuple[Path, str]:
     """(data_dir, config_name) of the hop512 dataset of ``synthetic_tree``, built by the real CLI code path."""
     data_dir = tmp_path_factory.mktemp("prepared")
     build.build_dataset(
-        synthetic_tree / "audio", synthetic_tree / "data", data_dir, "hop512", split_index=0, workers=2,
-        progress=False, chunk_frames=CHUNK_FRAMES,
+        synthetic_tree / "audio",
+        synthetic_tree / "data",
+        data_dir,
+        "hop512",
+        split_index=0,
+        workers=2,
+        progress=False,
+        chunk_frames=CHUNK_FRAMES,
     )
     return data_dir, "hop512"
 
@@ -56,11 +62,16 @@ def _random_checkpoint(directory: Path, prepared, seed: int) -> Path:
     variables = train.create_model(fields).init(jax.random.PRNGKey(seed), np.zeros((1, 256, 64, 1), np.float32))
     leaves, treedef = jax.tree.flatten(variables["params"])
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    params = jax.tree.unflatten(treedef, [leaf + 0.2 * jax.random.normal(key, leaf.shape)
-                                          for leaf, key in zip(leaves, keys)])
+    params = jax.tree.unflatten(
+        treedef, [leaf + 0.2 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+    )
     with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
-        checkpoints.save(manager, 10, {"params": params, "batch_stats": variables["batch_stats"]},
-                         train.checkpoint_meta(fields, prepared, config, "swa", 10, 2.5))
+        checkpoints.save(
+            manager,
+            10,
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            train.checkpoint_meta(fields, prepared, config, "swa", 10, 2.5),
+        )
     return directory / checkpoints.SWA
 
 

@@ -6,12 +6,12 @@ import importlib
 import json
 from pathlib import Path
 
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import jax_utils
 
 from configs import avg_ensemble
 from data_prep import metadata
@@ -34,14 +34,17 @@ def _fields(config_name: str, variant: str | None) -> dict:
 
 # (config, input at paper size, parameters at 56 tags): torchvision's ResNet counts less the 2 extra input channels
 # and the 1,000-class head; VGG-ish the organisers' network; CRNN with a GRU input of 2 rows x 128 channels.
-@pytest.mark.parametrize("config_name, input_shape, expected", [
-    ("vggish", (1, 256, 861, 1), 448_122),
-    ("vggish_essentia96", (1, 96, 1366, 1), 448_122),
-    ("resnet18", (1, 256, 861, 1), 11_198_968),
-    ("resnet34", (1, 256, 287, 1), 21_307_128),
-    ("resnet50", (1, 256, 861, 1), 23_616_504),
-    ("crnn", (1, 256, 861, 1), 406_458),
-])
+@pytest.mark.parametrize(
+    "config_name, input_shape, expected",
+    [
+        ("vggish", (1, 256, 861, 1), 448_122),
+        ("vggish_essentia96", (1, 96, 1366, 1), 448_122),
+        ("resnet18", (1, 256, 861, 1), 11_198_968),
+        ("resnet34", (1, 256, 287, 1), 21_307_128),
+        ("resnet50", (1, 256, 861, 1), 23_616_504),
+        ("crnn", (1, 256, 861, 1), 406_458),
+    ],
+)
 def test_parameter_counts_at_paper_size_with_56_tags(config_name, input_shape, expected):
     model = train.create_model(_fields(config_name, None))
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape), train=False))
@@ -57,8 +60,9 @@ def test_vggish_pools_the_organisers_input_to_one_by_one():
 
 
 def test_checkpoints_without_a_model_name_are_cp_resnets():
-    model = registry.build({"num_classes": 3, "rho": 2, "base_channels": 4, "frequency_aware": True,
-                            "shake_shake": False})
+    model = registry.build(
+        {"num_classes": 3, "rho": 2, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
+    )
     assert type(model).__name__ == "CPResNet" and model.frequency_aware
 
 
@@ -82,20 +86,28 @@ def test_each_model_trains_saves_loads_and_tags_through_the_same_tools(config_na
     state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0), (1, N_MELS, FRAMES, 1))
     assert _count(state.params) == TEST_SIZES[config_name]
 
-    step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx, mixup_alpha=0.3,
-                                      averaging=weight_averaging.AveragingSchedule("swa", start_step=1),
-                                      learning_rate=optax.constant_schedule(1e-2),
-                                      normalisation=(prepared.mean, prepared.std)), axis_name="batch")
+    step = jax.pmap(
+        functools.partial(
+            train.train_step,
+            model=model,
+            tx=tx,
+            mixup_alpha=0.3,
+            averaging=weight_averaging.AveragingSchedule("swa", start_step=1),
+            learning_rate=optax.constant_schedule(1e-2),
+            normalisation=(prepared.mean, prepared.std),
+        ),
+        axis_name="batch",
+    )
     rng = np.random.default_rng(0)
     share = (jax.local_device_count(), GLOBAL_BATCH // jax.local_device_count())
     stored = rng.normal(size=(*share, FRAMES, N_MELS)) * prepared.std + prepared.mean
-    batch = {"spectrogram": stored.astype(np.float16),
-             "labels": (rng.random((*share, 9)) < 0.4).astype(np.float32)}
+    batch = {"spectrogram": stored.astype(np.float16), "labels": (rng.random((*share, 9)) < 0.4).astype(np.float32)}
     new_state, step_metrics = step(jax_utils.replicate(state), batch, jax_utils.replicate(jax.random.PRNGKey(1)))
     assert np.all(np.isfinite(np.asarray(step_metrics["loss"])))
     variables = train.current_variables(new_state)
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
-                                         variables["params"], state.params))
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), variables["params"], state.params)
+    )
     assert max(moved) > 0
 
     with checkpoints.open_manager(str(tmp_path), checkpoints.SWA) as manager:
@@ -106,20 +118,24 @@ def test_each_model_trains_saves_loads_and_tags_through_the_same_tools(config_na
     spectrogram = rng.normal(size=(N_MELS, 2 * FRAMES)).astype(np.float32)
     trained = inference.Tagger(model.clone(bn_axis_name=None), variables, tagger.meta)
     probabilities = tagger.tag_spectrogram(spectrogram, window_frames=FRAMES)
-    np.testing.assert_allclose(probabilities, trained.tag_spectrogram(spectrogram, window_frames=FRAMES),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        probabilities, trained.tag_spectrogram(spectrogram, window_frames=FRAMES), rtol=1e-6, atol=1e-7
+    )
     assert probabilities.shape == (9,) and np.all((probabilities > 0) & (probabilities < 1))
 
     card = predict.model_card(str(tmp_path / checkpoints.SWA))
     assert registry.DISPLAY_NAMES[config_name] in card and "receptive field" not in card
 
 
-@pytest.mark.skipif(not (OFFICIAL / "groundtruth.npy").is_file() or not REAL_METADATA.is_dir(),
-                    reason=f"official ground truth or real metadata not found under {SHARED}")
+@pytest.mark.skipif(
+    not (OFFICIAL / "groundtruth.npy").is_file() or not REAL_METADATA.is_dir(),
+    reason=f"official ground truth or real metadata not found under {SHARED}",
+)
 def test_popularity_baseline_reproduces_the_official_row(capsys):
     header, *rows = (OFFICIAL / "baseline" / "results.tsv").read_text().splitlines()
-    official = dict(zip(header.split("\t")[1:], map(float, next(r for r in rows if r.startswith("popular\t"))
-                                                   .split("\t")[1:])))
+    official = dict(
+        zip(header.split("\t")[1:], map(float, next(r for r in rows if r.startswith("popular\t")).split("\t")[1:]))
+    )
     groundtruth = np.load(OFFICIAL / "groundtruth.npy")
     np.testing.assert_array_equal(groundtruth, evaluate.split_labels(REAL_METADATA, 0, "test"))
     train_labels = evaluate.split_labels(REAL_METADATA, 0, "train")
@@ -130,8 +146,19 @@ def test_popularity_baseline_reproduces_the_official_row(capsys):
     assert set(figures) == set(official)
     for name, value in official.items():
         assert round(figures[name], 6) == value, name
-    assert evaluate.main(["--groundtruth", str(OFFICIAL / "groundtruth.npy"), "--popularity", "--metadata-dir",
-                          str(REAL_METADATA), "--json"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--groundtruth",
+                str(OFFICIAL / "groundtruth.npy"),
+                "--popularity",
+                "--metadata-dir",
+                str(REAL_METADATA),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out) == figures
 
 
@@ -142,13 +169,17 @@ def test_ensemble_recipe_averages_its_members_swa_and_snapshots(prepared_data_di
     assert set(figures) == set(metrics.OFFICIAL_METRIC_NAMES)
     members = [ensemble_recipe.member_workdir(str(tmp_path), *member) for member in recipe.members]
     metas = [json.loads(Path(member, "config.json").read_text()) for member in members]
-    assert {(meta["model"]["frequency_aware"], meta["model"]["shake_shake"], meta["model"]["rho"], meta["seed"])
-            for meta in metas} == {(True, False, 2, 0), (True, True, 3, 1)}
+    assert {
+        (meta["model"]["frequency_aware"], meta["model"]["shake_shake"], meta["model"]["rho"], meta["seed"])
+        for meta in metas
+    } == {(True, False, 2, 0), (True, True, 3, 1)}
     paths = [p for member in members for p in ensemble_recipe.member_checkpoints(member, recipe.checkpoints, 2)]
     kinds = [Path(p).parent.name for p in paths]
     assert kinds.count("swa") == 2 and kinds.count("snapshots") == 4  # per member: SWA and its last 2 snapshots
     # The figures are those of the submission the ensemble tool wrote.
     test = load_prepared(*prepared_data_dir).parts["test"]
     out = tmp_path / "ensemble"
-    assert metrics.mediaeval_metrics(test.labels, np.load(out / "predictions.npy"),
-                                     np.load(out / "decisions.npy")) == figures
+    assert (
+        metrics.mediaeval_metrics(test.labels, np.load(out / "predictions.npy"), np.load(out / "decisions.npy"))
+        == figures
+    )

@@ -1,9 +1,9 @@
 """The benchmark scripts run in their quick modes, so that they cannot rot; their timings are not checked here."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,15 +12,14 @@ REAL_METADATA = REPO.parent / "shared" / "mtg-jamendo" / "data"
 
 
 def _run(*arguments: str) -> str:
-    result = subprocess.run([sys.executable, "-m", *arguments], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-m", *arguments], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_input_pipeline_benchmark_reads_exactly_its_crops(tmp_path):
     output = _run("benchmarks.input_pipeline", "--quick", "--out", str(tmp_path))
-    figures = json.loads(output[output.index("{"):])
+    figures = json.loads(output[output.index("{") :])
     assert figures["examples_per_s"] > 0 and figures["examples_per_s_as_prepared"] > 0
     assert figures["examples_per_s_to_device"] > 0 and figures["step_normalisation_ms_per_example"] > 0
     assert figures["as_training_tracks"] == 9949 and figures["training_tracks"] < 9949
@@ -29,7 +28,7 @@ def test_input_pipeline_benchmark_reads_exactly_its_crops(tmp_path):
 
 def test_data_prep_benchmark_quick_builds_both_inputs_and_reports_their_rates(tmp_path):
     output = _run("benchmarks.data_prep", "--quick", "--out", str(tmp_path))
-    figures = json.loads(output[output.index("{"):])
+    figures = json.loads(output[output.index("{") :])
     for source in ("mp3", "npy"):
         assert figures[source]["tracks"] > 0 and figures[source]["rtf_per_core"] > 0
         assert figures[source]["peak_pss_total_mib"] > 0
@@ -64,7 +63,7 @@ def test_paper_table_quick_trains_its_rows_and_prints_them_beside_the_published_
 
 def test_train_step_benchmark_quick_times_both_frameworks_and_counts_flops():
     output = _run("benchmarks.train_step", "--quick", "--json")
-    figures = json.loads(output[output.index("{"):])
+    figures = json.loads(output[output.index("{") :])
     rows = {row["framework"]: row for row in figures["results"]}
     assert set(rows) == {"emorf_jax", "pytorch"}
     assert rows["emorf_jax"]["gflops_per_step"] > 0 and rows["pytorch"]["over_pytorch"] == 1.0
@@ -73,7 +72,7 @@ def test_train_step_benchmark_quick_times_both_frameworks_and_counts_flops():
 
 def test_predict_benchmark_quick_times_decoding_features_and_models(tmp_path):
     output = _run("benchmarks.predict", "--quick", "--out", str(tmp_path))
-    figures = json.loads(output[output.index("{"):])
+    figures = json.loads(output[output.index("{") :])
     assert figures["audio_seconds"] == 6.0 and figures["windows"] >= 1
     for models in ("1_models", "2_models"):
         assert figures[models]["real_time_factor"] > 0

@@ -79,7 +79,7 @@ def test_the_record_index_reads_any_frames_as_tfds_decodes_them(prepared_data_di
     for part in PARTS:
         tracks = _whole_tracks(_examples(prepared, part))
         assert list(tracks) == list(prepared.track_ids[part])
-        for number, (track_id, track) in enumerate(tracks.items()):
+        for number, track in enumerate(tracks.values()):
             whole = track["spectrogram"].T
             np.testing.assert_array_equal(frame_reader.read(part, number), whole)
             np.testing.assert_array_equal(prepared.parts[part].labels[number], track["labels"])
@@ -142,17 +142,32 @@ def _shard_bytes(data_dir: Path, config_name: str) -> dict[str, bytes]:
 
 def _cli(tree: Path, data_dir: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "data_prep.build", "--audio_dir", str(tree / "audio"), "--metadata_dir",
-        str(tree / "data"), "--data_dir", str(data_dir), "--workers", "2", "--no_progress",
-        "--chunk_frames", str(CHUNK_FRAMES), *extra,
+        sys.executable,
+        "-m",
+        "data_prep.build",
+        "--audio_dir",
+        str(tree / "audio"),
+        "--metadata_dir",
+        str(tree / "data"),
+        "--data_dir",
+        str(data_dir),
+        "--workers",
+        "2",
+        "--no_progress",
+        "--chunk_frames",
+        str(CHUNK_FRAMES),
+        *extra,
     ]
 
 
 def test_build_killed_half_way_resumes_and_gives_identical_shards(synthetic_tree, prepared_data_dir, tmp_path):
     journal = tmp_path / "cache" / "hop512" / extract.JOURNAL_NAME
     process = subprocess.Popen(
-        _cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _cli(synthetic_tree, tmp_path),
+        cwd=REPO_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
     while not (journal.exists() and len(journal.read_text().splitlines()) >= 4):
@@ -231,13 +246,16 @@ def test_bad_files_land_in_the_failures_report_while_the_rest_is_built(synthetic
     assert "failed: 5 tracks" in str(summary)
 
     # The same music at 48 kHz: with --resample it is resampled as the tagger does, and the rebuild takes it in.
-    track = next(t for t in metadata.read_split(synthetic_tree / "data", 0, "train")
-                 if t.track_id == broken["sample_rate"])
+    track = next(
+        t for t in metadata.read_split(synthetic_tree / "data", 0, "train") if t.track_id == broken["sample_rate"]
+    )
     waveform, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
-    soundfile.write(audio / track.path, librosa.resample(waveform.T, orig_sr=rate, target_sr=48000).T, 48000,
-                    format="WAV")
-    resampled = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False,
-                                    resample=True)
+    soundfile.write(
+        audio / track.path, librosa.resample(waveform.T, orig_sr=rate, target_sr=48000).T, 48000, format="WAV"
+    )
+    resampled = build.build_dataset(
+        audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False, resample=True
+    )
     assert resampled.failures == {kind: 1 for kind in broken if kind != "sample_rate"}
     assert broken["sample_rate"] in load_prepared(tmp_path / "out").track_ids["train"]
 
@@ -256,8 +274,13 @@ def test_byte_identical_files_are_reported_and_can_be_dropped(synthetic_tree, pr
 
     # Reusing the clean build's cache: only stage 2 runs again.
     summary = build.build_dataset(
-        synthetic_tree / "audio", synthetic_tree / "data", tmp_path, workers=2, progress=False,
-        drop_duplicates="keep_one", cache_dir=data_dir / "cache" / config_name,
+        synthetic_tree / "audio",
+        synthetic_tree / "data",
+        tmp_path,
+        workers=2,
+        progress=False,
+        drop_duplicates="keep_one",
+        cache_dir=data_dir / "cache" / config_name,
     )
     assert summary.failures == {"duplicate": sum(len(group) - 1 for group in groups.values())}
     kept = load_prepared(tmp_path)

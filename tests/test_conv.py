@@ -3,11 +3,11 @@
 import functools
 
 import jax
-from jax import export, lax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax import export, lax
 
 from emorf_jax.models import CPResNet, conv
 
@@ -15,8 +15,14 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 # (kernel, stride, padding, input channels) of every conv the CP-ResNet family has: the 5x5 stride-2 stem with
 # padding 1 on the mono input; block convs 3x3 with padding 1 and 1x1 (also shortcuts and the head), on C channels
 # and on C + the FA channel; and 'SAME', which takes the same path.
-FAMILY = [(5, 2, ((1, 1), (1, 1)), 1), (3, 1, ((1, 1), (1, 1)), 4), (3, 1, ((1, 1), (1, 1)), 5),
-          (1, 1, ((0, 0), (0, 0)), 4), (1, 1, ((0, 0), (0, 0)), 5), (3, 1, "SAME", 5)]
+FAMILY = [
+    (5, 2, ((1, 1), (1, 1)), 1),
+    (3, 1, ((1, 1), (1, 1)), 4),
+    (3, 1, ((1, 1), (1, 1)), 5),
+    (1, 1, ((0, 0), (0, 0)), 4),
+    (1, 1, ((0, 0), (0, 0)), 5),
+    (3, 1, "SAME", 5),
+]
 
 
 def _value_and_gradients(function, x, w, g):
@@ -40,8 +46,9 @@ def test_values_and_both_gradients_equal_xla(kernel, stride, padding, in_channel
     reference = functools.partial(lax.conv_general_dilated, **arguments)
     g = jax.random.normal(keys[2], jax.eval_shape(reference, x, w).shape, dtype)
     expected = jax.jit(functools.partial(_value_and_gradients, reference))(x, w, g)
-    got = jax.jit(functools.partial(_value_and_gradients, functools.partial(conv.conv_general_dilated,
-                                                                             **arguments)))(x, w, g)
+    got = jax.jit(functools.partial(_value_and_gradients, functools.partial(conv.conv_general_dilated, **arguments)))(
+        x, w, g
+    )
     for name, ours, theirs in zip(("output", "input gradient", "kernel gradient"), got, expected):
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
         _close(ours, theirs, rtol)
@@ -52,10 +59,12 @@ def _gradient_program(kernel: int, stride: int, platform: str) -> str:
 
     def loss(x, w):
         y = conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
-        return jnp.sum(y ** 2)
+        return jnp.sum(y**2)
 
-    shapes = (jax.ShapeDtypeStruct((2, 12, 16, 3), jnp.float32),
-              jax.ShapeDtypeStruct((kernel, kernel, 3, 4), jnp.float32))
+    shapes = (
+        jax.ShapeDtypeStruct((2, 12, 16, 3), jnp.float32),
+        jax.ShapeDtypeStruct((kernel, kernel, 3, 4), jnp.float32),
+    )
     return export.export(jax.jit(jax.grad(loss, argnums=(0, 1))), platforms=[platform])(*shapes).mlir_module()
 
 
@@ -72,13 +81,16 @@ def test_only_cpu_computes_kernel_gradients_as_matrix_products(kernel, stride, c
 
 def test_dilated_grouped_and_nchw_convolutions_are_left_to_xla():
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 9, 4))
-    cases = [((3, 3, 4, 4), {}, True), ((3, 3, 4, 4), {"rhs_dilation": (2, 2)}, False),
-             ((3, 3, 2, 4), {"feature_group_count": 2}, False),
-             ((3, 9, 3, 3), {"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, False)]
+    cases = [
+        ((3, 3, 4, 4), {}, True),
+        ((3, 3, 4, 4), {"rhs_dilation": (2, 2)}, False),
+        ((3, 3, 2, 4), {"feature_group_count": 2}, False),
+        ((3, 9, 3, 3), {"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, False),
+    ]
     for kernel_shape, extra, fast in cases:
         w = jax.random.normal(jax.random.PRNGKey(1), kernel_shape)
         arguments = {"window_strides": (1, 1), "padding": "SAME", "dimension_numbers": NHWC, **extra}
-        jaxpr = str(jax.make_jaxpr(lambda x, w: conv.conv_general_dilated(x, w, **arguments))(x, w))
+        jaxpr = str(jax.make_jaxpr(functools.partial(conv.conv_general_dilated, **arguments))(x, w))
         assert ("platform_index" in jaxpr) == fast, extra
         _close(conv.conv_general_dilated(x, w, **arguments), lax.conv_general_dilated(x, w, **arguments), 1e-5)
 
@@ -99,9 +111,11 @@ def test_whole_fa_resnet_loss_gradient_equals_the_xla_conv_version():
     @functools.partial(jax.jit, static_argnums=0)
     def loss_and_gradient(model, params):
         def loss(params):
-            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                                          train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+            )
             return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), (logits, updates)
+
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     (loss_fast, aux_fast), grad_fast = loss_and_gradient(fast, params)

@@ -1,8 +1,8 @@
 """`python -m emorf_jax.ensemble`: any checkpoints or saved reports -> a MediaEval submission, or a refusal."""
 
 import json
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +20,12 @@ def _run(tmp_path: Path, name: str, *arguments: str) -> Path:
     return output
 
 
-def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_data_dir, random_checkpoints,
-                                                                      tmp_path):
+def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_data_dir, random_checkpoints, tmp_path):
     data_dir, _ = prepared_data_dir
-    alone = [_run(tmp_path, f"alone{n}", f"--checkpoint={c}", f"--data_dir={data_dir}")
-             for n, c in enumerate(random_checkpoints)]
+    alone = [
+        _run(tmp_path, f"alone{n}", f"--checkpoint={c}", f"--data_dir={data_dir}")
+        for n, c in enumerate(random_checkpoints)
+    ]
     both = _run(tmp_path, "both", *(f"--checkpoint={c}" for c in random_checkpoints), f"--data_dir={data_dir}")
     for name in ("predictions.npy", "validation_predictions.npy"):
         mean = np.mean([np.load(folder / name) for folder in alone], axis=0)
@@ -36,8 +37,9 @@ def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_da
     assert (both / "track_ids.txt").read_text().split() == list(prepared.tsv_track_ids["test"])
     tags, thresholds = evaluate.read_thresholds(both / "thresholds.tsv")
     assert tags == list(prepared.tags)
-    expected = metrics.best_f1_thresholds(prepared.parts["validation"].labels,
-                                          np.load(both / "validation_predictions.npy"))
+    expected = metrics.best_f1_thresholds(
+        prepared.parts["validation"].labels, np.load(both / "validation_predictions.npy")
+    )
     np.testing.assert_array_equal(thresholds, expected)
     np.testing.assert_array_equal(decisions, predictions > thresholds)  # strict
     figures = json.loads((both / "metrics.json").read_text())
@@ -55,23 +57,31 @@ def test_saved_report_predictions_stand_in_for_a_checkpoint(prepared_data_dir, r
     shutil.copy(first / "validation_track_ids.txt", report / "validation_track_ids.txt")
     shutil.copy(first / "predictions.npy", report / "model" / "test_predictions.npy")
     shutil.copy(first / "validation_predictions.npy", report / "model" / "validation_predictions.npy")
-    mixed = _run(tmp_path, "mixed", f"--checkpoint={random_checkpoints[1]}", f"--predictions={report / 'model'}",
-                 f"--data_dir={data_dir}")
+    mixed = _run(
+        tmp_path,
+        "mixed",
+        f"--checkpoint={random_checkpoints[1]}",
+        f"--predictions={report / 'model'}",
+        f"--data_dir={data_dir}",
+    )
     both = _run(tmp_path, "both", *(f"--checkpoint={c}" for c in random_checkpoints), f"--data_dir={data_dir}")
     np.testing.assert_allclose(np.load(mixed / "predictions.npy"), np.load(both / "predictions.npy"), rtol=1e-6)
 
 
-def test_a_submission_without_every_official_test_track_is_refused(synthetic_tree, random_checkpoints, tmp_path,
-                                                                   capsys):
+def test_a_submission_without_every_official_test_track_is_refused(
+    synthetic_tree, random_checkpoints, tmp_path, capsys
+):
     lost = metadata.read_split(synthetic_tree / "data", 0, "test")[2]
     audio = tmp_path / "audio"
     shutil.copytree(synthetic_tree / "audio", audio)
     (audio / lost.path).unlink()
-    build.build_dataset(audio, synthetic_tree / "data", tmp_path / "data", workers=2, progress=False,
-                        chunk_frames=CHUNK_FRAMES)
+    build.build_dataset(
+        audio, synthetic_tree / "data", tmp_path / "data", workers=2, progress=False, chunk_frames=CHUNK_FRAMES
+    )
     output = tmp_path / "out"
-    status = ensemble.main([f"--checkpoint={random_checkpoints[0]}", f"--data_dir={tmp_path / 'data'}",
-                            f"--output_dir={output}"])
+    status = ensemble.main(
+        [f"--checkpoint={random_checkpoints[0]}", f"--data_dir={tmp_path / 'data'}", f"--output_dir={output}"]
+    )
     assert status == 2
     assert f"1 official test tracks are missing ({lost.track_id})" in capsys.readouterr().err
     assert not (output / "predictions.npy").exists()

@@ -4,13 +4,13 @@ Every build here is a real one (real MP3s, real processes); none may hang, so ea
 """
 
 import os
-from pathlib import Path
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +24,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(audio: Path, metadata_dir: Path, data_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "data_prep.build", "--audio_dir", str(audio), "--metadata_dir", str(metadata_dir),
-            "--data_dir", str(data_dir), "--workers", "2", "--no_progress", "--chunk_frames", str(CHUNK_FRAMES),
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "data_prep.build",
+        "--audio_dir",
+        str(audio),
+        "--metadata_dir",
+        str(metadata_dir),
+        "--data_dir",
+        str(data_dir),
+        "--workers",
+        "2",
+        "--no_progress",
+        "--chunk_frames",
+        str(CHUNK_FRAMES),
+        *extra,
+    ]
 
 
 def _workers(pid: int) -> list[int]:
@@ -63,8 +77,13 @@ def _same_tracks(data_dir: Path, reference_dir: Path, track_ids: set[str]) -> No
 def test_workers_killed_at_any_moment_never_hang_a_build(synthetic_tree, prepared_data_dir, tmp_path):
     """Workers are SIGKILLed as soon as they start, while they work and between tracks; the build ends, and
     every track is in the shards, identical to a clean build's, or (killed twice) reported as a worker crash."""
-    process = subprocess.Popen(_cli(synthetic_tree / "audio", synthetic_tree / "data", tmp_path),
-                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _cli(synthetic_tree / "audio", synthetic_tree / "data", tmp_path),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     rng = random.Random(0)
     kills, seen, deadline = 0, set(), time.monotonic() + 120
     while process.poll() is None and kills < 6 and time.monotonic() < deadline:
@@ -96,22 +115,39 @@ def test_workers_killed_at_any_moment_never_hang_a_build(synthetic_tree, prepare
 
 def test_a_build_with_more_tracks_per_worker_than_their_limit_finishes(synthetic_tree, prepared_data_dir, tmp_path):
     """Each of 2 workers retires after 2 tracks, some 6 times over; the shards equal a clean build's."""
-    build.build_dataset(synthetic_tree / "audio", synthetic_tree / "data", tmp_path, workers=2, progress=False,
-                        chunk_frames=CHUNK_FRAMES, tracks_per_worker=2)
+    build.build_dataset(
+        synthetic_tree / "audio",
+        synthetic_tree / "data",
+        tmp_path,
+        workers=2,
+        progress=False,
+        chunk_frames=CHUNK_FRAMES,
+        tracks_per_worker=2,
+    )
     everything = {track_id for ids in load_prepared(prepared_data_dir[0]).track_ids.values() for track_id in ids}
     assert len(everything) > 4 * 2 * 2
     _same_tracks(tmp_path, prepared_data_dir[0], everything)
 
 
 def test_a_wrong_audio_dir_fails_in_one_line_and_the_right_one_then_builds(synthetic_tree, tmp_path):
-    wrong = subprocess.run(_cli(tmp_path / "no_such_folder", synthetic_tree / "data", tmp_path / "data"),
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    wrong = subprocess.run(
+        _cli(tmp_path / "no_such_folder", synthetic_tree / "data", tmp_path / "data"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert wrong.returncode == 1
     lines = wrong.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: none of the") and "missing" in lines[0]
     assert "check --audio_dir" in lines[0] and "Traceback" not in wrong.stderr
-    right = subprocess.run(_cli(synthetic_tree / "audio", synthetic_tree / "data", tmp_path / "data"),
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    right = subprocess.run(
+        _cli(synthetic_tree / "audio", synthetic_tree / "data", tmp_path / "data"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert right.returncode == 0, right.stderr
     assert load_prepared(tmp_path / "data").failures == {}
 
@@ -150,8 +186,15 @@ def test_a_stale_incomplete_folder_of_a_killed_write_is_removed(synthetic_tree, 
     shutil.copytree(data_dir / "cache" / config_name, cache)
     stale = layout.dataset_dir(tmp_path, config_name, 0).parent / f"incomplete.AB12CD_{layout.VERSION}"
     (stale / "junk").mkdir(parents=True)  # as a build killed while TFDS wrote its shards leaves it
-    build.build_dataset(synthetic_tree / "audio", synthetic_tree / "data", tmp_path, workers=2, progress=False,
-                        chunk_frames=CHUNK_FRAMES, cache_dir=cache)
+    build.build_dataset(
+        synthetic_tree / "audio",
+        synthetic_tree / "data",
+        tmp_path,
+        workers=2,
+        progress=False,
+        chunk_frames=CHUNK_FRAMES,
+        cache_dir=cache,
+    )
     assert not list(stale.parent.glob("incomplete.*"))
     assert layout.is_prepared(tmp_path, config_name, 0)
 
@@ -177,5 +220,11 @@ def test_the_schedule_keeps_memory_under_its_budget_and_runs_a_larger_track_alon
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_nonsense_budget_is_refused(tmp_path, value):
     with pytest.raises(ValueError, match="must be positive"):
-        extract.extract_all([], tmp_path, extract.TrackCache(tmp_path), extract.features_lib.FeatureSettings(), 1,
-                            memory_budget_gb=value)
+        extract.extract_all(
+            [],
+            tmp_path,
+            extract.TrackCache(tmp_path),
+            extract.features_lib.FeatureSettings(),
+            1,
+            memory_budget_gb=value,
+        )

@@ -35,7 +35,7 @@ def test_every_training_track_is_drawn_once_per_epoch(prepared):
     examples = input_pipeline.training_examples(prepared, crop_frames=CROP, max_time_shift=8, seed=3)
     num_tracks = len(prepared.parts["train"])
     drawn = [int(examples[k]["track"]) for k in range(3 * num_tracks)]
-    epochs = [drawn[e * num_tracks:(e + 1) * num_tracks] for e in range(3)]
+    epochs = [drawn[e * num_tracks : (e + 1) * num_tracks] for e in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == list(range(num_tracks))
     assert epochs[0] != epochs[1] != epochs[2]  # a new order every epoch
@@ -50,7 +50,7 @@ def test_crops_start_anywhere_in_the_track_and_cross_chunk_edges(prepared):
         example = examples[k]
         track, start = int(example["track"]), int(example["start"])
         whole = _whole_track(prepared, track)
-        np.testing.assert_array_equal(example["spectrogram"], whole[start:start + CROP])
+        np.testing.assert_array_equal(example["spectrogram"], whole[start : start + CROP])
         np.testing.assert_array_equal(example["labels"], prepared.parts["train"].labels[track])
         crossing += start // CHUNK_FRAMES != (start + CROP - 1) // CHUNK_FRAMES
         starts_past_first_chunk += start >= CHUNK_FRAMES
@@ -70,7 +70,7 @@ def test_only_a_track_shorter_than_the_crop_is_looped(prepared):
             looped += 1
         else:
             start = int(example["start"])
-            np.testing.assert_array_equal(example["spectrogram"], whole[start:start + crop])
+            np.testing.assert_array_equal(example["spectrogram"], whole[start : start + crop])
     assert looped == 2
 
 
@@ -84,8 +84,9 @@ def test_a_training_example_reads_exactly_its_crop(prepared):
 
 def test_a_resumed_stream_continues_the_batches_of_an_uninterrupted_one(prepared):
     def batches(start_step, count):
-        stream = input_pipeline.train_batches(prepared, global_batch_size=4, crop_frames=CROP, max_time_shift=8,
-                                              seed=5, start_step=start_step)
+        stream = input_pipeline.train_batches(
+            prepared, global_batch_size=4, crop_frames=CROP, max_time_shift=8, seed=5, start_step=start_step
+        )
         return [next(stream) for _ in range(count)]
 
     uninterrupted = batches(0, 7)
@@ -107,7 +108,7 @@ def test_windows_cover_the_track_once_by_weight(frames, window):
     for start, stop, weight in ranges:
         assert 0 <= start < stop <= frames
         assert stop - start == min(window, frames)  # shorter than a window only when the whole track is
-        covered[stop - weight:stop] += 1  # the frames a window adds are its last `weight` frames
+        covered[stop - weight : stop] += 1  # the frames a window adds are its last `weight` frames
     assert np.all(covered == 1)
 
 
@@ -128,8 +129,9 @@ def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
             assert (item.start, item.stop, item.weight) == (start, stop, weight)
             np.testing.assert_array_equal(spectrogram, whole[start:stop])
     frames = prepared.parts["test"].frames
-    assert all(seen[track] + 1 == len(input_pipeline.window_ranges(int(frames[track]), window))
-               for track in range(len(frames)))
+    assert all(
+        seen[track] + 1 == len(input_pipeline.window_ranges(int(frames[track]), window)) for track in range(len(frames))
+    )
     assert max(seen.values()) >= 3  # tracks longer than several windows and chunks
 
 
@@ -137,13 +139,18 @@ def test_every_process_makes_the_same_evaluation_calls_and_together_they_cover_e
     """JAX's multi-process runtime needs the same pmapped calls, with the same shapes, on every process."""
     frames = prepared.parts["validation"].frames
     schedule = input_pipeline.eval_schedule(frames, 128, global_batch_size=4)
-    shares = [list(input_pipeline.eval_batches(prepared, "validation", schedule, process_index=p, process_count=2))
-              for p in range(2)]
+    shares = [
+        list(input_pipeline.eval_batches(prepared, "validation", schedule, process_index=p, process_count=2))
+        for p in range(2)
+    ]
     assert len(shares[0]) == len(shares[1]) == len(schedule)
     for first, second, batch in zip(*shares, schedule):
         assert first.spectrograms.shape == second.spectrograms.shape
         assert first.windows + second.windows == tuple(batch)  # contiguous halves, in device order
         assert len({w.stop - w.start for w in batch}) == 1  # one window length per batch
     real = [(w.track_index, w.start, w.stop) for batch in schedule for w in batch if w.weight > 0]
-    assert sorted(real) == [(track, start, stop) for track, length in enumerate(frames)
-                            for start, stop, _ in input_pipeline.window_ranges(int(length), 128)]
+    assert sorted(real) == [
+        (track, start, stop)
+        for track, length in enumerate(frames)
+        for start, stop, _ in input_pipeline.window_ranges(int(length), 128)
+    ]

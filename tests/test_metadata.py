@@ -35,7 +35,13 @@ def test_real_full_tsv_has_18486_tracks_and_59_tags():
     assert len(tracks) == 18486
     assert len({tag for track in tracks for tag in track.tags}) == 59
     assert tracks[0] == metadata.Track(
-        "track_0000948", "artist_000087", "album_000149", "48/948.mp3", 212.7, ("mood/theme---background",), 2,
+        "track_0000948",
+        "artist_000087",
+        "album_000149",
+        "48/948.mp3",
+        212.7,
+        ("mood/theme---background",),
+        2,
         str(metadata.full_tsv_path(REAL_METADATA)),
     )
     assert max(len(track.tags) for track in tracks) == 8  # rows of 13 columns

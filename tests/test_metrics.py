@@ -83,8 +83,13 @@ def test_metrics_reproduce_every_published_row(table, run, published):
 @needs_shared
 def test_published_tables_have_all_runs():
     assert [(table, run) for table, run, _ in PUBLISHED] == [
-        ("CP-JKU", "1_shakefaresnet"), ("CP-JKU", "2_faresnet"), ("CP-JKU", "3_avg_ensemble"),
-        ("CP-JKU", "4_crnn"), ("CP-JKU", "5_resnet34"), ("baseline", "popular"), ("baseline", "vggish"),
+        ("CP-JKU", "1_shakefaresnet"),
+        ("CP-JKU", "2_faresnet"),
+        ("CP-JKU", "3_avg_ensemble"),
+        ("CP-JKU", "4_crnn"),
+        ("CP-JKU", "5_resnet34"),
+        ("baseline", "popular"),
+        ("baseline", "vggish"),
     ]
     assert _train_tag_counts().argmax() == metadata.read_tag_list(JAMENDO).index("mood/theme---happy")
 
@@ -94,8 +99,9 @@ def test_vggish_thresholds_give_its_decisions_with_strict_greater():
     tags, thresholds = evaluate.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
     predictions = np.load(MEDIAEVAL / "baseline" / "vggish" / "predictions.npy")
     assert tuple(tags) == metadata.read_tag_list(JAMENDO)
-    np.testing.assert_array_equal(metrics.decide(predictions, thresholds),
-                                  np.load(MEDIAEVAL / "baseline" / "vggish" / "decisions.npy"))
+    np.testing.assert_array_equal(
+        metrics.decide(predictions, thresholds), np.load(MEDIAEVAL / "baseline" / "vggish" / "decisions.npy")
+    )
     assert not np.array_equal(predictions >= thresholds, predictions > thresholds)
 
 
@@ -161,8 +167,7 @@ def test_constant_tags_are_left_out_of_macro_figures_with_one_warning():
         warnings.simplefilter("always")
         figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions)
     assert [str(w.message) for w in caught] == [
-        "tags [1, 2] have only positive or only negative tracks in groundtruth; "
-        "they are left out of the macro averages"
+        "tags [1, 2] have only positive or only negative tracks in groundtruth; they are left out of the macro averages"
     ]
     assert figures["ROC-AUC-macro"] == pytest.approx(1.0)
     assert figures["F-score-macro"] == pytest.approx(1.0)
@@ -226,17 +231,32 @@ def test_averaging_the_two_single_model_runs_beats_each():
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emorf_jax.evaluate", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "emorf_jax.evaluate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
 
 
 @needs_shared
 def test_cli_prints_the_official_row_as_json_and_plots(tmp_path):
     run = MEDIAEVAL / "CP-JKU" / "3_avg_ensemble"
     plot = tmp_path / "per_tag.png"
-    result = _run_cli("--groundtruth", MEDIAEVAL / "groundtruth.npy", "--predictions", run / "predictions.npy",
-                      "--decisions", run / "decisions.npy", "--json", "--plot", plot,
-                      "--metadata-dir", JAMENDO)
+    result = _run_cli(
+        "--groundtruth",
+        MEDIAEVAL / "groundtruth.npy",
+        "--predictions",
+        run / "predictions.npy",
+        "--decisions",
+        run / "decisions.npy",
+        "--json",
+        "--plot",
+        plot,
+        "--metadata-dir",
+        JAMENDO,
+    )
     assert result.returncode == 0, result.stderr
     published = dict((r, p) for t, r, p in PUBLISHED if t == "CP-JKU")["3_avg_ensemble"]
     assert {name: f"{value:.6f}" for name, value in json.loads(result.stdout).items()} == published
@@ -246,8 +266,14 @@ def test_cli_prints_the_official_row_as_json_and_plots(tmp_path):
 @needs_shared
 def test_cli_table_with_thresholds_file():
     vggish = MEDIAEVAL / "baseline" / "vggish"
-    result = _run_cli("--groundtruth", MEDIAEVAL / "groundtruth.npy", "--predictions", vggish / "predictions.npy",
-                      "--thresholds", vggish / "thresholds.txt")
+    result = _run_cli(
+        "--groundtruth",
+        MEDIAEVAL / "groundtruth.npy",
+        "--predictions",
+        vggish / "predictions.npy",
+        "--thresholds",
+        vggish / "thresholds.txt",
+    )
     assert result.returncode == 0, result.stderr
     published = dict((r, p) for t, r, p in PUBLISHED if t == "baseline")["vggish"]
     assert result.stdout.splitlines() == [f"{name:<15}  {value}" for name, value in published.items()]

@@ -154,10 +154,16 @@ def test_frequency_channel_is_the_last_input_of_both_block_convs_at_every_resolu
             channel = np.broadcast_to((2.0 * np.arange(rows) / rows - 1.0)[None, :, None, None], (*inputs.shape[:3], 1))
             padding = kernel.shape[0] // 3
             expected = jax.lax.conv_general_dilated(
-                np.concatenate([inputs, channel], axis=-1), kernel, (1, 1), [(padding, padding)] * 2,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
-            np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()),
-                                       err_msg=path)
+                np.concatenate([inputs, channel], axis=-1),
+                kernel,
+                (1, 1),
+                [(padding, padding)] * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=jax.lax.Precision.HIGHEST,
+            )
+            np.testing.assert_allclose(
+                outputs, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()), err_msg=path
+            )
     assert captured["in_c_conv"][0].shape[-1] == 1
     assert captured["stage2_block1/shortcut_conv"][0].shape[-1] == base
     assert captured["feed_forward_conv"][0].shape[-1] == 4 * base
@@ -170,7 +176,10 @@ def test_frequency_aware_conv_equals_a_conv_of_the_concatenated_input_in_values_
     params = module.init(jax.random.PRNGKey(1), x)
     plain = nn.Conv(6, (kernel, kernel), padding=[(kernel // 3,) * 2] * 2, use_bias=False)
     rows = 2.0 * jnp.arange(13) / 13 - 1.0
-    concatenated = lambda x: jnp.concatenate([x, jnp.broadcast_to(rows[None, :, None, None], (*x.shape[:3], 1))], -1)
+
+    def concatenated(x):
+        return jnp.concatenate([x, jnp.broadcast_to(rows[None, :, None, None], (*x.shape[:3], 1))], -1)
+
     plain_params = plain.init(jax.random.PRNGKey(1), concatenated(x))
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, plain_params)
     g = jax.random.normal(jax.random.PRNGKey(2), (3, 13, 10, 6))
@@ -196,20 +205,25 @@ def test_shake_shake_function_forward_alpha_backward_beta():
     alpha, beta = jnp.array([0.2, 0.7]), jnp.array([0.9, 0.1])
     np.testing.assert_allclose(shake_shake(branch1, branch2, alpha, beta), alpha * branch1 + (1 - alpha) * branch2)
     gradient1, gradient2 = jax.grad(lambda b1, b2: shake_shake(b1, b2, alpha, beta).sum(), argnums=(0, 1))(
-        branch1, branch2)
+        branch1, branch2
+    )
     np.testing.assert_allclose(gradient1, beta)
     np.testing.assert_allclose(gradient2, 1 - beta)
 
 
 def _map_blocks(variables, function):
     """`variables` with `function` applied to every block's subtree, in params and batch_stats."""
-    return {collection: {module: function(tree) if module.startswith("stage") else tree
-                         for module, tree in trees.items()} for collection, trees in variables.items()}
+    return {
+        collection: {module: function(tree) if module.startswith("stage") else tree for module, tree in trees.items()}
+        for collection, trees in variables.items()
+    }
 
 
 def _branch2_as_branch1(block):
-    return {**block, **{name.replace("branch1_", "branch2_"): value for name, value in block.items()
-                        if name.startswith("branch1_")}}
+    return {
+        **block,
+        **{name.replace("branch1_", "branch2_"): value for name, value in block.items() if name.startswith("branch1_")},
+    }
 
 
 def _branch1_only(block):
@@ -228,8 +242,9 @@ def _shake_variables(identical_branches):
 @functools.partial(jax.jit, static_argnames="train")
 def _shake_feature_map(variables, key, train):
     """The head map of SHAKE_MODEL on TWINS."""
-    _, state = SHAKE_MODEL.apply(variables, TWINS, train=train, rngs={"shake": key},
-                                 mutable=["batch_stats", "intermediates"])
+    _, state = SHAKE_MODEL.apply(
+        variables, TWINS, train=train, rngs={"shake": key}, mutable=["batch_stats", "intermediates"]
+    )
     return state["intermediates"]["feature_map"][0]
 
 
@@ -241,8 +256,12 @@ def test_shake_shake_training_draws_per_example_alpha_from_the_shake_rng():
     assert not np.allclose(feature_map, _shake_feature_map(variables, jax.random.PRNGKey(2), True))
     # α·b + (1-α)·b = b: with identical branches the forward pass cannot depend on α.
     twins = _shake_variables(identical_branches=True)
-    np.testing.assert_allclose(_shake_feature_map(twins, jax.random.PRNGKey(1), True),
-                               _shake_feature_map(twins, jax.random.PRNGKey(2), True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _shake_feature_map(twins, jax.random.PRNGKey(1), True),
+        _shake_feature_map(twins, jax.random.PRNGKey(2), True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     with pytest.raises(Exception, match="shake"):
         jax.eval_shape(lambda: SHAKE_MODEL.apply(variables, TWINS, train=True, mutable=["batch_stats"]))
 
@@ -254,14 +273,27 @@ def test_shake_shake_evaluation_is_the_deterministic_mean_of_the_branches():
     # With identical branches, 0.5·b + 0.5·b = b: the plain FA-ResNet with branch 1's weights.
     twins = _shake_variables(identical_branches=True)
     plain = SHAKE_MODEL.clone(shake_shake=False)
-    _, state = jax.jit(functools.partial(plain.apply, mutable=["intermediates"]))(_map_blocks(twins, _branch1_only),
-                                                                                  TWINS)
-    np.testing.assert_allclose(_shake_feature_map(twins, jax.random.PRNGKey(1), False),
-                               state["intermediates"]["feature_map"][0], rtol=1e-5, atol=1e-5)
+    _, state = jax.jit(functools.partial(plain.apply, mutable=["intermediates"]))(
+        _map_blocks(twins, _branch1_only), TWINS
+    )
+    np.testing.assert_allclose(
+        _shake_feature_map(twins, jax.random.PRNGKey(1), False),
+        state["intermediates"]["feature_map"][0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
-SHAKE_BLOCK = BasicBlock(features=6, kernels=(3, 3), num_blocks=12, frequency_aware=True, shake_shake=True,
-                         bn_axis_name=None, bn_momentum=BN_MOMENTUM, dtype=jnp.float32)
+SHAKE_BLOCK = BasicBlock(
+    features=6,
+    kernels=(3, 3),
+    num_blocks=12,
+    frequency_aware=True,
+    shake_shake=True,
+    bn_axis_name=None,
+    bn_momentum=BN_MOMENTUM,
+    dtype=jnp.float32,
+)
 
 
 @functools.partial(jax.jit, static_argnames="train")
@@ -269,8 +301,9 @@ def _shake_block_gradients(variables, x, key, train):
     """The block's output and the gradient of a fixed projection of it w.r.t. each branch's last BN bias."""
 
     def projection(params):
-        output, _ = SHAKE_BLOCK.apply({**variables, "params": params}, x, train, rngs={"shake": key},
-                                      mutable=["batch_stats"])
+        output, _ = SHAKE_BLOCK.apply(
+            {**variables, "params": params}, x, train, rngs={"shake": key}, mutable=["batch_stats"]
+        )
         return (output * jnp.cos(jnp.arange(output.size)).reshape(output.shape)).sum(), output
 
     (_, output), gradients = jax.value_and_grad(projection, has_aux=True)(variables["params"])
@@ -280,8 +313,10 @@ def _shake_block_gradients(variables, x, key, train):
 @pytest.mark.parametrize("train", [True, False])
 def test_shake_shake_block_gradient_splits_as_beta_in_training_and_half_in_evaluation(train):
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 9, 6))  # one example: one β
-    variables = {collection: _branch2_as_branch1(tree)
-                 for collection, tree in random_variables(SHAKE_BLOCK, x.shape, seed=7).items()}
+    variables = {
+        collection: _branch2_as_branch1(tree)
+        for collection, tree in random_variables(SHAKE_BLOCK, x.shape, seed=7).items()
+    }
     shares = []
     for key in (jax.random.PRNGKey(1), jax.random.PRNGKey(2)):
         _, gradient1, gradient2 = _shake_block_gradients(variables, x, key, train)
@@ -309,7 +344,7 @@ def test_fixup_initialisation():
         kernel = np.asarray(block["conv1"]["kernel"])
         size, _, _, out = kernel.shape
         # L = 12, the number of blocks, for EVERY block (not the block's own index).
-        expected_std = 12 ** -0.5 * np.sqrt(2.0 / (size * size * out))
+        expected_std = 12**-0.5 * np.sqrt(2.0 / (size * size * out))
         assert abs(kernel.std() / expected_std - 1) < 0.1, (module, kernel.std() / expected_std)
         assert not np.any(np.asarray(block["conv2"]["kernel"])), module
         if "shortcut_conv" in block:
@@ -336,8 +371,13 @@ SYNC_INPUT = jax.random.normal(jax.random.PRNGKey(1), (4, 24, 24, 1)) * 3.0 + 1.
 def test_zero_batch_norm_momentum_keeps_only_this_batch_statistics():
     variables = random_variables(SYNC_MODEL, SYNC_INPUT.shape, seed=5)
     _, _, batch_stats = _apply(SYNC_MODEL, variables, SYNC_INPUT, train=True)
-    stem_output = jax.lax.conv_general_dilated(SYNC_INPUT, variables["params"]["in_c_conv"]["kernel"], (2, 2),
-                                               [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    stem_output = jax.lax.conv_general_dilated(
+        SYNC_INPUT,
+        variables["params"]["in_c_conv"]["kernel"],
+        (2, 2),
+        [(1, 1)] * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     np.testing.assert_allclose(batch_stats["in_c_bn"]["mean"], stem_output.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(batch_stats["in_c_bn"]["var"], stem_output.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-6)
 
@@ -350,8 +390,11 @@ def test_synchronised_batch_norm_makes_two_shards_equal_one_batch():
     shard_logits, shard_stats = jax.jit(jax.vmap(shard, axis_name="devices"))(SYNC_INPUT.reshape(2, 2, 24, 24, 1))
     # float32 rounding through 12 BatchNorms of batch statistics (6e-4 seen); unsynchronised shards differ by 2.3
     np.testing.assert_allclose(shard_logits.reshape(4, 3), whole_logits, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(shard_stats["batch_stats"]["stage3_block4"]["bn2"]["var"][1],
-                               whole_stats["stage3_block4"]["bn2"]["var"], rtol=3e-4)  # float32 rounding
+    np.testing.assert_allclose(
+        shard_stats["batch_stats"]["stage3_block4"]["bn2"]["var"][1],
+        whole_stats["stage3_block4"]["bn2"]["var"],
+        rtol=3e-4,
+    )  # float32 rounding
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

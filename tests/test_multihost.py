@@ -3,12 +3,12 @@ process with two devices does: `python -m emorf_jax.main --coordinator_address=.
 
 import json
 import os
-from pathlib import Path
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,9 +25,16 @@ OVERRIDES = {"num_epochs": 1, "checkpoint_every_steps": 2}
 
 
 def _command(data_dir: Path, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "emorf_jax.main", "--config=configs/faresnet.py:test",
-            f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}",
-            *(f"--config.{name}={value}" for name, value in OVERRIDES.items()), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "emorf_jax.main",
+        "--config=configs/faresnet.py:test",
+        f"--config.dataset.data_dir={data_dir}",
+        f"--workdir={workdir}",
+        *(f"--config.{name}={value}" for name, value in OVERRIDES.items()),
+        *extra,
+    ]
 
 
 def _free_port() -> int:
@@ -44,9 +51,22 @@ def _start_two_processes(data_dir: Path, workdir: Path, extra_of_process=((), ()
     processes = []
     for index, extra in enumerate(extra_of_process):
         with open(f"{workdir}.{index}.out", "w") as stdout, open(f"{workdir}.{index}.err", "w") as stderr:
-            processes.append(subprocess.Popen(
-                _command(data_dir, workdir, f"--coordinator_address={address}", "--num_processes=2",
-                         f"--process_id={index}", *extra), cwd=REPO, env=env, stdout=stdout, stderr=stderr))
+            processes.append(
+                subprocess.Popen(
+                    _command(
+                        data_dir,
+                        workdir,
+                        f"--coordinator_address={address}",
+                        "--num_processes=2",
+                        f"--process_id={index}",
+                        *extra,
+                    ),
+                    cwd=REPO,
+                    env=env,
+                    stdout=stdout,
+                    stderr=stderr,
+                )
+            )
     return processes
 
 
@@ -60,8 +80,10 @@ def _finish(processes: list[subprocess.Popen], workdir: Path) -> list[tuple[int,
         for process in processes:
             process.kill()
             process.wait()
-    return [(process.returncode, Path(f"{workdir}.{index}.out").read_text(),
-             Path(f"{workdir}.{index}.err").read_text()) for index, process in enumerate(processes)]
+    return [
+        (process.returncode, Path(f"{workdir}.{index}.out").read_text(), Path(f"{workdir}.{index}.err").read_text())
+        for index, process in enumerate(processes)
+    ]
 
 
 def _run_two_processes(data_dir: Path, workdir: Path) -> list[tuple[int, str, str]]:
@@ -105,8 +127,9 @@ def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(si
     for process in processes:
         process.send_signal(signal.SIGKILL)
     outputs = _finish(processes, workdir)
-    assert _has_steps(workdir / checkpoints.LATEST), "no checkpoint before a process ended or the timeout: " + \
-        " | ".join(stderr[-2000:] for _, _, stderr in outputs)
+    assert _has_steps(workdir / checkpoints.LATEST), (
+        "no checkpoint before a process ended or the timeout: " + " | ".join(stderr[-2000:] for _, _, stderr in outputs)
+    )
     killed_at, _ = _latest(workdir)
     reference_step, reference_weights = _latest(reference)
     assert killed_at < reference_step, "the kill must interrupt the run before its end"
@@ -118,8 +141,9 @@ def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(si
     # Gradients, BatchNorm statistics and mixup spanned both processes: the same weights as one process with
     # both devices (on this CPU to the last bit; the tolerance allows for other collectives' summation order).
     for name in ("params", "average_params", "batch_stats"):
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), weights[name],
-                     reference_weights[name])
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), weights[name], reference_weights[name]
+        )
     # Each process predicted its share of every evaluation batch with its own copy of the weights.
     report = json.loads((workdir / "report" / "test_report.json").read_text())
     reference_report = json.loads((reference / "report" / "test_report.json").read_text())
@@ -128,8 +152,11 @@ def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(si
         for figure, value in reference_report[name].items():
             assert report[name][figure] == pytest.approx(value, abs=1e-6), (name, figure)
         if name != "constant_predictor":
-            np.testing.assert_allclose(np.load(workdir / "report" / name / "test_predictions.npy"),
-                                       np.load(reference / "report" / name / "test_predictions.npy"), atol=1e-6)
+            np.testing.assert_allclose(
+                np.load(workdir / "report" / name / "test_predictions.npy"),
+                np.load(reference / "report" / name / "test_predictions.npy"),
+                atol=1e-6,
+            )
     # Process 0 alone reports, logs and writes; the other one says nothing unless something is wrong.
     assert "snapshot_ensemble_1" in stdout_0 and "test set" not in stdout_1
     assert "JAX process 1/2" in stderr_1 and "step 3:" not in stderr_1
@@ -142,8 +169,9 @@ def test_processes_started_with_different_configs_are_refused(prepared_data_dir,
     results = _finish(_start_two_processes(data_dir, workdir, ((), ("--config.model.rho=3",))), workdir)
     for returncode, _, stderr in results:
         assert returncode != 0
-        assert "2 processes were started with different configs: process 1 differs from process 0 in model.rho" \
-            in stderr, stderr[-3000:]
+        assert (
+            "2 processes were started with different configs: process 1 differs from process 0 in model.rho" in stderr
+        ), stderr[-3000:]
     assert not (workdir / "config.json").exists()
 
 
@@ -154,8 +182,13 @@ def test_a_partial_set_of_explicit_flags_or_no_cluster_is_refused_before_anythin
     assert jax.process_count() == 1
     # Detection outside any cluster, in a process whose backend is not started yet (as main.py's is not).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "KUBERNETES_", "JAX_COORD"))}
-    result = subprocess.run([sys.executable, "-c", "from emorf_jax import distributed; "
-                             "distributed.initialize(auto_detect=True)"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "-c", "from emorf_jax import distributed; distributed.initialize(auto_detect=True)"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode != 0
     assert "no SLURM, Open MPI, Cloud TPU or Kubernetes job was detected" in result.stderr, result.stderr[-3000:]

@@ -2,9 +2,9 @@
 
 import csv
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import librosa
 import numpy as np
@@ -25,8 +25,14 @@ def audio_folder(synthetic_tree, tmp_path_factory):
     stereo, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
     folder = tmp_path_factory.mktemp("my_music")
     for suffix, subtype, target_rate, channels in [
-        ("mp3", None, 44100, 2), ("mp3", None, 22050, 1), ("wav", "PCM_16", 48000, 2), ("wav", "FLOAT", 44100, 1),
-        ("flac", None, 48000, 1), ("flac", None, 22050, 2), ("ogg", None, 44100, 2), ("ogg", None, 48000, 1),
+        ("mp3", None, 44100, 2),
+        ("mp3", None, 22050, 1),
+        ("wav", "PCM_16", 48000, 2),
+        ("wav", "FLOAT", 44100, 1),
+        ("flac", None, 48000, 1),
+        ("flac", None, 22050, 2),
+        ("ogg", None, 44100, 2),
+        ("ogg", None, 48000, 1),
     ]:
         waveform = stereo if channels == 2 else stereo.mean(axis=1, keepdims=True)
         if target_rate != rate:
@@ -40,12 +46,18 @@ def audio_folder(synthetic_tree, tmp_path_factory):
 
 
 def _predict(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emorf_jax.predict", "--no_progress", *arguments], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "emorf_jax.predict", "--no_progress", *arguments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(audio_folder, random_checkpoints,
-                                                                                 tmp_path):
+def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(
+    audio_folder, random_checkpoints, tmp_path
+):
     output = tmp_path / "tags.csv"
     result = _predict(str(audio_folder), f"--checkpoint={random_checkpoints[0]}", f"--output={output}")
     assert result.returncode == 1, result.stderr
@@ -56,7 +68,7 @@ def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(a
     with output.open() as f:
         rows = list(csv.DictReader(f))
     tags = inference.load_tagger(random_checkpoints[0]).tags
-    assert list(rows[0])[:len(tags) + 1] == ["path", *tags]
+    assert list(rows[0])[: len(tags) + 1] == ["path", *tags]
     assert len(rows) == 8 and all(Path(row["path"]).parent.name == "nested" for row in rows)
     scores = {Path(row["path"]).name: np.array([float(row[tag]) for tag in tags]) for row in rows}
     reference = scores["song_44100_2ch.mp3"]
@@ -69,8 +81,11 @@ def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(a
 def test_an_ensemble_of_random_checkpoints_is_the_mean_of_each_alone(audio_folder, random_checkpoints, tmp_path):
     files = [str(audio_folder / "nested" / "song_44100_2ch.mp3"), str(audio_folder / "nested" / "song_48000_1ch.flac")]
     outputs = []
-    for checkpoint_arguments in ([f"--checkpoint={random_checkpoints[0]}"], [f"--checkpoint={random_checkpoints[1]}"],
-                                 [f"--checkpoint={c}" for c in random_checkpoints]):
+    for checkpoint_arguments in (
+        [f"--checkpoint={random_checkpoints[0]}"],
+        [f"--checkpoint={random_checkpoints[1]}"],
+        [f"--checkpoint={c}" for c in random_checkpoints],
+    ):
         output = tmp_path / f"out{len(outputs)}.json"
         assert _predict(*files, *checkpoint_arguments, f"--output={output}").returncode == 0
         outputs.append(json.loads(output.read_text()))
@@ -89,7 +104,7 @@ def test_tracks_of_any_length_run_in_a_few_batch_shapes_without_recompiling(rand
     long = features.waveform_features(np.tile(waveform, (20, 1)), rate, "long", settings)
     compiled = inference._jitted_logits._cache_size()
     for windows in range(1, 10):  # last groups of 1, 2, 3 and 4 windows
-        tagger.tag_spectrogram(long[:, :windows * tagger.window_frames])
+        tagger.tag_spectrogram(long[:, : windows * tagger.window_frames])
     assert inference._jitted_logits._cache_size() <= compiled + 3
     compiled = inference._jitted_logits._cache_size()
     logits, weights = tagger.window_logits(long)

@@ -10,8 +10,24 @@ from emorf_jax.models import CPResNet, receptive_field
 from tests.test_models import random_variables
 
 # The RF per ρ as the authors published it (docs/fidelity.md, "Model").
-PUBLISHED_RF = {0: 9, 1: 17, 2: 33, 3: 49, 4: 65, 5: 81, 6: 113, 7: 145, 8: 177, 9: 209, 10: 241, 11: 273,
-                12: 305, 13: 337, 14: 369, 15: 401}
+PUBLISHED_RF = {
+    0: 9,
+    1: 17,
+    2: 33,
+    3: 49,
+    4: 65,
+    5: 81,
+    6: 113,
+    7: 145,
+    8: 177,
+    9: 209,
+    10: 241,
+    11: 273,
+    12: 305,
+    13: 337,
+    14: 369,
+    15: 401,
+}
 
 
 @pytest.mark.parametrize("rho", sorted(PUBLISHED_RF))
@@ -71,8 +87,12 @@ def test_layer_table_rows():
 
 
 def test_cli_prints_table_and_both_rfs():
-    result = subprocess.run([sys.executable, "-m", "emorf_jax.models.receptive_field", "--max_rf", "100"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "emorf_jax.models.receptive_field", "--max_rf", "100"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["layer", "kernel", "stride", "jump", "RF"]
     assert lines[1].split() == ["in_c.0", "5", "2", "2", "5"]

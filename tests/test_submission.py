@@ -15,11 +15,14 @@ def test_a_submission_with_the_official_rows_is_written(tmp_path):
     assert np.load(tmp_path / "decisions.npy").dtype == bool
 
 
-@pytest.mark.parametrize("rows, message", [
-    (OFFICIAL[:2] + OFFICIAL[3:], r"1 official test tracks are missing \(track_0000003\)"),
-    (OFFICIAL + ["track_0000099"], r"1 rows are not official test tracks \(track_0000099\)"),
-    (OFFICIAL[::-1], "not in the test TSV's order"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (OFFICIAL[:2] + OFFICIAL[3:], r"1 official test tracks are missing \(track_0000003\)"),
+        (OFFICIAL + ["track_0000099"], r"1 rows are not official test tracks \(track_0000099\)"),
+        (OFFICIAL[::-1], "not in the test TSV's order"),
+    ],
+)
 def test_other_rows_are_refused_naming_the_tracks(tmp_path, rows, message):
     matrix = np.zeros((len(rows), 3))
     with pytest.raises(ValueError, match=message):

@@ -112,8 +112,10 @@ def test_duplicates_are_byte_identical_with_different_tags(tree):
     assert len(groups) == 2 and all(len(group) == 2 for group in groups)
     for original, copy in groups:
         assert set(original.tags) != set(copy.tags)
-    assert any({track.track_id for track in group} & set(train) and {track.track_id for track in group} & set(test)
-               for group in groups)
+    assert any(
+        {track.track_id for track in group} & set(train) and {track.track_id for track in group} & set(test)
+        for group in groups
+    )
 
 
 def spectral_centroid(signal: np.ndarray) -> float:
@@ -163,8 +165,23 @@ def test_tempo_rule_of_the_percussion_layer(fast, bpm_range):
 def test_same_seed_same_bytes_via_cli_with_two_workers(tmp_path):
     arguments = dict(num_tracks=12, seed=5, duration=2.0, long_tracks=0)
     synthetic.make_synthetic(tmp_path / "in_process", workers=1, **arguments)
-    command = [sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path / "cli"), "--tracks", "12",
-               "--seed", "5", "--duration", "2", "--long_tracks", "0", "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "data_prep.synthetic",
+        "--out",
+        str(tmp_path / "cli"),
+        "--tracks",
+        "12",
+        "--seed",
+        "5",
+        "--duration",
+        "2",
+        "--long_tracks",
+        "0",
+        "--workers",
+        "2",
+    ]
     subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=120)
     assert file_digests(tmp_path / "cli") == file_digests(tmp_path / "in_process")
     synthetic.make_synthetic(tmp_path / "other_seed", workers=1, **{**arguments, "seed": 6})

@@ -14,11 +14,14 @@ from tests import torch_reference  # noqa: E402  (imports torch itself)
 
 NUM_CLASSES, RHO, BASE, IN_CHANNELS = 5, 7, 8, 2  # ρ=7: 3x3 convs in stage 2 as well
 # Odd sizes, so that the stem's padding and the floor of every pool matter; content differs along both axes.
-INPUT = (np.random.default_rng(0).normal(size=(3, IN_CHANNELS, 45, 39))
-         + np.linspace(-1.0, 2.0, 45)[:, None] + np.linspace(0.0, 0.5, 39)).astype(np.float32)
+INPUT = (
+    np.random.default_rng(0).normal(size=(3, IN_CHANNELS, 45, 39))
+    + np.linspace(-1.0, 2.0, 45)[:, None]
+    + np.linspace(0.0, 0.5, 39)
+).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(frequency_aware):
     """A randomised PyTorch model (weights and running statistics), its state_dict and its eval logits."""
     model = torch_reference.TorchCPResNet(NUM_CLASSES, RHO, BASE, frequency_aware, in_channels=IN_CHANNELS)
@@ -83,7 +86,8 @@ def test_training_mode_batch_statistics_and_momentum_match_pytorch():
     with torch.no_grad():
         expected = trained(torch.from_numpy(INPUT)).numpy()
     logits, updates = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
-        variables, INPUT.transpose(0, 2, 3, 1))
+        variables, INPUT.transpose(0, 2, 3, 1)
+    )
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     updated = trained.state_dict()
     for path, mean in jax.tree_util.tree_leaves_with_path(updates["batch_stats"]):
@@ -122,8 +126,11 @@ def test_missing_unexpected_and_misshaped_keys_are_named():
     with pytest.raises(ValueError, match=r"does not use: stage1\.block1\.shortcut\.conv\.weight"):
         from_torch_state_dict(unexpected, model)
     misshaped = {**state_dict, "stage1.block2.conv1.weight": np.zeros((8, 8, 1, 1), np.float32)}
-    with pytest.raises(ValueError, match=r"'stage1\.block2\.conv1\.weight'\] has shape \(8, 8, 1, 1\), the model "
-                                         r"expects \(8, 8, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'stage1\.block2\.conv1\.weight'\] has shape \(8, 8, 1, 1\), the model "
+        r"expects \(8, 8, 3, 3\)",
+    ):
         from_torch_state_dict(misshaped, model)
     _, frequency_aware_state_dict, _ = _reference(True)
     with pytest.raises(ValueError, match=r"conv\d\.weight'\] has shape \(\d+, \d+, \d, \d\)"):

@@ -2,12 +2,12 @@
 
 import json
 import os
-from pathlib import Path
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import librosa
@@ -23,8 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _command(data_dir: Path, workdir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "emorf_jax.main", "--config=configs/faresnet.py:test",
-            f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "emorf_jax.main",
+        "--config=configs/faresnet.py:test",
+        f"--config.dataset.data_dir={data_dir}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def _test_config(data_dir: Path):
@@ -34,8 +41,9 @@ def _test_config(data_dir: Path):
 
 
 def _run(data_dir: Path, workdir: Path, *overrides: str) -> str:
-    result = subprocess.run(_command(data_dir, workdir, *overrides), cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        _command(data_dir, workdir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -80,15 +88,15 @@ def test_run_prints_the_test_report_and_saves_every_row(reference_run, synthetic
     assert tagged.stdout.startswith(f"{command[3]}\t")
 
 
-def test_the_demo_names_one_of_its_own_test_tracks_in_the_predict_command(random_checkpoints, synthetic_tree,
-                                                                         tmp_path):
+def test_the_demo_names_one_of_its_own_test_tracks_in_the_predict_command(random_checkpoints, synthetic_tree, tmp_path):
     from emorf_jax import main
 
     (tmp_path / "swa").symlink_to(random_checkpoints[0])  # a workdir laid out as the demo's
     (tmp_path / "synthetic").symlink_to(synthetic_tree)
     command = shlex.split(main.predict_command(faresnet.get_config("demo"), str(tmp_path)))
-    test_paths = {str(tmp_path / "synthetic" / "audio" / t.path)
-                  for t in metadata.read_split(synthetic_tree / "data", 0, "test")}
+    test_paths = {
+        str(tmp_path / "synthetic" / "audio" / t.path) for t in metadata.read_split(synthetic_tree / "data", 0, "test")
+    }
     assert command[3] in test_paths and Path(command[3]).is_file()
     assert command[4] == f"--checkpoint={tmp_path}/swa"
 
@@ -124,8 +132,7 @@ def test_tagging_a_tracks_audio_equals_its_evaluation_on_multi_chunk_tracks(refe
     assert prepared.parts["test"].frames.max() > 3 * prepared.chunk_frames
     # The same audio at 48 kHz (resampled by the tagger as data preparation would) scores about the same.
     at_48k = librosa.resample(waveform.T, orig_sr=sample_rate, target_sr=48000).T
-    np.testing.assert_allclose(list(tagger.tag_audio(at_48k, 48000).values()), list(probabilities.values()),
-                               atol=0.02)
+    np.testing.assert_allclose(list(tagger.tag_audio(at_48k, 48000).values()), list(probabilities.values()), atol=0.02)
 
 
 def _has_steps(directory: Path) -> bool:
@@ -215,8 +222,16 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
     lost = {part: metadata.read_split(root / "data", 0, part)[1] for part in ("validation", "test")}
     for track in lost.values():
         (root / "audio" / track.path).unlink()
-    build.build_dataset(root / "audio", root / "data", root / "prepared", "hop512", split_index=0, workers=2,
-                        progress=False, chunk_frames=160)
+    build.build_dataset(
+        root / "audio",
+        root / "data",
+        root / "prepared",
+        "hop512",
+        split_index=0,
+        workers=2,
+        progress=False,
+        chunk_frames=160,
+    )
     config = _test_config(root / "prepared")
     config.model.base_channels = 8
     config.model.rho = 3
@@ -233,7 +248,9 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
     with caplog.at_level("WARNING"):
         report = train.train_and_evaluate(config, str(workdir))
     for part, track in lost.items():
-        warning = next(r.getMessage() for r in caplog.records if f"{part} tracks are not in the prepared" in r.getMessage())
+        warning = next(
+            r.getMessage() for r in caplog.records if f"{part} tracks are not in the prepared" in r.getMessage()
+        )
         assert warning.startswith("1 of the") and "failures.tsv" in warning and track.track_id in warning
     official = metadata.read_split(root / "data", 0, "test")
     rows = (workdir / "report" / "test_track_ids.txt").read_text().split()
@@ -241,8 +258,13 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
     assert np.load(workdir / "report" / "final" / "test_predictions.npy").shape[0] == len(rows)
     assert not (workdir / "report" / "final" / "submission").exists()
     with pytest.raises(ValueError, match=f"1 official test tracks are missing \\({lost['test'].track_id}\\)"):
-        submission.write_submission(str(workdir / "submission"), np.zeros((len(rows), 9)),
-                                    np.zeros((len(rows), 9), bool), rows, [track.track_id for track in official])
+        submission.write_submission(
+            str(workdir / "submission"),
+            np.zeros((len(rows), 9)),
+            np.zeros((len(rows), 9), bool),
+            rows,
+            [track.track_id for track in official],
+        )
     positive_rate = report["constant_predictor"]["PR-AUC-macro"]
     assert report["final"]["PR-AUC-macro"] > positive_rate + 0.15, report
     assert report["final"]["ROC-AUC-macro"] > 0.6, report  # chance is 0.5; the test split has ~25 tracks
@@ -250,11 +272,19 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
 
 def test_compilation_cache_keeps_compiled_programs_in_the_workdir(tmp_path):
     """--compilation_cache_dir (relative: in the workdir) is where a run's compiled programs go."""
-    program = ("import sys, jax, jax.numpy as jnp; from emorf_jax import main; "
-               "main.use_compilation_cache('xla_cache', sys.argv[1]); jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))")
+    program = (
+        "import sys, jax, jax.numpy as jnp; from emorf_jax import main; "
+        "main.use_compilation_cache('xla_cache', sys.argv[1]); jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))"
+    )
     environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     environment["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    result = subprocess.run([sys.executable, "-c", program, str(tmp_path)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env=environment)
+    result = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert any((tmp_path / "xla_cache").iterdir())

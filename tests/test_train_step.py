@@ -2,12 +2,12 @@
 
 import functools
 
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import jax_utils
 
 from configs import faresnet
 from emorf_jax import input_pipeline, train, weight_averaging
@@ -20,12 +20,12 @@ FIELDS = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": 
 def _model_and_state(tx: optax.GradientTransformation, seed: int = 0):
     """A tiny FA-ResNet whose zero-initialised layers are perturbed, so that every layer gets gradients."""
     model = train.create_model(FIELDS, axis_name="batch")
-    state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(seed),
-                                (1, N_MELS, FRAMES, 1))
+    state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(seed), (1, N_MELS, FRAMES, 1))
     leaves, treedef = jax.tree.flatten(state.params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    params = jax.tree.unflatten(treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape)
-                                          for leaf, k in zip(leaves, keys)])
+    params = jax.tree.unflatten(
+        treedef, [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
+    )
     return model, state.replace(params=params, opt_state=tx.init(params), average_params=params)
 
 
@@ -38,8 +38,10 @@ def _batch(seed: int):
     rng = np.random.default_rng(seed)
     mean, std = NORMALISATION
     stored = rng.normal(size=(GLOBAL_BATCH, FRAMES, N_MELS)) * std + mean
-    return {"spectrogram": stored.astype(np.float16),
-            "labels": (rng.random((GLOBAL_BATCH, TAGS)) < 0.4).astype(np.float32)}
+    return {
+        "spectrogram": stored.astype(np.float16),
+        "labels": (rng.random((GLOBAL_BATCH, TAGS)) < 0.4).astype(np.float32),
+    }
 
 
 def _first_replica(tree):
@@ -56,15 +58,27 @@ def _run_steps(num_devices: int):
     """(initial state, final state, state after every step) of `_STEPS` pmapped steps on `num_devices`."""
     model, initial = _model_and_state(_TX)
     devices = jax.devices()[:num_devices]
-    step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.3, averaging=_SWA,
-                                      learning_rate=optax.constant_schedule(0.02), normalisation=NORMALISATION),
-                    axis_name="batch", devices=devices)
+    step = jax.pmap(
+        functools.partial(
+            train.train_step,
+            model=model,
+            tx=_TX,
+            mixup_alpha=0.3,
+            averaging=_SWA,
+            learning_rate=optax.constant_schedule(0.02),
+            normalisation=NORMALISATION,
+        ),
+        axis_name="batch",
+        devices=devices,
+    )
     state = jax_utils.replicate(initial, devices=devices)
     rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=devices)
     history = []
     for i in range(_STEPS):
-        batch = {k: v.reshape((num_devices, GLOBAL_BATCH // num_devices) + v.shape[1:])
-                 for k, v in _batch(seed=10 + i).items()}
+        batch = {
+            k: v.reshape((num_devices, GLOBAL_BATCH // num_devices) + v.shape[1:])
+            for k, v in _batch(seed=10 + i).items()
+        }
         state, _ = step(state, batch, rng)
         history.append(_first_replica(state))
     return initial, _first_replica(state), history
@@ -89,8 +103,11 @@ def test_two_devices_give_the_same_step_as_one_with_mixup_on(one_device_run, two
     # One step: equal to float precision (parameters, synchronised BatchNorm statistics, optimiser state).
     # (Over many steps rounding differences grow chaotically through 12 BatchNorms on such tiny maps.)
     for name in ("params", "batch_stats", "opt_state"):
-        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-                     getattr(one_history[0], name), getattr(two_history[0], name))
+        jax.tree.map(
+            functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+            getattr(one_history[0], name),
+            getattr(two_history[0], name),
+        )
 
 
 def test_swa_equals_the_mean_of_the_weights_it_averaged(two_device_run):
@@ -98,8 +115,7 @@ def test_swa_equals_the_mean_of_the_weights_it_averaged(two_device_run):
     averaged = [history[s - 1].params for s in (2, 4, 6)]  # after steps 2, 4 and 6
     expected = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *averaged)
     assert int(state.average_count) == 3
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), state.average_params,
-                 expected)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), state.average_params, expected)
     # It really is an average: it differs from the last weights.
     assert not np.allclose(jax.tree.leaves(state.average_params)[0], jax.tree.leaves(history[-1].params)[0])
 
@@ -124,8 +140,9 @@ def test_mixup_mixes_inputs_and_targets_with_the_same_lambda():
     own_weight = np.diag(np.asarray(mixed_targets))  # λ of each example (or 1 where it met itself)
     assert np.all(own_weight >= 0.5)
     np.testing.assert_allclose(np.asarray(mixed_targets).sum(axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(mixed_inputs)[:, 0, 0, 0], np.asarray(mixed_targets) @ np.arange(8.0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(mixed_inputs)[:, 0, 0, 0], np.asarray(mixed_targets) @ np.arange(8.0), rtol=1e-5
+    )
 
 
 def test_learning_rate_schedule_is_the_authors_per_epoch_rampdown():
@@ -162,9 +179,19 @@ def test_bfloat16_compute_steps_like_float32():
     losses, finals = {}, {}
     for half_precision in (False, True):
         model = train.create_model(FIELDS, half_precision=half_precision, axis_name="batch")
-        step = jax.pmap(functools.partial(train.train_step, model=model, tx=_TX, mixup_alpha=0.0, averaging=_SWA,
-                                          learning_rate=optax.constant_schedule(0.02), normalisation=NORMALISATION),
-                        axis_name="batch", devices=device)
+        step = jax.pmap(
+            functools.partial(
+                train.train_step,
+                model=model,
+                tx=_TX,
+                mixup_alpha=0.0,
+                averaging=_SWA,
+                learning_rate=optax.constant_schedule(0.02),
+                normalisation=NORMALISATION,
+            ),
+            axis_name="batch",
+            devices=device,
+        )
         state, step_metrics = step(jax_utils.replicate(initial, devices=device), batch, rng)
         losses[half_precision], finals[half_precision] = float(step_metrics["loss"][0]), _first_replica(state)
     assert {leaf.dtype for leaf in jax.tree.leaves(finals[True].params)} == {np.dtype(np.float32)}
@@ -173,21 +200,24 @@ def test_bfloat16_compute_steps_like_float32():
 
 
 def _relative_l2(tree, reference) -> float:
-    difference = sum(float(jnp.sum((a.astype(jnp.float32) - b) ** 2)) for a, b in
-                     zip(jax.tree.leaves(tree), jax.tree.leaves(reference)))
-    return (difference / sum(float(jnp.sum(b ** 2)) for b in jax.tree.leaves(reference))) ** 0.5
+    difference = sum(
+        float(jnp.sum((a.astype(jnp.float32) - b) ** 2))
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(reference))
+    )
+    return (difference / sum(float(jnp.sum(b**2)) for b in jax.tree.leaves(reference))) ** 0.5
 
 
 def test_bfloat16_gradients_equal_float32_within_bfloat16_rounding_with_running_statistics():
     """With BatchNorm on its running statistics, bfloat16 compute's loss gradient is float32's to within 5 % in
-    relative L2 (0.67 % measured here); a broken cast (a float16 or bfloat16 parameter, a low-precision sum) fails it."""
+    relative L2 (0.67 % measured here); a broken cast (a float16 or bfloat16 parameter, a low-precision sum) fails
+    it."""
     _, state = _model_and_state(_TX)
     batch = _batch(seed=11)
     gradients = {}
     for half_precision in (False, True):
         model = train.create_model(FIELDS, half_precision=half_precision)
 
-        def loss(params):
+        def loss(params, model=model):
             inputs = input_pipeline.model_input(batch["spectrogram"], *NORMALISATION)
             logits = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs)
             return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()

@@ -33,8 +33,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if in_channels != out_channels:
-            self.shortcut = nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_channels, out_channels, 1, bias=False), bn=nn.BatchNorm2d(out_channels)))
+            self.shortcut = nn.Sequential(
+                OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 1, bias=False), bn=nn.BatchNorm2d(out_channels))
+            )
 
     def _with_frequency(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, frequency_map(x)], dim=1) if self.frequency_aware else x
@@ -48,8 +49,11 @@ class Block(nn.Module):
 class TorchCPResNet(nn.Module):
     def __init__(self, num_classes: int, rho: int, base_channels: int, frequency_aware: bool, in_channels: int = 1):
         super().__init__()
-        self.in_c = nn.Sequential(nn.Conv2d(in_channels, base_channels, 5, stride=2, padding=1, bias=False),
-                                  nn.BatchNorm2d(base_channels), nn.ReLU())
+        self.in_c = nn.Sequential(
+            nn.Conv2d(in_channels, base_channels, 5, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(base_channels),
+            nn.ReLU(),
+        )
         kernels = dict(receptive_field.kernel_schedule(rho))
         channels = base_channels
         for stage in (1, 2, 3):
@@ -57,14 +61,14 @@ class TorchCPResNet(nn.Module):
             layers = OrderedDict()
             for block in (1, 2, 3, 4):
                 name = f"stage{stage}.block{block}"
-                layers[f"block{block}"] = Block(channels, width, kernels[f"{name}.conv1"], kernels[f"{name}.conv2"],
-                                                frequency_aware)
+                layers[f"block{block}"] = Block(
+                    channels, width, kernels[f"{name}.conv1"], kernels[f"{name}.conv2"], frequency_aware
+                )
                 channels = width
                 if (stage, block) in receptive_field.POOLED_BLOCKS:
                     layers[f"pool{block}"] = nn.MaxPool2d(2, 2)
             setattr(self, f"stage{stage}", nn.Sequential(layers))
-        self.feed_forward = nn.Sequential(nn.Conv2d(channels, num_classes, 1, bias=False),
-                                          nn.BatchNorm2d(num_classes))
+        self.feed_forward = nn.Sequential(nn.Conv2d(channels, num_classes, 1, bias=False), nn.BatchNorm2d(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage3(self.stage2(self.stage1(self.in_c(x))))
@@ -82,7 +86,7 @@ def randomise(model: nn.Module, seed: int) -> None:
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
                 fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * fan_in ** -0.5)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * fan_in**-0.5)
             elif isinstance(module, nn.BatchNorm2d):
                 module.weight.copy_(uniform(module.weight, 0.5, 1.5))
                 module.bias.copy_(uniform(module.bias, -0.5, 0.5))

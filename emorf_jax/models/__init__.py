@@ -7,8 +7,14 @@ from types import ModuleType
 from emorf_jax.models.cp_resnet import CPResNet, frequency_channel, shake_shake
 from emorf_jax.models.torch_import import from_torch_state_dict, load_torch_checkpoint
 
-__all__ = ["CPResNet", "frequency_channel", "from_torch_state_dict", "load_torch_checkpoint", "receptive_field",
-           "shake_shake"]
+__all__ = [
+    "CPResNet",
+    "frequency_channel",
+    "from_torch_state_dict",
+    "load_torch_checkpoint",
+    "receptive_field",
+    "shake_shake",
+]
 
 
 def __getattr__(name: str) -> ModuleType:

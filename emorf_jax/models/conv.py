@@ -1,4 +1,5 @@
-"""A drop-in `lax.conv_general_dilated` whose gradients are matrix products on CPU (docs/architecture.md, "Model").
+"""A drop-in `lax.conv_general_dilated` whose gradients are matrix products on CPU (docs/architecture.md,
+"Models").
 
 XLA:CPU computes a convolution's kernel gradient with a slow generic loop: on CP-ResNet's convs it took 4-5x the
 forward pass for a 3x3 kernel and 8x for a 1x1 (benchmarks/RESULTS.md), and no XLA flag changes that. On CPU,
@@ -23,8 +24,8 @@ import functools
 from collections.abc import Sequence
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -33,19 +34,40 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 BLOCK_ROWS = 1024
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
-                         padding: str | Sequence[tuple[int, int]], lhs_dilation: Sequence[int] | None = None,
-                         rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
-                         feature_group_count: int = 1, batch_group_count: int = 1, precision=None,
-                         preferred_element_type=None) -> jax.Array:
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
     """`lax.conv_general_dilated` with the same arguments and results; fast gradients on CPU (module docstring)."""
     xla = functools.partial(
-        lax.conv_general_dilated, window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type)
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
     undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if not (undilated and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
-            and _is_nhwc(lhs, rhs, dimension_numbers)):
+    if not (
+        undilated
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and _is_nhwc(lhs, rhs, dimension_numbers)
+    ):
         return xla(lhs, rhs)
     strides = (int(window_strides[0]), int(window_strides[1]))
     if isinstance(padding, str):
@@ -58,8 +80,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
 def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     if lhs.ndim != 4 or rhs.ndim != 4:
         return False
-    return (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    return lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, NHWC
+    )
 
 
 def _is_pointwise(w: jax.Array, strides: tuple[int, int], padding: Padding) -> bool:
@@ -95,8 +118,9 @@ def _conv_backward(strides, padding, precision, residuals, g):
 _conv.defvjp(_conv_forward, _conv_backward)
 
 
-def kernel_gradient(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
-                    padding: Padding, precision=None) -> jax.Array:
+def kernel_gradient(
+    x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int], padding: Padding, precision=None
+) -> jax.Array:
     """dL/dW (HWIO) of y = conv(x, W) for the output gradient g (NHWC), as matrix products (module docstring)."""
     kh, kw, c, o = kernel_shape
     (top, bottom), (left, right) = padding
@@ -107,8 +131,14 @@ def kernel_gradient(x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], str
         return _blocked_kernel_gradient(xp, g, kh, kw, precision).reshape(kh, kw, c, o).astype(x.dtype)
     # (batch, ho, wo, kh*kw, c) patches: memory kh*kw times the input's, cheap for the one-channel stem.
     sh, sw = strides
-    patches = jnp.stack([lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                                   (1, sh, sw, 1)) for i in range(kh) for j in range(kw)], axis=3)
+    patches = jnp.stack(
+        [
+            lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=3,
+    )
     return _dot(patches, g, 3, precision).reshape(kh, kw, c, o).astype(x.dtype)
 
 

@@ -1,4 +1,5 @@
-"""CP-ResNet, its frequency-aware (FA) variant and Shake-Shake FA-ResNet as Flax Linen modules (docs/fidelity.md, "Model").
+"""CP-ResNet, its frequency-aware (FA) variant and Shake-Shake FA-ResNet as Flax Linen modules
+(docs/fidelity.md, "Model").
 
 Inputs are NHWC: (batch, frequency, time, channels), row 0 of the frequency axis being the lowest mel bin.
 Module names follow the authors' PyTorch names (`in_c`, `stage1_block1`, `feed_forward`) so that importing their
@@ -90,7 +91,7 @@ def frequency_channel(x: jax.Array) -> jax.Array:
 class FrequencyAwareConv(nn.Module):
     """The authors' FA conv (x with the FA channel appended, a kernel of C+1 input channels) computed as the conv of
     x with the kernel's first C channels plus the conv of the FA channel with its last (docs/architecture.md,
-    "Model"). The values and the parameter are those of nn.Conv on the concatenated input, but the concatenated map
+    "Models"). The values and the parameter are those of nn.Conv on the concatenated input, but the concatenated map
     is never written and the constant channel gets no input gradient: on CPU at the paper's size the concatenations
     took 0.43 s of a 12 s step, and the largest conv's 129-channel input gradient 0.37 s more than a 128-channel
     one (benchmarks/RESULTS.md). The channel is convolved at full batch: a batch-1 conv broadcast over the batch
@@ -108,8 +109,12 @@ class FrequencyAwareConv(nn.Module):
         shape = (self.kernel_size, self.kernel_size, x.shape[-1] + 1, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        convolve = functools.partial(conv_function(self.fast_cpu_conv), window_strides=(1, 1),
-                                     padding=[(self.padding, self.padding)] * 2, dimension_numbers=conv.NHWC)
+        convolve = functools.partial(
+            conv_function(self.fast_cpu_conv),
+            window_strides=(1, 1),
+            padding=[(self.padding, self.padding)] * 2,
+            dimension_numbers=conv.NHWC,
+        )
         return convolve(x, kernel[:, :, :-1]) + convolve(frequency_channel(x), kernel[:, :, -1:])
 
 
@@ -125,7 +130,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 def _pool_windows(x: jax.Array) -> jax.Array:
     """(batch, rows/2, 2, columns/2, 2, channels): the 2x2 windows of x."""
     n, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
 
 
 def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -165,8 +170,14 @@ def shake_shake(branch1: jax.Array, branch2: jax.Array, alpha: jax.Array, beta: 
 
 def batch_norm(owner: nn.Module, train: bool, name: str) -> nn.BatchNorm:
     """PyTorch-style BatchNorm (eps 1e-5) with the owner's momentum, sync axis and compute dtype."""
-    return nn.BatchNorm(use_running_average=not train, momentum=owner.bn_momentum, epsilon=BN_EPSILON,
-                        axis_name=owner.bn_axis_name, dtype=owner.dtype, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=owner.bn_momentum,
+        epsilon=BN_EPSILON,
+        axis_name=owner.bn_axis_name,
+        dtype=owner.dtype,
+        name=name,
+    )
 
 
 class BasicBlock(nn.Module):
@@ -184,8 +195,9 @@ class BasicBlock(nn.Module):
 
     def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
         padding = kernel // 3  # the authors' padding: 1 for 3x3, 0 for 1x1
-        return conv_layer(self.fast_cpu_conv)(features, (kernel, kernel), padding=[(padding, padding)] * 2,
-                                              kernel_init=init, dtype=self.dtype, name=name)
+        return conv_layer(self.fast_cpu_conv)(
+            features, (kernel, kernel), padding=[(padding, padding)] * 2, kernel_init=init, dtype=self.dtype, name=name
+        )
 
     def _block_conv(self, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
         """A branch conv: with the FA channel as its last input when frequency-aware."""
@@ -244,24 +256,39 @@ class CPResNet(nn.Module):
         x = x.astype(self.dtype)
         pad = [(STEM_PADDING, STEM_PADDING)] * 2
         make_conv = conv_layer(self.fast_cpu_conv)
-        x = make_conv(self.base_channels, (STEM_KERNEL,) * 2, strides=STEM_STRIDE, padding=pad,
-                      kernel_init=kaiming_fan_in, dtype=self.dtype, name="in_c_conv")(x)
+        x = make_conv(
+            self.base_channels,
+            (STEM_KERNEL,) * 2,
+            strides=STEM_STRIDE,
+            padding=pad,
+            kernel_init=kaiming_fan_in,
+            dtype=self.dtype,
+            name="in_c_conv",
+        )(x)
         x = nn.relu(batch_norm(self, train, "in_c_bn")(x))
 
         kernels = dict(kernel_schedule(self.rho))
         blocks = block_names()
         for stage, block in blocks:
             prefix = f"stage{stage}.block{block}"
-            x = BasicBlock(features=self.base_channels * 2 ** (stage - 1),
-                           kernels=(kernels[f"{prefix}.conv1"], kernels[f"{prefix}.conv2"]), num_blocks=len(blocks),
-                           frequency_aware=self.frequency_aware, shake_shake=self.shake_shake,
-                           bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum, dtype=self.dtype,
-                           fast_cpu_conv=self.fast_cpu_conv, name=f"stage{stage}_block{block}")(x, train)
+            x = BasicBlock(
+                features=self.base_channels * 2 ** (stage - 1),
+                kernels=(kernels[f"{prefix}.conv1"], kernels[f"{prefix}.conv2"]),
+                num_blocks=len(blocks),
+                frequency_aware=self.frequency_aware,
+                shake_shake=self.shake_shake,
+                bn_axis_name=self.bn_axis_name,
+                bn_momentum=self.bn_momentum,
+                dtype=self.dtype,
+                fast_cpu_conv=self.fast_cpu_conv,
+                name=f"stage{stage}_block{block}",
+            )(x, train)
             if (stage, block) in POOLED_BLOCKS:
                 x = max_pool_2x2(x)
 
-        x = make_conv(self.num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                      name="feed_forward_conv")(x)
+        x = make_conv(
+            self.num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="feed_forward_conv"
+        )(x)
         x = batch_norm(self, train, "feed_forward_bn")(x)
         self.sow("intermediates", "feature_map", x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -278,5 +305,7 @@ def check_input(x: jax.Array) -> None:
     check_nhwc(x, "CPResNet")
     for axis, name in ((1, "frequency"), (2, "time")):
         if x.shape[axis] < MIN_INPUT_SIZE:
-            raise ValueError(f"CPResNet input {name} size {x.shape[axis]} (axis {axis} of {x.shape}) is below the "
-                             f"minimum {MIN_INPUT_SIZE}")
+            raise ValueError(
+                f"CPResNet input {name} size {x.shape[axis]} (axis {axis} of {x.shape}) is below the "
+                f"minimum {MIN_INPUT_SIZE}"
+            )

@@ -41,8 +41,9 @@ class CRNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_nhwc(x, "CRNN")
-        x = conv_elu_blocks(self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS,
-                            dropout=self.conv_dropout)
+        x = conv_elu_blocks(
+            self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS, dropout=self.conv_dropout
+        )
         batch, rows, steps, channels = x.shape
         sequence = jnp.transpose(x, (0, 2, 1, 3)).reshape(batch, steps, rows * channels)
         for index in (1, 2):

@@ -20,8 +20,20 @@ import numpy as np
 
 from emorf_jax.models.cp_resnet import MAX_RHO, POOLED_BLOCKS, STEM_KERNEL, STEM_STRIDE, block_names, kernel_schedule
 
-__all__ = ["Layer", "MAX_RHO", "POOLED_BLOCKS", "block_names", "effective_receptive_field", "exact_rf", "format_table",
-           "kernel_schedule", "layer_table", "main", "published_rf", "rho_for_max_rf"]
+__all__ = [
+    "Layer",
+    "MAX_RHO",
+    "POOLED_BLOCKS",
+    "block_names",
+    "effective_receptive_field",
+    "exact_rf",
+    "format_table",
+    "kernel_schedule",
+    "layer_table",
+    "main",
+    "published_rf",
+    "rho_for_max_rf",
+]
 
 
 class Layer(NamedTuple):
@@ -90,8 +102,7 @@ def rho_for_max_rf(max_rf: int, kind: str = "published") -> int:
     return max(fitting, key=rf_of)
 
 
-def effective_receptive_field(model: Any, variables: Any, input_shape: Sequence[int], *, seed: int = 0
-                              ) -> np.ndarray:
+def effective_receptive_field(model: Any, variables: Any, input_shape: Sequence[int], *, seed: int = 0) -> np.ndarray:
     """|d output / d input| (frequency x time) of the centre unit of the last conv map (Luo et al. 2016), summed
     over the batch, the input channels and the tags, for random normal inputs of `input_shape` (NHWC).
 
@@ -115,11 +126,14 @@ def effective_receptive_field(model: Any, variables: Any, input_shape: Sequence[
 def format_table(rho: int) -> str:
     """The per-layer table and both RFs, as printed by the command line."""
     header = f"{'layer':<22}{'kernel':>7}{'stride':>7}{'jump':>6}{'RF':>6}"
-    rows = [f"{layer.name:<22}{layer.kernel:>7}{layer.stride:>7}{layer.jump:>6}{layer.rf:>6}"
-            for layer in layer_table(rho)]
-    footer = [f"rho = {rho}",
-              f"published RF (the authors' formula): {published_rf(rho)}",
-              f"exact RF (layer by layer): {exact_rf(rho)}"]
+    rows = [
+        f"{layer.name:<22}{layer.kernel:>7}{layer.stride:>7}{layer.jump:>6}{layer.rf:>6}" for layer in layer_table(rho)
+    ]
+    footer = [
+        f"rho = {rho}",
+        f"published RF (the authors' formula): {published_rf(rho)}",
+        f"exact RF (layer by layer): {exact_rf(rho)}",
+    ]
     return "\n".join([header, *rows, *footer])
 
 
@@ -128,8 +142,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     choice = parser.add_mutually_exclusive_group(required=True)
     choice.add_argument("--rho", type=int, help=f"0..{MAX_RHO}")
     choice.add_argument("--max_rf", type=int, help="pick the rho with the largest RF not above this")
-    parser.add_argument("--kind", choices=sorted(_RF_KINDS), default="published",
-                        help="which RF --max_rf refers to (default: published)")
+    parser.add_argument(
+        "--kind",
+        choices=sorted(_RF_KINDS),
+        default="published",
+        help="which RF --max_rf refers to (default: published)",
+    )
     args = parser.parse_args(argv)
     try:
         rho = args.rho if args.max_rf is None else rho_for_max_rf(args.max_rf, args.kind)

@@ -7,8 +7,8 @@ baselines existed) describe a CP-ResNet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,12 +22,19 @@ DEFAULT_MODEL = "cp_resnet"
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cp_resnet": CPResNet,
     "vggish": VGGish,
-    **{name: functools.partial(ResNet, stage_sizes=STAGE_SIZES[name], bottleneck=BOTTLENECK[name])
-       for name in STAGE_SIZES},
+    **{
+        name: functools.partial(ResNet, stage_sizes=STAGE_SIZES[name], bottleneck=BOTTLENECK[name])
+        for name in STAGE_SIZES
+    },
     "crnn": CRNN,
 }
-DISPLAY_NAMES = {"vggish": "VGG-ish (organisers' baseline)", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
-                 "resnet50": "ResNet-50", "crnn": "CRNN"}
+DISPLAY_NAMES = {
+    "vggish": "VGG-ish (organisers' baseline)",
+    "resnet18": "ResNet-18",
+    "resnet34": "ResNet-34",
+    "resnet50": "ResNet-50",
+    "crnn": "CRNN",
+}
 
 
 def model_name(fields: Mapping[str, Any]) -> str:
@@ -47,8 +54,13 @@ def describe(fields: Mapping[str, Any]) -> str:
     """One line naming the model and its fields, e.g. for a model card."""
     name = model_name(fields)
     if name == "cp_resnet":
-        kind = ("Shake-Shake FA-ResNet" if fields["shake_shake"] else "FA-ResNet" if fields["frequency_aware"]
-                else "CP-ResNet")
+        kind = (
+            "Shake-Shake FA-ResNet"
+            if fields["shake_shake"]
+            else "FA-ResNet"
+            if fields["frequency_aware"]
+            else "CP-ResNet"
+        )
         return f"{kind}, rho={fields['rho']}, base_channels={fields['base_channels']}, {fields['num_classes']} tags"
     settings = ", ".join(f"{key}={value}" for key, value in fields.items() if key not in ("name", "num_classes"))
     return f"{DISPLAY_NAMES[name]}, {settings}, {fields['num_classes']} tags"

@@ -37,8 +37,16 @@ class ResidualBlock(nn.Module):
 
     def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
         pad = kernel // 2
-        return nn.Conv(features, (kernel, kernel), strides=strides, padding=[(pad, pad)] * 2, use_bias=False,
-                       kernel_init=conv_init, dtype=self.dtype, name=name)
+        return nn.Conv(
+            features,
+            (kernel, kernel),
+            strides=strides,
+            padding=[(pad, pad)] * 2,
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -54,7 +62,8 @@ class ResidualBlock(nn.Module):
         shortcut = x
         if x.shape[-1] != y.shape[-1] or self.strides != 1:
             shortcut = batch_norm(self, train, "shortcut_bn")(
-                self._conv(y.shape[-1], 1, self.strides, "shortcut_conv")(x))
+                self._conv(y.shape[-1], 1, self.strides, "shortcut_conv")(x)
+            )
         return nn.relu(shortcut + y)
 
 
@@ -75,15 +84,28 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_nhwc(x, "ResNet")
-        x = nn.Conv(self.base_channels, (7, 7), strides=2, padding=[(3, 3), (3, 3)], use_bias=False,
-                    kernel_init=conv_init, dtype=self.dtype, name="stem_conv")(x.astype(self.dtype))
+        x = nn.Conv(
+            self.base_channels,
+            (7, 7),
+            strides=2,
+            padding=[(3, 3), (3, 3)],
+            use_bias=False,
+            kernel_init=conv_init,
+            dtype=self.dtype,
+            name="stem_conv",
+        )(x.astype(self.dtype))
         x = nn.relu(batch_norm(self, train, "stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
-                x = ResidualBlock(features=self.base_channels * 2 ** stage,
-                                  strides=2 if stage > 0 and block == 0 else 1, bottleneck=self.bottleneck,
-                                  bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum, dtype=self.dtype,
-                                  name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                x = ResidualBlock(
+                    features=self.base_channels * 2**stage,
+                    strides=2 if stage > 0 and block == 0 else 1,
+                    bottleneck=self.bottleneck,
+                    bn_axis_name=self.bn_axis_name,
+                    bn_momentum=self.bn_momentum,
+                    dtype=self.dtype,
+                    name=f"stage{stage + 1}_block{block + 1}",
+                )(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)

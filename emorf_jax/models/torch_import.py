@@ -19,8 +19,14 @@ from flax import traverse_util
 from emorf_jax.models.cp_resnet import CPResNet
 
 # Flax module name -> the authors' module path; the block modules "stageS_blockB" become "stageS.blockB".
-_MODULE_NAMES = {"in_c_conv": "in_c.0", "in_c_bn": "in_c.1", "feed_forward_conv": "feed_forward.0",
-                 "feed_forward_bn": "feed_forward.1", "shortcut_conv": "shortcut.conv", "shortcut_bn": "shortcut.bn"}
+_MODULE_NAMES = {
+    "in_c_conv": "in_c.0",
+    "in_c_bn": "in_c.1",
+    "feed_forward_conv": "feed_forward.0",
+    "feed_forward_bn": "feed_forward.1",
+    "shortcut_conv": "shortcut.conv",
+    "shortcut_bn": "shortcut.bn",
+}
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _IGNORED_SUFFIX = "num_batches_tracked"
 _TORCH_TO_FLAX_KERNEL = (2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
@@ -75,8 +81,11 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: CPResNet) -> dic
             raise ValueError(f"state_dict lacks {len(missing)} key(s) the model needs: {', '.join(missing)}")
         given -= set(names.values())
         variables[collection] = traverse_util.unflatten_dict(
-            {path: jnp.asarray(_convert(names[path], state_dict[names[path]], leaf.shape))
-             for path, leaf in flat.items()})
+            {
+                path: jnp.asarray(_convert(names[path], state_dict[names[path]], leaf.shape))
+                for path, leaf in flat.items()
+            }
+        )
     if given:
         raise ValueError(f"state_dict has {len(given)} key(s) the model does not use: {', '.join(sorted(given))}")
     return variables

@@ -32,8 +32,14 @@ def clipped_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
     return nn.max_pool(x, window, strides=window, padding="VALID")
 
 
-def conv_elu_blocks(owner: nn.Module, x: jax.Array, train: bool, widths: tuple[int, ...],
-                    pools: tuple[tuple[int, int], ...], dropout: float = 0.0) -> jax.Array:
+def conv_elu_blocks(
+    owner: nn.Module,
+    x: jax.Array,
+    train: bool,
+    widths: tuple[int, ...],
+    pools: tuple[tuple[int, int], ...],
+    dropout: float = 0.0,
+) -> jax.Array:
     """The input BatchNorm, then per block a 3x3 conv (padding 1, with bias) - BatchNorm - ELU - clipped max-pool
     (- dropout): the convolutional part that VGG-ish and the CRNN share, built inside `owner`'s compact call."""
     x = batch_norm(owner, train, "bn_init")(x.astype(owner.dtype))
