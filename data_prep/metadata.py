@@ -98,6 +98,11 @@ def _lines(path: Path) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
+def short_tag_name(tag: str) -> str:
+    """The name of a tag without its category ("mood/theme---calm" -> "calm"), for tables and plots."""
+    return tag.rpartition(TAG_SEPARATOR)[2]
+
+
 def _parse_tag(tag: str, where: str) -> str:
     category, separator, name = tag.partition(TAG_SEPARATOR)
     if not (category and separator and name) or tag != tag.strip():

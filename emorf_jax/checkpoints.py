@@ -13,6 +13,7 @@ Layout of a workdir:
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -92,6 +93,20 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         weights, meta = restore(manager, step)
     variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}
     return jax.tree.map(jax.numpy.asarray, variables), meta
+
+
+# What every member of an average must share: averaged outputs of other tags, features or input statistics would be
+# meaningless.
+SHARED_META_KEYS = ("tags", "features", "normalisation")
+
+
+def check_compatible(metas: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Raises ValueError unless the (path, meta) checkpoints share tags, features and normalisation."""
+    first_path, first = metas[0]
+    for path, meta in metas[1:]:
+        for key in SHARED_META_KEYS:
+            if meta[key] != first[key]:
+                raise ValueError(f"{path} has other {key} than {first_path}: their outputs cannot be averaged")
 
 
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
