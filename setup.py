@@ -12,6 +12,8 @@ setuptools.setup(
     ),
     long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["emorf_jax", "emorf_jax.*", "data_prep", "data_prep.*"]),
     install_requires=[
@@ -33,6 +35,7 @@ setuptools.setup(
         "scikit-learn>=1.3",
         "scipy>=1.10",
         "tqdm>=4.66",
+        "threadpoolctl>=3.1",  # one BLAS/FFT thread per extraction worker
         "matplotlib>=3.8",
     ],
     extras_require={
@@ -45,6 +48,8 @@ setuptools.setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",
+            # Lint and format check (.ci/run); capped at a minor release, whose formatting style is stable.
+            "ruff>=0.17,<0.18",
             # Execute notebooks/ top to bottom in a real kernel (tests/test_notebook.py).
             "nbclient>=0.9",
             "nbformat>=5.9",

@@ -38,9 +38,10 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 from tensorflow_datasets.core.utils import shard_utils  # noqa: E402
 
+from benchmarks import reference_data  # noqa: E402
 from data_prep import metadata  # noqa: E402
 
-METADATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "mtg-jamendo" / "data"
+METADATA_DIR = reference_data.MTG_JAMENDO_METADATA
 SAMPLE_RATE = 44100
 HOP = 512
 N_MELS = 256
@@ -48,7 +49,7 @@ NUM_TAGS = 56
 CHUNK_FRAMES = 1722  # 20 s, data_prep.features.FeatureSettings.chunk_frames
 BATCH = 16
 SHUFFLE_BUFFER = 2000  # the old configs/default.py input.shuffle_buffer
-INTERLEAVE_CYCLE = 16  # the old data_prep.builder.TRAINING_INTERLEAVE
+INTERLEAVE_CYCLE = 16  # the old shard writer's TRAINING_INTERLEAVE (then data_prep.builder)
 INTERLEAVE_BLOCK = tfds.ReadConfig().interleave_block_length  # TFDS default (16), the old code did not set it
 NEW_EPOCHS = 3
 QUICK_ROWS = 2000
@@ -59,7 +60,7 @@ def track_frames(duration: float) -> int:
 
 
 def example_overhead() -> int:
-    """Serialised bytes of one old chunk example beyond its spectrogram bytes (feature spec of the old builder)."""
+    """Serialised bytes of one old chunk example beyond its spectrogram bytes (feature spec of the old shard writer)."""
     features = tfds.features.FeaturesDict(
         {
             "spectrogram": tfds.features.Tensor(
@@ -136,7 +137,11 @@ def batch_stats(tracks: np.ndarray, artist_of: np.ndarray) -> tuple[float, float
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.batch_correlation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help=f"only the first {QUICK_ROWS} training rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--metadata_dir", type=Path, default=METADATA_DIR, help="MTG-Jamendo's data/ folder")

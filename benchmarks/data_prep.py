@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import threadpoolctl
 
-from data_prep import build, features, metadata, synthetic
+from data_prep import features, metadata, preparation, synthetic
 
 
 def _pss_bytes(pid: int) -> int:
@@ -101,17 +101,20 @@ def _write_npy_inputs(tree: Path, out: Path) -> None:
         np.save(target, rng.normal(-40, 15, size=(settings.n_mels, frames)).astype(np.float32))
 
 
-def _timed_build(input_dir: Path, tree: Path, data_dir: Path, config_name: str, workers: int) -> dict:
+def _timed_build(input_dir: Path, tree: Path, data_dir: Path, feature_setting: str, workers: int) -> dict:
     audio_seconds = sum(track.duration for track in _split_tracks(tree))
     cpu_before = os.times()
     with PeakMemory(os.getpid()) as memory:
         start = time.perf_counter()
-        summary = build.build_dataset(input_dir, tree / "data", data_dir, config_name, workers=workers, progress=False)
+        options = preparation.BuildOptions(
+            input_dir, tree / "data", data_dir, features=feature_setting, workers=workers, progress=False
+        )
+        summary = preparation.build_dataset(options)
         wall = time.perf_counter() - start
     cpu = _cpu_seconds(os.times()) - _cpu_seconds(cpu_before)
     assert not summary.failures, summary
     return {
-        "config": config_name,
+        "features": feature_setting,
         "tracks": sum(summary.tracks.values()),
         "audio_seconds": round(audio_seconds, 1),
         "wall_seconds": round(wall, 2),
@@ -164,7 +167,9 @@ def _librosa_pipeline(path: Path) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tracks", type=int, default=24, help="tracks in the synthetic tree")
     parser.add_argument("--duration", type=float, default=120.0, help="typical track length in seconds")
     parser.add_argument("--workers", type=int, default=2)
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out / stale, ignore_errors=True)
 
     start = time.perf_counter()
-    import data_prep.builder  # noqa: F401  (TensorFlow: a fixed start-up cost, reported apart)
+    import data_prep.shard_writer  # noqa: F401  (TensorFlow: a fixed start-up cost, reported apart)
 
     results = {
         "tensorflow_import_seconds": round(time.perf_counter() - start, 1),

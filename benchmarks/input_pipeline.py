@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import jax_utils
 
-from data_prep import build, layout, synthetic
+from data_prep import layout, preparation, synthetic
 from data_prep.reader import FrameReader, PreparedDataset, load_prepared
 from emorf_jax import input_pipeline
 
@@ -52,8 +52,15 @@ def prepare(out: Path, tracks: int, duration: float, workers: int) -> Path:
     if not layout.is_prepared(data_dir, "hop512", 0):
         if not (out / "tree" / "audio").is_dir():
             synthetic.make_synthetic(out / "tree", num_tracks=tracks, seed=0, duration=duration, workers=workers)
-        build.build_dataset(
-            out / "tree" / "audio", out / "tree" / "data", data_dir, "hop512", workers=workers, progress=False
+        preparation.build_dataset(
+            preparation.BuildOptions(
+                out / "tree" / "audio",
+                out / "tree" / "data",
+                data_dir,
+                features="hop512",
+                workers=workers,
+                progress=False,
+            )
         )
     return data_dir
 
@@ -174,7 +181,11 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.input_pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="/tmp/bench_input_pipeline", help="where the synthetic data is kept")
     parser.add_argument("--tracks", type=int, default=24)
     parser.add_argument("--duration", type=float, default=210.0, help="median track length in seconds")

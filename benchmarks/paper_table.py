@@ -9,10 +9,10 @@ then trains every row with `train.train_and_evaluate` from its own config (`conf
 with `--quick`): VGG-ish on the organisers' essentia96 format (`.npy` files made from the synthetic MP3s by
 `data_prep.essentia_like`, librosa's mels in Essentia's format) and on our hop512 features, ResNet-34 and CRNN
 (hop1536), CP-ResNet, FA-ResNet, Shake-Shake FA-ResNet; the average ensemble is the recipe of
-`configs/avg_ensemble.py` (`emorf_jax.ensemble_recipe`), whose FA and Shake-Shake members include those two rows;
+`configs/avg_ensemble.py` (`emorf_jax/ensemble_training.py`), whose FA and Shake-Shake members include those two rows;
 the popularity baseline predicts the most frequent synthetic training tag. Each row reports its SWA model's
 whole-track test PR-AUC and ROC-AUC (macro). The published figures are the official results on the REAL test set
-(4,231 tracks, 56 tags, `../shared/mediaeval2019/`): the two columns are not comparable in value, only in order.
+(4,231 tracks, 56 tags, from `benchmarks/reference_data.py`): the two columns are not comparable in value, only in order.
 Finished rows are not trained again when the command is repeated with the same `--out`. Writes
 `<out>/paper_table.json` and `<out>/paper_table.md`.
 """
@@ -31,12 +31,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import ml_collections
 
+from benchmarks import reference_data
 from configs import avg_ensemble, default
+from data_prep import metadata
 from data_prep.reader import load_prepared
-from emorf_jax import ensemble_recipe, evaluate, main, metrics, train
+from emorf_jax import baselines, demo, ensemble_training, metrics, report
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLISHED = REPO.parent / "shared" / "mediaeval2019"
+PUBLISHED = reference_data.MEDIAEVAL2019
 QUICK_TRACKS = 24  # the tests' synthetic set
 FIGURES = ("PR-AUC-macro", "ROC-AUC-macro")
 
@@ -88,19 +90,17 @@ def row_config(name: str, variant: str, data_dir: str, quick: bool) -> ml_collec
 
 def trained_row(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, float]:
     """Trains one row unless it is finished; its SWA model's test figures."""
-    if not ensemble_recipe.is_finished(workdir):
-        main.prepare_synthetic_data(config, out)
-        train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "report", "test_report.json")) as f:
-        report = json.load(f)
-    return report["swa"] if "swa" in report else report["final"]
+    ensemble_training.train_unless_finished(config, workdir, out)
+    with open(os.path.join(workdir, report.RUN_REPORT_DIR, report.RUN_SUMMARY)) as f:
+        summary = json.load(f)
+    return summary["swa"] if "swa" in summary else summary["final"]
 
 
 def popularity_row(out: str, data_dir: str) -> dict[str, float]:
     metadata_dir = os.path.join(out, "synthetic", "data")
-    test_labels = evaluate.split_labels(metadata_dir, 0, "test")
-    predictions, decisions = evaluate.popularity_baseline(
-        evaluate.split_labels(metadata_dir, 0, "train"), len(test_labels)
+    test_labels = metadata.split_labels(metadata_dir, 0, "test")
+    predictions, decisions = baselines.popularity_baseline(
+        metadata.split_labels(metadata_dir, 0, "train"), len(test_labels)
     )
     prepared = load_prepared(data_dir, "hop512", 0)  # the same test tracks as every trained row
     if tuple(prepared.tsv_track_ids["test"]) != tuple(prepared.parts["test"].track_ids):
@@ -114,13 +114,13 @@ def run_table(out: str, quick: bool, rows: tuple[Row, ...] = ROWS) -> list[dict]
     recipe = avg_ensemble.get_config(variant)
     members = {name: (rho, seed) for name, rho, seed in reversed(recipe.members)}  # each kind's first member
     start = time.monotonic()
-    main.prepare_synthetic_data(row_config("cp_resnet", variant, data_dir, quick), out)  # the hop512 shards
+    demo.prepare_synthetic_data(row_config("cp_resnet", variant, data_dir, quick), out)  # the hop512 shards
     print(f"synthetic data and hop512 shards: {time.monotonic() - start:.0f} s", flush=True)
     results = []
     for row in rows:
         start = time.monotonic()
         if row.config == "avg_ensemble":
-            ours = ensemble_recipe.run(recipe, out, data_dir)
+            ours = ensemble_training.run(recipe, out, data_dir)
         elif row.config == "popularity":
             ours = popularity_row(out, data_dir)
         else:
@@ -128,7 +128,7 @@ def run_table(out: str, quick: bool, rows: tuple[Row, ...] = ROWS) -> list[dict]
             workdir = os.path.join(out, "rows", row.config)
             if row.config in members:  # the ensemble's member of this kind: trained once for both
                 config.model.rho, config.seed = members[row.config]
-                workdir = ensemble_recipe.member_workdir(out, row.config, *members[row.config])
+                workdir = ensemble_training.member_workdir(out, row.config, *members[row.config])
             ours = trained_row(config, workdir, out)
         results.append(
             {
@@ -171,7 +171,11 @@ def format_table(results: list[dict], quick: bool, seconds: float) -> str:
 
 
 def main_cli(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.paper_table", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.paper_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", default="runs/paper_table", help="data, every row's run and the table")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (configs :test, 24 tracks), for CI")
     parser.add_argument(

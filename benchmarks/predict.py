@@ -5,7 +5,7 @@
 
 Writes a synthetic stereo MP3 (`data_prep.synthetic`'s melody and percussion, 44.1 kHz), then times, as
 `emorf_jax.predict` tags a file: decoding (libsndfile), features (data preparation's own code, hop512) and the
-models over the track's 20-s evaluation windows (`inference.Tagger`, windows in batches of 8, the last one padded
+models over the track's 20-s evaluation windows (`emorf_jax.tagger`, windows in batches of 8, the last one padded
 to a power of two), for 1 and for `--models` randomly initialised models (weights do not change the cost). The
 batch shapes the track runs in are compiled before timing, reported apart (with one run of those windows), as are
 the features' one-off costs of a first call. Prints seconds per stage and the real-time factor (audio seconds per
@@ -25,8 +25,9 @@ import jax
 import numpy as np
 
 from data_prep import features, synthetic
-from emorf_jax import inference, predict
+from emorf_jax import input_pipeline
 from emorf_jax.models import CPResNet
+from emorf_jax.tagger import Member, Tagger
 
 NUM_TAGS = 56
 
@@ -38,7 +39,8 @@ def write_track(path: Path, seconds: float) -> None:
     synthetic.write_mp3(path, np.stack([mono, np.roll(mono, 441)], axis=1).astype(np.float32))
 
 
-def random_taggers(count: int, base_channels: int, window_frames: int) -> list[inference.Tagger]:
+def random_tagger(count: int, base_channels: int, window_frames: int) -> Tagger:
+    """`count` randomly initialised members: weights do not change the cost."""
     settings = features.settings_for("hop512")
     meta = {
         "tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)],
@@ -48,15 +50,17 @@ def random_taggers(count: int, base_channels: int, window_frames: int) -> list[i
     }
     model = CPResNet(num_classes=NUM_TAGS, rho=5, base_channels=base_channels, frequency_aware=True)
     shape = (1, settings.n_mels, window_frames, 1)
-    return [
-        inference.Tagger(model, model.init(jax.random.PRNGKey(seed), np.zeros(shape, np.float32)), meta)
-        for seed in range(count)
-    ]
+    return Tagger(
+        tuple(
+            Member(model, model.init(jax.random.PRNGKey(seed), np.zeros(shape, np.float32)), meta)
+            for seed in range(count)
+        )
+    )
 
 
-def measure(path: Path, taggers: list[inference.Tagger], models: int) -> dict:
+def measure(path: Path, tagger: Tagger) -> dict:
     data = path.read_bytes()
-    settings = features.FeatureSettings(**taggers[0].meta["features"])
+    settings = features.FeatureSettings(**tagger.meta["features"])
     features.waveform_features(
         np.zeros((settings.sample_rate, 2), np.float32), settings.sample_rate, "warm-up", settings
     )  # the first call's one-off costs (filter banks, imports) are not timed
@@ -66,11 +70,12 @@ def measure(path: Path, taggers: list[inference.Tagger], models: int) -> dict:
     spectrogram = features.waveform_features(waveform, sample_rate, str(path), settings)
     featured = time.perf_counter()
     seconds = waveform.shape[0] / sample_rate
-    window, batch = taggers[0].window_frames, taggers[0].batch_size
-    windows = len(inference.input_pipeline.window_ranges(spectrogram.shape[1], window))
+    window, batch = tagger.window_frames, tagger.batch_size
+    windows = len(input_pipeline.window_ranges(spectrogram.shape[1], window))
+    one_model = dataclasses.replace(tagger, members=tagger.members[:1])
     compile_start = time.perf_counter()
     for group in {min(windows, batch), windows % batch or batch}:  # compiles the batch shapes the track runs in
-        predict.tag_spectrogram(spectrogram[:, : group * window], taggers[:1], window)
+        one_model.tag_spectrogram(spectrogram[:, : group * window])
     compile_seconds = time.perf_counter() - compile_start
     figures = {
         "audio_seconds": round(seconds, 1),
@@ -81,9 +86,10 @@ def measure(path: Path, taggers: list[inference.Tagger], models: int) -> dict:
         "compile_seconds": round(compile_seconds, 2),
         "cores": len(os.sched_getaffinity(0)),
     }
-    for count in sorted({1, models}):
+    for count in sorted({1, len(tagger.members)}):
+        first_members = dataclasses.replace(tagger, members=tagger.members[:count])
         model_start = time.perf_counter()
-        predict.tag_spectrogram(spectrogram, taggers[:count], window)
+        first_members.tag_spectrogram(spectrogram)
         model_seconds = time.perf_counter() - model_start
         total = featured - start + model_seconds
         figures[f"{count}_models"] = {
@@ -95,7 +101,9 @@ def measure(path: Path, taggers: list[inference.Tagger], models: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=240.0, help="length of the track")
     parser.add_argument("--models", type=int, default=5, help="ensemble size")
     parser.add_argument("--base_channels", type=int, default=128)
@@ -108,7 +116,7 @@ def main() -> None:
     path = Path(args.out) / f"track_{args.seconds:g}s.mp3"
     if not path.exists():
         write_track(path, args.seconds)
-    figures = measure(path, random_taggers(args.models, args.base_channels, args.window_frames), args.models)
+    figures = measure(path, random_tagger(args.models, args.base_channels, args.window_frames))
     figures["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(figures, indent=1))
 

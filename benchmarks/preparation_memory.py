@@ -16,9 +16,10 @@ import heapq
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import reference_data
 from data_prep import extract, metadata
 
-METADATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "mtg-jamendo" / "data"
+METADATA_DIR = reference_data.MTG_JAMENDO_METADATA
 
 
 def replay(
@@ -46,7 +47,11 @@ def replay(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.preparation_memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--metadata_dir", type=Path, default=METADATA_DIR)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--memory_budget_gb", type=float, default=extract.DEFAULT_MEMORY_BUDGET_GB)

@@ -1,5 +1,5 @@
 """VGG-ish on the organisers' own input: their precomputed Essentia mel-spectrograms (`essentia96`: 12 kHz, hop 256,
-96 bands, `python -m data_prep.build --config essentia96` over their `NN/ID.npy` files), the baseline row of the
+96 bands, `python -m data_prep.build --features essentia96` over their `NN/ID.npy` files), the baseline row of the
 paper's table, with the recipe of every other row (configs/default.py).
 
 Model as configs/vggish.py (Choi et al. 2016 as narrowed in the task's baseline code); 448,122 parameters at 56

@@ -46,5 +46,5 @@ def prepare_command(data_dir: str | Path, config_name: str, split_index: int) ->
     """The CLI line that prepares a dataset, for error messages."""
     return (
         f"python -m data_prep.build --audio_dir AUDIO_DIR --metadata_dir METADATA_DIR "
-        f"--data_dir {data_dir} --config {config_name} --split {split_index}"
+        f"--data_dir {data_dir} --features {config_name} --split {split_index}"
     )

@@ -196,3 +196,10 @@ def read_split(metadata_dir: PathLike, split_index: int, part: str) -> list[Trac
     for track in tracks:
         track_labels(track, tag_list)
     return tracks
+
+
+def split_labels(metadata_dir: PathLike, split_index: int, part: str) -> np.ndarray:
+    """(tracks, tags) bool labels of one part of a split, rows in its TSV's order, columns in the tag list's."""
+    tag_list = read_tag_list(metadata_dir)
+    tracks = read_tracks(split_tsv_path(metadata_dir, split_index, part))
+    return np.array([track_labels(track, tag_list) for track in tracks], dtype=bool)

@@ -1,7 +1,7 @@
 """The read side of a prepared dataset: its metadata, labels and any frames of any track, without TensorFlow.
 
 This is the one module through which training, evaluation and inference read prepared data; it imports no
-writer. Frames come straight from the TFRecord shards: ``record_index.npz`` (written by the builder) gives, for
+writer. Frames come straight from the TFRecord shards: ``record_index.npz`` (written by ``shard_writer``) gives, for
 every stored chunk, its shard and the byte offset of its time-major float16 spectrogram, so a run of frames is
 one ``os.pread`` per chunk it touches and reads exactly its own bytes. See docs/architecture.md, "Prepared data".
 """

@@ -1,9 +1,10 @@
-"""Whole-track predictions: from prepared shards during training, or from a checkpoint and audio in a notebook.
+"""Whole-split predictions from prepared shards, for evaluation during training and ensembles of checkpoints.
 
-Both paths cut a track with `input_pipeline.window_ranges` and feed the same float16 features (the precision the
-shards store), normalised on the device by `input_pipeline.model_input`, so a checkpoint tags a track's audio
-exactly as the evaluation scored it. The logits of a track's windows are averaged, weighted by the frames each
-window stands for, then turned into per-tag probabilities. See docs/architecture.md, "Evaluation and tagging".
+`logits_step` is the one function that runs a model on windows: `Predictor` pmaps it over the shards' windows and
+`emorf_jax.tagger` jits it for a track's audio, both feeding the float16 features the shards store, normalised on
+the device by `input_pipeline.model_input`, so a checkpoint tags a track's audio exactly as the evaluation scored
+it. A track's window logits are averaged, weighted by the frames each window stands for, then turned into per-tag
+probabilities. See docs/architecture.md, "Evaluation and tagging".
 """
 
 import dataclasses
@@ -18,10 +19,8 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from scipy.special import expit
 
-from data_prep import features
-from data_prep.reader import STORED_DTYPE, PreparedDataset
-from emorf_jax import checkpoints, input_pipeline, metrics
-from emorf_jax.models import registry
+from data_prep.reader import PreparedDataset
+from emorf_jax import input_pipeline, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +30,7 @@ class Predictions:
     track_ids: tuple[str, ...]
 
 
-def _logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module) -> jax.Array:
+def logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module) -> jax.Array:
     """Logits of a batch of stored-format windows, normalised on the device by `input_pipeline.model_input`."""
     return model.apply(variables, input_pipeline.model_input(stored, mean, std), train=False).astype(jnp.float32)
 
@@ -44,7 +43,7 @@ class Predictor:
         self.window_frames = window_frames
         self.batch_size = batch_size
         self.p_logits = jax.pmap(
-            functools.partial(_logits_step, model=model), axis_name="batch", in_axes=(0, 0, None, None)
+            functools.partial(logits_step, model=model), axis_name="batch", in_axes=(0, 0, None, None)
         )
 
     def predict(self, variables: dict[str, Any], split: str) -> Predictions:
@@ -89,81 +88,3 @@ class Predictor:
         figures = metrics.mediaeval_metrics(labels, expit(logits))
         loss = np.mean(np.logaddexp(0.0, logits) - labels * logits)  # BCE on logits
         return {"loss": float(loss), "PR-AUC-macro": figures["PR-AUC-macro"], "ROC-AUC-macro": figures["ROC-AUC-macro"]}
-
-
-_jitted_logits = jax.jit(_logits_step, static_argnames="model")
-
-
-def padded_batch_size(windows: int, batch_size: int) -> int:
-    """The batch that `windows` windows (at most `batch_size`) run in: the smallest power of two that holds them,
-    at most `batch_size`. A track's last, shorter group so wastes less than half of its batch instead of up to all
-    but one window (a 180-s track: 10 windows run as 8 + 2, not 8 + 8), for a few more compiled shapes."""
-    return min(batch_size, 1 << (windows - 1).bit_length())
-
-
-@dataclasses.dataclass(frozen=True)
-class Tagger:
-    """A trained model loaded from a checkpoint, ready to tag audio: all it needs comes from the checkpoint.
-
-    Windows go through the model in batches of `batch_size`, the last one padded to `padded_batch_size`, so neither
-    memory nor compilation depends on a track's length: at most log2(batch_size) + 1 batch shapes (a track shorter
-    than one window is the only other window shape).
-    """
-
-    model: nn.Module
-    variables: dict[str, Any]
-    meta: dict[str, Any]
-    batch_size: int = 8
-
-    @property
-    def tags(self) -> list[str]:
-        return self.meta["tags"]
-
-    @property
-    def window_frames(self) -> int:
-        """The evaluation window the model was validated with."""
-        return int(self.meta["window_frames"])
-
-    def window_logits(self, spectrogram: np.ndarray, window_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(windows, tags) logits and (windows,) weights of one track's (n_mels, frames) spectrogram."""
-        norm = self.meta["normalisation"]
-        mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
-        stored = np.asarray(spectrogram).astype(STORED_DTYPE).T  # as data preparation stores it: time-major
-        ranges = input_pipeline.window_ranges(stored.shape[0], window_frames or self.window_frames)
-        logits = []
-        for first in range(0, len(ranges), self.batch_size):
-            group = ranges[first : first + self.batch_size]
-            windows = np.stack([stored[start:stop] for start, stop, _ in group])
-            padding = padded_batch_size(len(group), self.batch_size) - len(group)
-            padded = np.concatenate([windows, np.zeros((padding,) + windows.shape[1:], windows.dtype)])
-            logits.append(np.asarray(_jitted_logits(self.variables, padded, mean, std, model=self.model))[: len(group)])
-        return np.concatenate(logits), np.array([weight for _, _, weight in ranges], np.float64)
-
-    def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> np.ndarray:
-        """Per-tag probabilities of one track's (n_mels, frames) spectrogram in the checkpoint's feature setting."""
-        logits, weights = self.window_logits(spectrogram, window_frames)
-        return expit((logits * weights[:, None]).sum(axis=0) / weights.sum())
-
-    def spectrogram(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
-        """The (n_mels, frames) features of a waveform (samples,) or (samples, channels) at any sample rate and
-        channel count, computed by data preparation's own code, mixed down and resampled to the model's rate."""
-        settings = features.FeatureSettings(**self.meta["features"])
-        if settings.source != "audio":
-            raise ValueError(
-                f"this model was trained on {settings.source!r} input, not audio: pass that input to tag_spectrogram"
-            )
-        waveform = np.asarray(waveform, np.float32)
-        waveform = waveform[:, None] if waveform.ndim == 1 else waveform
-        return features.waveform_features(waveform, sample_rate, "the waveform", settings, resample=True)
-
-    def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None) -> dict[str, float]:
-        """{tag: probability} for a waveform (samples,) or (samples, channels) of the whole track."""
-        probabilities = self.tag_spectrogram(self.spectrogram(waveform, sample_rate), window_frames)
-        return dict(zip(self.tags, probabilities.tolist()))
-
-
-def load_tagger(path: str, batch_size: int = 8) -> Tagger:
-    """A Tagger from any checkpoint of a run (e.g. `runs/demo/swa`, `runs/demo/snapshots/120`) of any model; no
-    config needed (the model is rebuilt from `meta["model"]` by the registry)."""
-    variables, meta = checkpoints.load_checkpoint(path)
-    return Tagger(registry.build(meta["model"]), variables, meta, batch_size)

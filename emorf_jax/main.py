@@ -3,8 +3,8 @@
 All hyper-parameters live in the config (`configs/`); a config variant follows a colon, e.g.
 `--config=configs/faresnet.py:demo`, and single fields can be overridden, e.g. `--config.batch_size=32`.
 When the config asks for synthetic data (`dataset.synthetic_tracks`, the demo) and none is prepared yet, the data
-preparation batch steps run first, as the separate commands a user would type (`python -m data_prep.synthetic`,
-`python -m data_prep.build`), so that training only ever reads prepared data.
+preparation batch steps run first (`emorf_jax/demo.py`), as the separate commands a user would type, so that
+training only ever reads prepared data.
 
 Several hosts train one model on JAX's multi-controller runtime: start the same command on every host with
 `--distributed` (SLURM, Open MPI, Cloud TPU and Kubernetes are detected) or with `--coordinator_address=HOST:PORT
@@ -13,9 +13,6 @@ Several hosts train one model on JAX's multi-controller runtime: start the same 
 
 import logging as python_logging
 import os
-import shlex
-import subprocess
-import sys
 
 # TensorFlow only writes TensorBoard summaries here: keep its C++ start-up chatter out (its oneDNN notice ignores
 # TF_CPP_MIN_LOG_LEVEL; oneDNN only speeds up TensorFlow's own ops, which compute nothing of ours).
@@ -23,12 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from data_prep import features, layout, metadata
-from emorf_jax import checkpoints, distributed, train
+from emorf_jax import demo, distributed, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and the test report.")
@@ -69,109 +64,6 @@ class _OwnInfoOnly(python_logging.Filter):
         return any(part in record.pathname for part in _OWN_CODE)
 
 
-def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -> list[list[str]]:
-    """The batch steps that make and prepare the synthetic MTG-Jamendo of a config in `workdir`."""
-    root = os.path.join(workdir, "synthetic")
-    commands = []
-    if not os.path.isdir(os.path.join(root, "audio")):
-        commands.append(
-            [
-                sys.executable,
-                "-m",
-                "data_prep.synthetic",
-                "--out",
-                root,
-                "--tracks",
-                str(config.dataset.synthetic_tracks),
-                "--seed",
-                str(config.dataset.synthetic_seed),
-                "--duration",
-                str(config.dataset.synthetic_duration),
-                "--workers",
-                str(config.dataset.workers),
-            ]
-        )
-    inputs = os.path.join(root, "audio")
-    if features.settings_for(config.dataset.config_name).source == "npy":  # the organisers' format, made from the MP3s
-        commands.append(
-            [
-                sys.executable,
-                "-m",
-                "data_prep.essentia_like",
-                "--audio_dir",
-                inputs,
-                "--metadata_dir",
-                os.path.join(root, "data"),
-                "--out",
-                os.path.join(root, "npy"),
-                "--workers",
-                str(config.dataset.workers),
-            ]
-        )
-        inputs = os.path.join(root, "npy")
-    build = [
-        sys.executable,
-        "-m",
-        "data_prep.build",
-        "--audio_dir",
-        inputs,
-        "--metadata_dir",
-        os.path.join(root, "data"),
-        "--data_dir",
-        train.data_dir(config, workdir),
-        "--config",
-        config.dataset.config_name,
-        "--split",
-        str(config.dataset.split_index),
-        "--workers",
-        str(config.dataset.workers),
-    ]
-    if config.dataset.chunk_frames:
-        build += ["--chunk_frames", str(config.dataset.chunk_frames)]
-    return commands + [build]
-
-
-def prepare_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Runs the data preparation steps of the demo unless its prepared data is already there: once, by process
-    0, in the workdir all processes share, while the others wait."""
-    if (
-        distributed.is_primary()
-        and config.dataset.synthetic_tracks > 0
-        and not layout.is_prepared(
-            train.data_dir(config, workdir), config.dataset.config_name, config.dataset.split_index
-        )
-    ):
-        for command in data_preparation_commands(config, workdir):
-            logging.info("Preparing the demo's data: %s", shlex.join([_python_as_typed(), *command[1:]]))
-            subprocess.run(command, check=True)
-    distributed.barrier("demo data prepared")
-
-
-def predict_command(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """The command that tags music with the model a run has just trained (its SWA model, else the selected or the
-    latest one), as a user would type it from here: on a test track of the demo's synthetic data, if there is one."""
-
-    def saved(kind: str) -> bool:
-        directory = os.path.join(workdir, kind)
-        return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-    kind = next(filter(saved, (checkpoints.SWA, checkpoints.BEST)), checkpoints.LATEST)
-    synthetic = os.path.join(workdir, "synthetic")
-    audio = "song.mp3"
-    if os.path.isdir(os.path.join(synthetic, "audio")):
-        track = metadata.read_split(os.path.join(synthetic, "data"), config.dataset.split_index, "test")[0]
-        audio = os.path.join(synthetic, "audio", track.path)
-    return shlex.join(
-        [_python_as_typed(), "-m", "emorf_jax.predict", audio, f"--checkpoint={os.path.join(workdir, kind)}"]
-    )
-
-
-def _python_as_typed() -> str:
-    """This interpreter as a user would type it here: `.venv/bin/python` from the repository root."""
-    relative = os.path.relpath(sys.executable)
-    return sys.executable if relative.startswith(os.pardir) else relative
-
-
 def use_compilation_cache(directory: str, workdir: str) -> None:
     """Points JAX's persistent compilation cache at `directory` (see --compilation_cache_dir)."""
     if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
@@ -193,10 +85,10 @@ def main(argv: list[str]) -> None:
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)  # process 0 logs the run; the others only their problems
     use_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.workdir)
-    prepare_synthetic_data(FLAGS.config, FLAGS.workdir)
+    demo.prepare_synthetic_data(FLAGS.config, FLAGS.workdir)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if distributed.is_primary():
-        print(f"\nTag music with the model just trained:\n  {predict_command(FLAGS.config, FLAGS.workdir)}")
+        print(f"\nTag music with the model just trained:\n  {demo.predict_command(FLAGS.config, FLAGS.workdir)}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,13 @@
 mixup, SWA, snapshots, checkpoints.
 
 `train_and_evaluate(config, workdir)` is the whole job on an already prepared dataset; `main.py` parses flags and
-makes the demo's data. The recipe (docs/fidelity.md): Adam, the authors' constant / linear-decay / lr-over-100
-learning rate per epoch, mixup over the global batch on device, BCE on logits, an average of the weights kept in
-the train state (SWA or EMA), snapshot members saved for ensembles, and a final test report in the MediaEval
-metrics next to a constant predictor's score.
+`demo.py` makes the demo's data. The recipe (docs/fidelity.md): Adam, the authors' constant / linear-decay /
+lr-over-100 learning rate per epoch, mixup over the global batch on device, BCE on logits, an average of the weights
+kept in the train state (SWA or EMA), snapshot members saved for ensembles, and a final test report (`report.py`) in
+the MediaEval metrics next to a constant predictor's score.
 """
 
-import dataclasses
 import functools
-import json
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -30,12 +28,10 @@ from data_prep.reader import PreparedDataset, load_prepared
 from emorf_jax import (
     checkpoints,
     distributed,
-    ensemble,
-    evaluate,
+    ensembles,
     inference,
     input_pipeline,
-    metrics,
-    submission,
+    report,
     weight_averaging,
 )
 from emorf_jax.models import receptive_field, registry
@@ -482,75 +478,32 @@ def _evaluate_and_select(run: _Run, state: TrainState, step: int, writer, best, 
 
 
 def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str, dict[str, float]]:
-    """Test metrics of the final, selected, averaged and snapshot-ensemble models, thresholds from validation.
+    """Test figures of the final, selected, averaged and snapshot-ensemble models, thresholds from validation.
 
-    Writes `report/`: `test_report.json`, the rows of every matrix (`<split>_track_ids.txt`), and per model its
-    validation and test predictions, test decisions and thresholds; a MediaEval submission
-    (`<model>/submission/{predictions,decisions}.npy`) only where the test rows are exactly the official ones.
-    Every process predicts (the predictions are collective); process 0 alone writes and prints.
+    Writes `report/` (`report.write_run_report`): a folder per model and `test_report.json`, the summary that is
+    returned and printed. Every process predicts (the predictions are collective); process 0 alone writes and prints.
     """
     models = {"final": current_variables(state)}
     if best.best_step() is not None:
         models["selected"] = checkpoints.restore(best, best.best_step())[0]
     if swa.latest_step() is not None:
         models["swa"] = checkpoints.restore(swa)[0]
-    splits = ("validation", "test")
-    predictions = {
-        name: {split: run.predictor.predict(variables, split) for split in splits} for name, variables in models.items()
-    }
+    predictions = {name: _predict_splits(run, variables) for name, variables in models.items()}
     members = snapshots.all_steps()[-run.config.snapshots.ensemble_size :]
     if members:
-        member_predictions = [
-            {split: run.predictor.predict(checkpoints.restore(snapshots, step)[0], split) for split in splits}
-            for step in members
-        ]
-        predictions[f"snapshot_ensemble_{len(members)}"] = {
-            split: dataclasses.replace(
-                member_predictions[0][split],
-                probabilities=ensemble.average_predictions([p[split].probabilities for p in member_predictions]),
-            )
-            for split in splits
-        }
-
-    report_dir = os.path.join(run.workdir, "report")
-    primary = distributed.is_primary()
-    if primary:
-        os.makedirs(report_dir, exist_ok=True)
-        for split in splits:
-            with open(os.path.join(report_dir, f"{split}_track_ids.txt"), "w") as f:
-                f.write("".join(f"{track_id}\n" for track_id in run.prepared.track_ids[split]))
-    official = run.prepared.tsv_track_ids["test"]
-    report = {}
-    for name, by_split in predictions.items():
-        # float32, as saved: thresholds and decisions are computed from exactly the numbers in the files.
-        validation, test = (by_split[split].probabilities.astype(np.float32) for split in splits)
-        thresholds = metrics.best_f1_thresholds(by_split["validation"].labels, validation)
-        decisions = metrics.decide(test, thresholds)
-        report[name] = metrics.mediaeval_metrics(by_split["test"].labels, test, decisions)
-        if not primary:
-            continue
-        model_dir = os.path.join(report_dir, name)
-        os.makedirs(model_dir, exist_ok=True)
-        np.save(os.path.join(model_dir, "validation_predictions.npy"), validation)
-        np.save(os.path.join(model_dir, "test_predictions.npy"), test)
-        np.save(os.path.join(model_dir, "test_decisions.npy"), decisions)
-        evaluate.write_thresholds(os.path.join(model_dir, "thresholds.tsv"), run.prepared.tags, thresholds)
-        if tuple(by_split["test"].track_ids) == tuple(official):
-            submission.write_submission(
-                os.path.join(model_dir, "submission"), test, decisions, by_split["test"].track_ids, official
-            )
-    positive_rate = float(predictions["final"]["test"].labels.mean())
-    report["constant_predictor"] = {"PR-AUC-macro": positive_rate, "ROC-AUC-macro": 0.5}
-    if primary:
-        with open(os.path.join(report_dir, "test_report.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        print(format_report(report))
-    return report
+        predictions[f"snapshot_ensemble_{len(members)}"] = ensembles.average_members(
+            [_predict_splits(run, checkpoints.restore(snapshots, step)[0]) for step in members]
+        )
+    reports = {
+        name: report.model_report(name, run.prepared.tags, by_split["validation"], by_split["test"])
+        for name, by_split in predictions.items()
+    }
+    summary = report.run_summary(reports)
+    if distributed.is_primary():
+        report.write_run_report(run.workdir, reports, run.prepared.tsv_track_ids["test"])
+        print(report.format_summary(summary))
+    return summary
 
 
-def format_report(report: dict[str, dict[str, float]]) -> str:
-    width = max(len(name) for name in report)
-    lines = [f"{'test set':<{width}}  PR-AUC-macro  ROC-AUC-macro"]
-    for name, figures in report.items():
-        lines.append(f"{name:<{width}}  {figures['PR-AUC-macro']:>12.4f}  {figures['ROC-AUC-macro']:>13.4f}")
-    return "\n".join(lines)
+def _predict_splits(run: _Run, variables: dict[str, Any]) -> dict[str, inference.Predictions]:
+    return {split: run.predictor.predict(variables, split) for split in report.SPLITS}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from configs import faresnet
-from data_prep import build, synthetic
+from data_prep import preparation, synthetic
 from data_prep.reader import load_prepared
 from emorf_jax import checkpoints, train
 
@@ -42,15 +42,17 @@ def synthetic_tree(tmp_path_factory) -> Path:
 def prepared_data_dir(synthetic_tree, tmp_path_factory) -> tuple[Path, str]:
     """(data_dir, config_name) of the hop512 dataset of ``synthetic_tree``, built by the real CLI code path."""
     data_dir = tmp_path_factory.mktemp("prepared")
-    build.build_dataset(
-        synthetic_tree / "audio",
-        synthetic_tree / "data",
-        data_dir,
-        "hop512",
-        split_index=0,
-        workers=2,
-        progress=False,
-        chunk_frames=CHUNK_FRAMES,
+    preparation.build_dataset(
+        preparation.BuildOptions(
+            synthetic_tree / "audio",
+            synthetic_tree / "data",
+            data_dir,
+            features="hop512",
+            split_index=0,
+            workers=2,
+            progress=False,
+            chunk_frames=CHUNK_FRAMES,
+        )
     )
     return data_dir, "hop512"
 

@@ -13,15 +13,16 @@ import optax
 import pytest
 from flax import jax_utils
 
+from benchmarks import reference_data
 from configs import avg_ensemble
 from data_prep import metadata
 from data_prep.reader import load_prepared
-from emorf_jax import checkpoints, ensemble_recipe, evaluate, inference, metrics, predict, train, weight_averaging
+from emorf_jax import baselines, checkpoints, ensemble_training, evaluate, metrics, train, weight_averaging
 from emorf_jax.models import registry
+from emorf_jax.tagger import Member, Tagger, load_tagger, model_card
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-OFFICIAL = SHARED / "mediaeval2019"
-REAL_METADATA = SHARED / "mtg-jamendo" / "data"
+OFFICIAL = reference_data.MEDIAEVAL2019
+REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
 
 
 def _count(tree) -> int:
@@ -112,24 +113,24 @@ def test_each_model_trains_saves_loads_and_tags_through_the_same_tools(config_na
 
     with checkpoints.open_manager(str(tmp_path), checkpoints.SWA) as manager:
         checkpoints.save(manager, 1, variables, train.checkpoint_meta(fields, prepared, config, "swa", 1, 1.0))
-    tagger = inference.load_tagger(str(tmp_path / checkpoints.SWA))
-    assert tagger.meta["model"]["name"] == config_name and tagger.model == model.clone(bn_axis_name=None)
+    tagger = load_tagger(str(tmp_path / checkpoints.SWA))
+    assert tagger.meta["model"]["name"] == config_name and tagger.members[0].model == model.clone(bn_axis_name=None)
     # The loaded weights tag as the trained ones do (one compiled program serves both: the models are equal).
     spectrogram = rng.normal(size=(N_MELS, 2 * FRAMES)).astype(np.float32)
-    trained = inference.Tagger(model.clone(bn_axis_name=None), variables, tagger.meta)
-    probabilities = tagger.tag_spectrogram(spectrogram, window_frames=FRAMES)
+    trained = Tagger((Member(model.clone(bn_axis_name=None), variables, tagger.meta),))
+    probabilities = tagger.tag_spectrogram(spectrogram, window_frames=FRAMES).probabilities
     np.testing.assert_allclose(
-        probabilities, trained.tag_spectrogram(spectrogram, window_frames=FRAMES), rtol=1e-6, atol=1e-7
+        probabilities, trained.tag_spectrogram(spectrogram, window_frames=FRAMES).probabilities, rtol=1e-6, atol=1e-7
     )
     assert probabilities.shape == (9,) and np.all((probabilities > 0) & (probabilities < 1))
 
-    card = predict.model_card(str(tmp_path / checkpoints.SWA))
+    card = model_card(str(tmp_path / checkpoints.SWA))
     assert registry.DISPLAY_NAMES[config_name] in card and "receptive field" not in card
 
 
 @pytest.mark.skipif(
     not (OFFICIAL / "groundtruth.npy").is_file() or not REAL_METADATA.is_dir(),
-    reason=f"official ground truth or real metadata not found under {SHARED}",
+    reason=f"official ground truth or real metadata not found under {reference_data.ROOT}",
 )
 def test_popularity_baseline_reproduces_the_official_row(capsys):
     header, *rows = (OFFICIAL / "baseline" / "results.tsv").read_text().splitlines()
@@ -137,11 +138,11 @@ def test_popularity_baseline_reproduces_the_official_row(capsys):
         zip(header.split("\t")[1:], map(float, next(r for r in rows if r.startswith("popular\t")).split("\t")[1:]))
     )
     groundtruth = np.load(OFFICIAL / "groundtruth.npy")
-    np.testing.assert_array_equal(groundtruth, evaluate.split_labels(REAL_METADATA, 0, "test"))
-    train_labels = evaluate.split_labels(REAL_METADATA, 0, "train")
+    np.testing.assert_array_equal(groundtruth, metadata.split_labels(REAL_METADATA, 0, "test"))
+    train_labels = metadata.split_labels(REAL_METADATA, 0, "train")
     tags = metadata.read_tag_list(REAL_METADATA)
-    assert tags[evaluate.popular_tag(train_labels)] == "mood/theme---happy"  # 927 of the 9,949 training tracks
-    predictions, decisions = evaluate.popularity_baseline(train_labels, len(groundtruth))
+    assert tags[baselines.popular_tag(train_labels)] == "mood/theme---happy"  # 927 of the 9,949 training tracks
+    predictions, decisions = baselines.popularity_baseline(train_labels, len(groundtruth))
     figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions)
     assert set(figures) == set(official)
     for name, value in official.items():
@@ -152,7 +153,7 @@ def test_popularity_baseline_reproduces_the_official_row(capsys):
                 "--groundtruth",
                 str(OFFICIAL / "groundtruth.npy"),
                 "--popularity",
-                "--metadata-dir",
+                "--metadata_dir",
                 str(REAL_METADATA),
                 "--json",
             ]
@@ -165,21 +166,24 @@ def test_popularity_baseline_reproduces_the_official_row(capsys):
 def test_ensemble_recipe_averages_its_members_swa_and_snapshots(prepared_data_dir, tmp_path):
     data_dir, _ = prepared_data_dir
     recipe = avg_ensemble.get_config("test")
-    figures = ensemble_recipe.run(recipe, str(tmp_path), str(data_dir))
+    figures = ensemble_training.run(recipe, str(tmp_path), str(data_dir))
     assert set(figures) == set(metrics.OFFICIAL_METRIC_NAMES)
-    members = [ensemble_recipe.member_workdir(str(tmp_path), *member) for member in recipe.members]
+    members = [ensemble_training.member_workdir(str(tmp_path), *member) for member in recipe.members]
     metas = [json.loads(Path(member, "config.json").read_text()) for member in members]
     assert {
         (meta["model"]["frequency_aware"], meta["model"]["shake_shake"], meta["model"]["rho"], meta["seed"])
         for meta in metas
     } == {(True, False, 2, 0), (True, True, 3, 1)}
-    paths = [p for member in members for p in ensemble_recipe.member_checkpoints(member, recipe.checkpoints, 2)]
+    paths = [p for member in members for p in ensemble_training.member_checkpoints(member, recipe.checkpoints, 2)]
     kinds = [Path(p).parent.name for p in paths]
     assert kinds.count("swa") == 2 and kinds.count("snapshots") == 4  # per member: SWA and its last 2 snapshots
-    # The figures are those of the submission the ensemble tool wrote.
+    # The figures are those of the submission written with the ensemble's report.
     test = load_prepared(*prepared_data_dir).parts["test"]
-    out = tmp_path / "ensemble"
+    submitted = tmp_path / "ensemble" / "submission"
     assert (
-        metrics.mediaeval_metrics(test.labels, np.load(out / "predictions.npy"), np.load(out / "decisions.npy"))
+        metrics.mediaeval_metrics(
+            test.labels, np.load(submitted / "predictions.npy"), np.load(submitted / "decisions.npy")
+        )
         == figures
     )
+    assert json.loads((tmp_path / "ensemble" / "metrics.json").read_text()) == figures

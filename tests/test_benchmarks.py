@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import reference_data
+
 REPO = Path(__file__).resolve().parents[1]
-REAL_METADATA = REPO.parent / "shared" / "mtg-jamendo" / "data"
+REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
 
 
 def _run(*arguments: str) -> str:
@@ -55,7 +57,7 @@ def test_paper_table_quick_trains_its_rows_and_prints_them_beside_the_published_
     for row in rows:
         assert 0 < row["ours"]["PR-AUC-macro"] <= 1 and 0 <= row["ours"]["ROC-AUC-macro"] <= 1
     assert rows[1]["ours"]["ROC-AUC-macro"] == 0.5  # one constant column: no ranking at all
-    if (REPO.parent / "shared" / "mediaeval2019" / "baseline" / "results.tsv").is_file():
+    if (reference_data.MEDIAEVAL2019 / "baseline" / "results.tsv").is_file():
         assert rows[0]["published"]["PR-AUC-macro"] == 0.107734 and "| 0.1077 |" in output
     else:
         assert rows[0]["published"] is None and "n/a" in output

@@ -1,6 +1,8 @@
 """The batch step end to end on the synthetic tree: shards, labels, features, stats, resumption, bad input."""
 
+import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 import soundfile
 import tensorflow_datasets as tfds
 
-from data_prep import build, essentia_like, extract, features, layout, metadata, reader
+from data_prep import build, essentia_like, extract, features, layout, metadata, preparation, reader
 from data_prep.reader import PARTS, load_prepared
 
 from .conftest import CHUNK_FRAMES
@@ -120,7 +122,8 @@ def test_the_read_side_needs_no_writer_and_no_tensorflow(prepared_data_dir):
         f"prepared = reader.load_prepared({str(data_dir)!r}, {config_name!r}, 0)\n"
         "assert 'tensorflow' not in sys.modules and 'librosa' not in sys.modules\n"
         "from emorf_jax import main, train\n"  # TensorBoard's writer brings TensorFlow, but no data_prep writer
-        "writers = [m for m in ('data_prep.build', 'data_prep.builder', 'data_prep.extract', 'data_prep.synthetic')\n"
+        "writers = [m for m in ('data_prep.build', 'data_prep.preparation', 'data_prep.shard_writer',\n"
+        "                       'data_prep.extract', 'data_prep.synthetic', 'data_prep.essentia_like')\n"
         "           if m in sys.modules]\n"
         "assert not writers, writers\n"
         "print(prepared.num_examples['train'], prepared.features['hop_length'])\n"
@@ -130,8 +133,35 @@ def test_the_read_side_needs_no_writer_and_no_tensorflow(prepared_data_dir):
     assert result.stdout.split() == [str(expected.num_examples["train"]), "512"]
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("features", "hop9", "unknown config 'hop9'"),
+        ("drop_duplicates", "some", "drop_duplicates='some'"),
+        ("split_index", -1, "split_index=-1: need at least 0"),
+        ("workers", 0, "workers=0: need at least 1"),
+        ("tracks_per_worker", 0, "tracks_per_worker=0: need at least 1"),
+        ("chunk_frames", 0, "chunk_frames=0: need at least 1"),
+        ("memory_budget_gb", 0.0, "memory_budget_gb=0.0: must be positive"),
+    ],
+)
+def test_build_options_refuse_a_bad_value_before_any_work(tmp_path, name, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preparation.BuildOptions(tmp_path / "audio", tmp_path / "data", tmp_path / "out", **{name: value})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_command_turns_its_flags_into_options_and_a_bad_value_into_one_usage_error(capsys):
+    required = ["--audio_dir", "A", "--metadata_dir", "M", "--data_dir", "D"]
+    options = build.parse_options([*required, "--features", "hop1536", "--split", "2", "--no_progress"])
+    assert (options.features, options.split_index, options.progress) == ("hop1536", 2, False)
+    with pytest.raises(SystemExit):
+        build.parse_options([*required, "--workers", "0"])
+    assert "error: workers=0: need at least 1" in capsys.readouterr().err
+
+
 def test_absent_dataset_error_says_how_to_prepare_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python -m data_prep\.build .*--config hop1536 --split 3"):
+    with pytest.raises(FileNotFoundError, match=r"python -m data_prep\.build .*--features hop1536 --split 3"):
         load_prepared(tmp_path, "hop1536", 3)
 
 
@@ -232,7 +262,8 @@ def _break_inputs(tree: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 def test_bad_files_land_in_the_failures_report_while_the_rest_is_built(synthetic_tree, tmp_path):
     audio, broken = _break_inputs(synthetic_tree, tmp_path)
-    summary = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False)
+    options = preparation.BuildOptions(audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False)
+    summary = preparation.build_dataset(options)
 
     report = (summary.failures_report).read_text().splitlines()
     reported = {line.split("\t")[0]: line.split("\t")[3] for line in report[1:]}
@@ -253,9 +284,7 @@ def test_bad_files_land_in_the_failures_report_while_the_rest_is_built(synthetic
     soundfile.write(
         audio / track.path, librosa.resample(waveform.T, orig_sr=rate, target_sr=48000).T, 48000, format="WAV"
     )
-    resampled = build.build_dataset(
-        audio, synthetic_tree / "data", tmp_path / "out", workers=2, progress=False, resample=True
-    )
+    resampled = preparation.build_dataset(dataclasses.replace(options, resample=True))
     assert resampled.failures == {kind: 1 for kind in broken if kind != "sample_rate"}
     assert broken["sample_rate"] in load_prepared(tmp_path / "out").track_ids["train"]
 
@@ -273,14 +302,16 @@ def test_byte_identical_files_are_reported_and_can_be_dropped(synthetic_tree, pr
         assert len(contents) == 1
 
     # Reusing the clean build's cache: only stage 2 runs again.
-    summary = build.build_dataset(
-        synthetic_tree / "audio",
-        synthetic_tree / "data",
-        tmp_path,
-        workers=2,
-        progress=False,
-        drop_duplicates="keep_one",
-        cache_dir=data_dir / "cache" / config_name,
+    summary = preparation.build_dataset(
+        preparation.BuildOptions(
+            synthetic_tree / "audio",
+            synthetic_tree / "data",
+            tmp_path,
+            workers=2,
+            progress=False,
+            drop_duplicates="keep_one",
+            cache_dir=data_dir / "cache" / config_name,
+        )
     )
     assert summary.failures == {"duplicate": sum(len(group) - 1 for group in groups.values())}
     kept = load_prepared(tmp_path)
@@ -294,8 +325,15 @@ def test_precomputed_npy_input_builds_the_essentia96_dataset(synthetic_tree, tmp
     split_paths = {track.path for part in PARTS for track in metadata.read_split(synthetic_tree / "data", 0, part)}
     assert essentia_like.write_essentia_like_tree(*arguments, workers=2, progress=False) == len(split_paths)
     assert essentia_like.write_essentia_like_tree(*arguments, progress=False) == 0  # existing files are kept
-    build.build_dataset(
-        tmp_path / "npy", synthetic_tree / "data", tmp_path / "out", "essentia96", workers=2, progress=False
+    preparation.build_dataset(
+        preparation.BuildOptions(
+            tmp_path / "npy",
+            synthetic_tree / "data",
+            tmp_path / "out",
+            features="essentia96",
+            workers=2,
+            progress=False,
+        )
     )
     prepared = load_prepared(tmp_path / "out", "essentia96")
     assert prepared.features["n_mels"] == 96 and prepared.chunk_frames == 938

@@ -1,4 +1,5 @@
-"""`python -m emorf_jax.ensemble`: any checkpoints or saved reports -> a MediaEval submission, or a refusal."""
+"""`python -m emorf_jax.ensemble`: any checkpoints or saved model reports -> one model's report and a MediaEval
+submission, or a refusal."""
 
 import json
 import shutil
@@ -7,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import build, metadata
+from data_prep import metadata, preparation
 from data_prep.reader import load_prepared
-from emorf_jax import ensemble, evaluate, metrics
+from emorf_jax import checkpoints, ensemble, ensembles, inference, metrics, report
 
 from .conftest import CHUNK_FRAMES
 
@@ -27,15 +28,19 @@ def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_da
         for n, c in enumerate(random_checkpoints)
     ]
     both = _run(tmp_path, "both", *(f"--checkpoint={c}" for c in random_checkpoints), f"--data_dir={data_dir}")
-    for name in ("predictions.npy", "validation_predictions.npy"):
+    for name in ("test_predictions.npy", "validation_predictions.npy"):
         mean = np.mean([np.load(folder / name) for folder in alone], axis=0)
         np.testing.assert_allclose(np.load(both / name), mean, rtol=1e-6)
     prepared = load_prepared(data_dir)
-    predictions, decisions = np.load(both / "predictions.npy"), np.load(both / "decisions.npy")
+    predictions, decisions = np.load(both / "test_predictions.npy"), np.load(both / "test_decisions.npy")
     assert predictions.dtype == np.float32 and decisions.dtype == bool
     assert predictions.shape == (len(prepared.tsv_track_ids["test"]), len(prepared.tags))
-    assert (both / "track_ids.txt").read_text().split() == list(prepared.tsv_track_ids["test"])
-    tags, thresholds = evaluate.read_thresholds(both / "thresholds.tsv")
+    for split in report.SPLITS:
+        assert (both / f"{split}_track_ids.txt").read_text().split() == list(prepared.tsv_track_ids[split])
+    # The submission is the test report itself, its rows exactly the official ones.
+    np.testing.assert_array_equal(np.load(both / "submission" / "predictions.npy"), predictions)
+    np.testing.assert_array_equal(np.load(both / "submission" / "decisions.npy"), decisions)
+    tags, thresholds = report.read_thresholds(both / "thresholds.tsv")
     assert tags == list(prepared.tags)
     expected = metrics.best_f1_thresholds(
         prepared.parts["validation"].labels, np.load(both / "validation_predictions.npy")
@@ -43,29 +48,24 @@ def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_da
     np.testing.assert_array_equal(thresholds, expected)
     np.testing.assert_array_equal(decisions, predictions > thresholds)  # strict
     figures = json.loads((both / "metrics.json").read_text())
-    assert set(figures) == set(metrics.OFFICIAL_METRIC_NAMES)
+    assert figures == metrics.mediaeval_metrics(prepared.parts["test"].labels, predictions, decisions)
     assert (both / "precision_recall.png").stat().st_size > 10_000
     assert len((both / "per_tag.tsv").read_text().splitlines()) == len(prepared.tags) + 1
 
 
-def test_saved_report_predictions_stand_in_for_a_checkpoint(prepared_data_dir, random_checkpoints, tmp_path):
+def test_a_saved_model_folder_stands_in_for_its_checkpoint(prepared_data_dir, random_checkpoints, tmp_path):
     data_dir, _ = prepared_data_dir
     first = _run(tmp_path, "first", f"--checkpoint={random_checkpoints[0]}", f"--data_dir={data_dir}")
-    report = tmp_path / "run" / "report"
-    (report / "model").mkdir(parents=True)
-    shutil.copy(first / "track_ids.txt", report / "test_track_ids.txt")
-    shutil.copy(first / "validation_track_ids.txt", report / "validation_track_ids.txt")
-    shutil.copy(first / "predictions.npy", report / "model" / "test_predictions.npy")
-    shutil.copy(first / "validation_predictions.npy", report / "model" / "validation_predictions.npy")
     mixed = _run(
-        tmp_path,
-        "mixed",
-        f"--checkpoint={random_checkpoints[1]}",
-        f"--predictions={report / 'model'}",
-        f"--data_dir={data_dir}",
+        tmp_path, "mixed", f"--checkpoint={random_checkpoints[1]}", f"--predictions={first}", f"--data_dir={data_dir}"
     )
     both = _run(tmp_path, "both", *(f"--checkpoint={c}" for c in random_checkpoints), f"--data_dir={data_dir}")
-    np.testing.assert_allclose(np.load(mixed / "predictions.npy"), np.load(both / "predictions.npy"), rtol=1e-6)
+    for name in ("test_predictions.npy", "validation_predictions.npy"):
+        np.testing.assert_allclose(np.load(mixed / name), np.load(both / name), rtol=1e-6)
+    # Saved predictions alone need the dataset named: --features and --split.
+    again = _run(tmp_path, "again", f"--predictions={first}", f"--data_dir={data_dir}", "--features=hop512")
+    for name in ("test_predictions.npy", "test_decisions.npy", "thresholds.tsv", "metrics.json"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
 
 
 def test_a_submission_without_every_official_test_track_is_refused(
@@ -75,8 +75,10 @@ def test_a_submission_without_every_official_test_track_is_refused(
     audio = tmp_path / "audio"
     shutil.copytree(synthetic_tree / "audio", audio)
     (audio / lost.path).unlink()
-    build.build_dataset(
-        audio, synthetic_tree / "data", tmp_path / "data", workers=2, progress=False, chunk_frames=CHUNK_FRAMES
+    preparation.build_dataset(
+        preparation.BuildOptions(
+            audio, synthetic_tree / "data", tmp_path / "data", workers=2, progress=False, chunk_frames=CHUNK_FRAMES
+        )
     )
     output = tmp_path / "out"
     status = ensemble.main(
@@ -84,14 +86,47 @@ def test_a_submission_without_every_official_test_track_is_refused(
     )
     assert status == 2
     assert f"1 official test tracks are missing ({lost.track_id})" in capsys.readouterr().err
-    assert not (output / "predictions.npy").exists()
+    assert not output.exists()
 
 
-def test_members_with_other_rows_are_refused(tmp_path):
-    ids = ["track_0000001", "track_0000002", "track_0000003"]
-    member = {split: (np.full((3, 2), 0.5), ids) for split in ensemble.SPLITS}
-    reordered = {**member, "test": (np.full((3, 2), 0.5), ids[::-1])}
-    labels = {split: np.eye(3, 2, dtype=bool) for split in ensemble.SPLITS}
-    with pytest.raises(ValueError, match="member 2 has other test rows than member 1"):
-        ensemble.write_ensemble(str(tmp_path / "out"), ["a", "b"], [member, reordered], labels, ids)
+def test_checkpoints_of_other_input_statistics_are_refused(random_checkpoints, prepared_data_dir, tmp_path, capsys):
+    variables, meta = checkpoints.load_checkpoint(random_checkpoints[0])
+    meta["normalisation"]["mean"] = [value + 1.0 for value in meta["normalisation"]["mean"]]
+    with checkpoints.open_manager(str(tmp_path), checkpoints.SWA) as manager:
+        checkpoints.save(manager, 10, variables, meta)
+    other = tmp_path / checkpoints.SWA
+    status = ensemble.main(
+        [
+            f"--checkpoint={random_checkpoints[0]}",
+            f"--checkpoint={other}",
+            f"--data_dir={prepared_data_dir[0]}",
+            f"--output_dir={tmp_path / 'out'}",
+        ]
+    )
+    assert status == 2
+    assert f"{other} has other normalisation than {random_checkpoints[0]}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _member(validation_ids: tuple[str, ...], test_ids: tuple[str, ...]) -> dict[str, inference.Predictions]:
+    labels = np.eye(len(test_ids), 2, dtype=bool)
+    return {
+        "validation": inference.Predictions(np.full(labels.shape, 0.5), labels, validation_ids),
+        "test": inference.Predictions(np.full(labels.shape, 0.5), labels, test_ids),
+    }
+
+
+def test_members_with_other_rows_are_refused(prepared_data_dir, tmp_path):
+    ids = ("track_0000001", "track_0000002", "track_0000003")
+    with pytest.raises(ValueError, match="member 2 has other test rows than member 1"):
+        ensembles.average_members([_member(ids, ids), _member(ids, ids[::-1])])
+    # A saved model folder is scored against the prepared dataset's labels: its rows must be that dataset's.
+    prepared = load_prepared(prepared_data_dir[0])
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for split in report.SPLITS:
+        rows = prepared.track_ids[split][::-1] if split == "validation" else prepared.track_ids[split]
+        np.save(folder / f"{split}_predictions.npy", np.full((len(rows), len(prepared.tags)), 0.5, np.float32))
+        (folder / f"{split}_track_ids.txt").write_text("".join(f"{track_id}\n" for track_id in rows))
+    with pytest.raises(ValueError, match="other validation rows than the prepared dataset"):
+        ensembles.report_folder_members([str(folder)], prepared)

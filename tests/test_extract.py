@@ -3,6 +3,7 @@
 Every build here is a real one (real MP3s, real processes); none may hang, so each runs under a timeout.
 """
 
+import dataclasses
 import os
 import random
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import build, extract, layout, metadata
+from data_prep import extract, layout, metadata, preparation
 from data_prep.reader import PARTS, FrameReader, load_prepared
 
 from .conftest import CHUNK_FRAMES
@@ -115,14 +116,16 @@ def test_workers_killed_at_any_moment_never_hang_a_build(synthetic_tree, prepare
 
 def test_a_build_with_more_tracks_per_worker_than_their_limit_finishes(synthetic_tree, prepared_data_dir, tmp_path):
     """Each of 2 workers retires after 2 tracks, some 6 times over; the shards equal a clean build's."""
-    build.build_dataset(
-        synthetic_tree / "audio",
-        synthetic_tree / "data",
-        tmp_path,
-        workers=2,
-        progress=False,
-        chunk_frames=CHUNK_FRAMES,
-        tracks_per_worker=2,
+    preparation.build_dataset(
+        preparation.BuildOptions(
+            synthetic_tree / "audio",
+            synthetic_tree / "data",
+            tmp_path,
+            workers=2,
+            progress=False,
+            chunk_frames=CHUNK_FRAMES,
+            tracks_per_worker=2,
+        )
     )
     everything = {track_id for ids in load_prepared(prepared_data_dir[0]).track_ids.values() for track_id in ids}
     assert len(everything) > 4 * 2 * 2
@@ -165,17 +168,19 @@ def test_a_missing_file_is_looked_for_again_and_retry_failed_mends_a_finished_da
     (audio / missing.path).rename(tmp_path / "put_aside.mp3")
     original = (audio / corrupt.path).read_bytes()
     (audio / corrupt.path).write_bytes(b"\0" * 4000)
-    arguments = dict(workers=2, progress=False, chunk_frames=CHUNK_FRAMES)
-    first = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "data", **arguments)
+    options = preparation.BuildOptions(
+        audio, synthetic_tree / "data", tmp_path / "data", workers=2, progress=False, chunk_frames=CHUNK_FRAMES
+    )
+    first = preparation.build_dataset(options)
     assert first.failures == {"missing": 1, "corrupt": 1}
 
     (tmp_path / "put_aside.mp3").rename(audio / missing.path)  # found again on the next run, without asking
     (audio / corrupt.path).write_bytes(original)  # mended, but only looked at with retry_failed
-    second = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "data", **arguments)
+    second = preparation.build_dataset(options)
     assert second.failures == {"corrupt": 1}
     assert missing.track_id in load_prepared(tmp_path / "data").track_ids["train"]
 
-    third = build.build_dataset(audio, synthetic_tree / "data", tmp_path / "data", retry_failed=True, **arguments)
+    third = preparation.build_dataset(dataclasses.replace(options, retry_failed=True))
     assert third.failures == {}
     assert corrupt.track_id in load_prepared(tmp_path / "data").track_ids["train"]
 
@@ -186,14 +191,16 @@ def test_a_stale_incomplete_folder_of_a_killed_write_is_removed(synthetic_tree, 
     shutil.copytree(data_dir / "cache" / config_name, cache)
     stale = layout.dataset_dir(tmp_path, config_name, 0).parent / f"incomplete.AB12CD_{layout.VERSION}"
     (stale / "junk").mkdir(parents=True)  # as a build killed while TFDS wrote its shards leaves it
-    build.build_dataset(
-        synthetic_tree / "audio",
-        synthetic_tree / "data",
-        tmp_path,
-        workers=2,
-        progress=False,
-        chunk_frames=CHUNK_FRAMES,
-        cache_dir=cache,
+    preparation.build_dataset(
+        preparation.BuildOptions(
+            synthetic_tree / "audio",
+            synthetic_tree / "data",
+            tmp_path,
+            workers=2,
+            progress=False,
+            chunk_frames=CHUNK_FRAMES,
+            cache_dir=cache,
+        )
     )
     assert not list(stale.parent.glob("incomplete.*"))
     assert layout.is_prepared(tmp_path, config_name, 0)

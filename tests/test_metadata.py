@@ -1,15 +1,16 @@
-"""MTG-Jamendo metadata readers: the real files in ../shared, and small hand-written TSVs."""
+"""MTG-Jamendo metadata readers: the real files (benchmarks/reference_data.py), and small hand-written TSVs."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks import reference_data
 from data_prep import metadata
 
-REAL_METADATA = Path(__file__).resolve().parents[1].parent / "shared" / "mtg-jamendo" / "data"
+REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
 needs_real_metadata = pytest.mark.skipif(
-    not REAL_METADATA.is_dir(), reason=f"real MTG-Jamendo metadata not found at {REAL_METADATA} (../shared)"
+    not REAL_METADATA.is_dir(), reason=f"real MTG-Jamendo metadata not found at {REAL_METADATA}"
 )
 
 HEADER = "TRACK_ID\tARTIST_ID\tALBUM_ID\tPATH\tDURATION\tTAGS"

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from benchmarks import reference_data
 from data_prep import metadata
-from emorf_jax import ensemble, evaluate, metrics
+from emorf_jax import ensembles, metrics, report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED = REPO_ROOT.parent / "shared"
-MEDIAEVAL = SHARED / "mediaeval2019"
-JAMENDO = SHARED / "mtg-jamendo" / "data"
+MEDIAEVAL = reference_data.MEDIAEVAL2019
+JAMENDO = reference_data.MTG_JAMENDO_METADATA
 needs_shared = pytest.mark.skipif(
     not (MEDIAEVAL / "groundtruth.npy").exists(),
-    reason="../shared/mediaeval2019 (the official ground truth and submitted runs) is absent",
+    reason=f"{MEDIAEVAL} (the official ground truth and submitted runs) is absent",
 )
 
 
@@ -96,7 +96,7 @@ def test_published_tables_have_all_runs():
 
 @needs_shared
 def test_vggish_thresholds_give_its_decisions_with_strict_greater():
-    tags, thresholds = evaluate.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
+    tags, thresholds = report.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
     predictions = np.load(MEDIAEVAL / "baseline" / "vggish" / "predictions.npy")
     assert tuple(tags) == metadata.read_tag_list(JAMENDO)
     np.testing.assert_array_equal(
@@ -110,7 +110,7 @@ def test_best_f1_thresholds_beat_the_organisers_on_their_own_set():
     """Chosen on the test set as the organisers did, our thresholds give each tag at least their F1."""
     groundtruth = _groundtruth()
     predictions = np.load(MEDIAEVAL / "baseline" / "vggish" / "predictions.npy")
-    _, organisers = evaluate.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
+    _, organisers = report.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
     ours = metrics.best_f1_thresholds(groundtruth, predictions)
     f1_ours = f1_score(groundtruth, metrics.decide(predictions, ours), average=None, zero_division=0)
     f1_organisers = f1_score(groundtruth, metrics.decide(predictions, organisers), average=None, zero_division=0)
@@ -198,34 +198,34 @@ def test_decide_refuses_thresholds_of_the_wrong_length():
 def test_thresholds_file_round_trip_keeps_decisions(tmp_path):
     predictions = np.array([[0.1, 0.2], [0.3, 0.4]], dtype=np.float32)
     thresholds = np.array([np.nextafter(np.float32(0.1), np.float32(1)), -np.inf])
-    evaluate.write_thresholds(tmp_path / "thresholds.txt", ["mood/theme---calm", "mood/theme---dark"], thresholds)
-    tags, read_back = evaluate.read_thresholds(tmp_path / "thresholds.txt")
+    report.write_thresholds(tmp_path / "thresholds.txt", ["mood/theme---calm", "mood/theme---dark"], thresholds)
+    tags, read_back = report.read_thresholds(tmp_path / "thresholds.txt")
     assert tags == ["mood/theme---calm", "mood/theme---dark"]
     np.testing.assert_array_equal(read_back, thresholds)
     np.testing.assert_array_equal(metrics.decide(predictions, read_back), metrics.decide(predictions, thresholds))
     (tmp_path / "broken.txt").write_text("mood/theme---calm\t0.5\nmood/theme---dark 0.5\n")
     with pytest.raises(ValueError, match=r"broken.txt, line 2: expected 2 tab-separated fields, got 1"):
-        evaluate.read_thresholds(tmp_path / "broken.txt")
+        report.read_thresholds(tmp_path / "broken.txt")
 
 
 def test_average_predictions_weights_and_errors():
     first, second = np.array([[0.2, 0.4]]), np.array([[0.6, 1.0]])
-    np.testing.assert_allclose(ensemble.average_predictions([first, second]), [[0.4, 0.7]])
-    np.testing.assert_allclose(ensemble.average_predictions([first, second], weights=[3, 1]), [[0.3, 0.55]])
+    np.testing.assert_allclose(ensembles.average_predictions([first, second]), [[0.4, 0.7]])
+    np.testing.assert_allclose(ensembles.average_predictions([first, second], weights=[3, 1]), [[0.3, 0.55]])
     with pytest.raises(ValueError, match=r"predictions\[1\] shape \(1, 3\) .* predictions\[0\] shape \(1, 2\)"):
-        ensemble.average_predictions([first, np.zeros((1, 3))])
+        ensembles.average_predictions([first, np.zeros((1, 3))])
     with pytest.raises(ValueError, match=r"predictions\[1\] has values in \[-2, 3\].*logits"):
-        ensemble.average_predictions([first, np.array([[-2.0, 3.0]])])
+        ensembles.average_predictions([first, np.array([[-2.0, 3.0]])])
     with pytest.raises(ValueError, match=r"weights shape \(3,\) does not match the 2 prediction matrices"):
-        ensemble.average_predictions([first, second], weights=[1, 1, 1])
+        ensembles.average_predictions([first, second], weights=[1, 1, 1])
     with pytest.raises(ValueError, match="at least one"):
-        ensemble.average_predictions([])
+        ensembles.average_predictions([])
 
 
 @needs_shared
 def test_averaging_the_two_single_model_runs_beats_each():
     runs = [np.load(MEDIAEVAL / "CP-JKU" / run / "predictions.npy") for run in ("1_shakefaresnet", "2_faresnet")]
-    averaged = ensemble.average_predictions(runs)
+    averaged = ensembles.average_predictions(runs)
     scores = [metrics.mediaeval_metrics(_groundtruth(), p)["PR-AUC-macro"] for p in [*runs, averaged]]
     assert scores[2] > max(scores[:2])
 
@@ -254,7 +254,7 @@ def test_cli_prints_the_official_row_as_json_and_plots(tmp_path):
         "--json",
         "--plot",
         plot,
-        "--metadata-dir",
+        "--metadata_dir",
         JAMENDO,
     )
     assert result.returncode == 0, result.stderr

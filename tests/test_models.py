@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from emorf_jax.models import CPResNet, frequency_channel, receptive_field, shake_shake
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, BasicBlock, FrequencyAwareConv, max_pool_2x2
+from emorf_jax.models.cp_resnet import BasicBlock, FrequencyAwareConv, max_pool_2x2
+from emorf_jax.models.layers import BN_MOMENTUM
 
 
 @functools.partial(jax.jit, static_argnames=("model", "train"))

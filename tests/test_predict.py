@@ -1,4 +1,5 @@
-"""`python -m emorf_jax.predict` on real audio files of every format, rate and channel count, with real checkpoints."""
+"""`python -m emorf_jax.predict` on real audio files of every format, rate and channel count, with real checkpoints
+(the library it runs, `emorf_jax.tagger`, has its own tests in test_tagger.py)."""
 
 import csv
 import json
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from data_prep import features, metadata
-from emorf_jax import inference, predict
+from data_prep import metadata
+from emorf_jax import tagger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(
     assert any("notes.ogg" in line for line in errors)
     with output.open() as f:
         rows = list(csv.DictReader(f))
-    tags = inference.load_tagger(random_checkpoints[0]).tags
+    tags = tagger.load_tagger(random_checkpoints[0]).tags
     assert list(rows[0])[: len(tags) + 1] == ["path", *tags]
     assert len(rows) == 8 and all(Path(row["path"]).parent.name == "nested" for row in rows)
     scores = {Path(row["path"]).name: np.array([float(row[tag]) for tag in tags]) for row in rows}
@@ -87,31 +88,24 @@ def test_an_ensemble_of_random_checkpoints_is_the_mean_of_each_alone(audio_folde
         [f"--checkpoint={c}" for c in random_checkpoints],
     ):
         output = tmp_path / f"out{len(outputs)}.json"
-        assert _predict(*files, *checkpoint_arguments, f"--output={output}").returncode == 0
+        assert _predict(*files, *checkpoint_arguments, f"--output={output}", "--taggram").returncode == 0
         outputs.append(json.loads(output.read_text()))
     for path in files:
         alone = [np.array(list(o[path].values())) for o in outputs[:2]]
         np.testing.assert_allclose(list(outputs[2][path].values()), np.mean(alone, axis=0), rtol=1e-5)
         assert not np.allclose(alone[0], alone[1])  # two different models
-
-
-def test_tracks_of_any_length_run_in_a_few_batch_shapes_without_recompiling(random_checkpoints, synthetic_tree):
-    """Batches of 4 windows and a last one padded to 1, 2 or 4: three compiled shapes for every track length."""
-    tagger = inference.load_tagger(random_checkpoints[0], batch_size=4)
-    settings = features.FeatureSettings(**tagger.meta["features"])
-    track = metadata.read_split(synthetic_tree / "data", 0, "test")[0]
-    waveform, rate = soundfile.read(synthetic_tree / "audio" / track.path, dtype="float32")
-    long = features.waveform_features(np.tile(waveform, (20, 1)), rate, "long", settings)
-    compiled = inference._jitted_logits._cache_size()
-    for windows in range(1, 10):  # last groups of 1, 2, 3 and 4 windows
-        tagger.tag_spectrogram(long[:, : windows * tagger.window_frames])
-    assert inference._jitted_logits._cache_size() <= compiled + 3
-    compiled = inference._jitted_logits._cache_size()
-    logits, weights = tagger.window_logits(long)
-    assert inference._jitted_logits._cache_size() == compiled  # whatever the length
-    assert len(weights) > 4 * tagger.batch_size and weights.sum() == long.shape[1]
-    assert [inference.padded_batch_size(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
-    assert inference.padded_batch_size(5, 6) == 6
+    # The ensemble's taggram: each file's windows, in seconds, with the library's window probabilities.
+    ensemble = tagger.load_tagger(random_checkpoints)
+    with (tmp_path / "out2.taggram.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for path in files:
+        track = ensemble.tag_file(path)
+        mine = [row for row in rows if row["path"] == path]
+        assert [float(row["end_s"]) for row in mine] == [
+            round(stop * ensemble.seconds_per_frame, 2) for _, stop, _ in track.windows
+        ]
+        got = [[float(row[tag]) for tag in ensemble.tags] for row in mine]
+        np.testing.assert_allclose(got, track.window_probabilities, atol=1e-6)
 
 
 def test_describe_prints_the_model_card(random_checkpoints):
@@ -124,4 +118,4 @@ def test_describe_prints_the_model_card(random_checkpoints):
 def test_usage_errors_exit_with_status_2(random_checkpoints, tmp_path):
     assert _predict("x.mp3", "--checkpoint=/no/such/checkpoint").returncode == 2
     assert _predict(str(tmp_path), f"--checkpoint={random_checkpoints[0]}").returncode == 2  # no audio inside
-    assert predict.audio_files([str(tmp_path)]) == []
+    assert tagger.audio_files([str(tmp_path)]) == []

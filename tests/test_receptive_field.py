@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from emorf_jax.models import CPResNet, receptive_field
+from emorf_jax.models.receptive_field import __main__ as receptive_field_command
 from tests.test_models import random_variables
 
 # The RF per ρ as the authors published it (docs/fidelity.md, "Model").
@@ -103,7 +104,7 @@ def test_cli_prints_table_and_both_rfs():
 
 def test_cli_rejects_an_impossible_rf(capsys):
     with pytest.raises(SystemExit):
-        receptive_field.main(["--max_rf", "3"])
+        receptive_field_command.main(["--max_rf", "3"])
     assert "max_rf=3 is below the smallest published RF" in capsys.readouterr().err
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from benchmarks import reference_data
 from data_prep import metadata, synthetic
 
-REAL_METADATA = Path(__file__).resolve().parents[1].parent / "shared" / "mtg-jamendo" / "data"
+REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,5 +1,6 @@
 """The main job end to end on real shards: `python -m emorf_jax.main` in subprocesses, killed and resumed for real."""
 
+import itertools
 import json
 import os
 import shlex
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 
 from configs import faresnet
-from data_prep import features, metadata
+from data_prep import build, features, metadata
 from data_prep.reader import load_prepared
-from emorf_jax import checkpoints, inference, input_pipeline, submission, train
+from emorf_jax import checkpoints, demo, ensemble, input_pipeline, submission, train
+from emorf_jax.tagger import load_tagger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,11 +70,12 @@ def test_run_prints_the_test_report_and_saves_every_row(reference_run, synthetic
     assert set(report["final"]) >= {"PR-AUC-macro", "ROC-AUC-macro", "F-score-macro", "recall-micro"}
     assert "snapshot_ensemble_2" in stdout and "constant_predictor" in stdout
     prepared = load_prepared(data_dir, "hop512")
-    for split in ("validation", "test"):
-        ids = (workdir / "report" / f"{split}_track_ids.txt").read_text().split()
+    for model, split in itertools.product(set(report) - {"constant_predictor"}, ("validation", "test")):
+        ids = (workdir / "report" / model / f"{split}_track_ids.txt").read_text().split()
         assert ids == list(prepared.track_ids[split]) == list(prepared.tsv_track_ids[split])
-        predictions = np.load(workdir / "report" / "final" / f"{split}_predictions.npy")
+        predictions = np.load(workdir / "report" / model / f"{split}_predictions.npy")
         assert predictions.shape == (len(ids), 9) and predictions.dtype == np.float32
+    assert json.loads((workdir / "report" / "swa" / "metrics.json").read_text()) == report["swa"]
     # Every test track is in the shards, so each model's test rows are also written as a MediaEval submission.
     submitted = np.load(workdir / "report" / "selected" / "submission" / "predictions.npy")
     np.testing.assert_array_equal(submitted, np.load(workdir / "report" / "selected" / "test_predictions.npy"))
@@ -88,17 +91,44 @@ def test_run_prints_the_test_report_and_saves_every_row(reference_run, synthetic
     assert tagged.stdout.startswith(f"{command[3]}\t")
 
 
-def test_the_demo_names_one_of_its_own_test_tracks_in_the_predict_command(random_checkpoints, synthetic_tree, tmp_path):
-    from emorf_jax import main
+def _files(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
 
+
+def test_a_run_reports_each_model_as_the_ensemble_tool_does_which_reads_it_back(reference_run, tmp_path):
+    """One layout for one model's report: given a run's model folder as its only member, the ensemble tool writes the
+    same files with the same numbers."""
+    data_dir, workdir, _ = reference_run
+    swa = workdir / "report" / "swa"
+    for model in ("final", "selected", "snapshot_ensemble_2"):
+        assert _files(workdir / "report" / model) == _files(swa)
+    output = tmp_path / "ensemble"
+    assert ensemble.main([f"--predictions={swa}", f"--data_dir={data_dir}", f"--output_dir={output}"]) == 0
+    assert _files(output) == _files(swa)
+    assert "submission/predictions.npy" in _files(output)
+    for name in _files(swa):
+        if name != "precision_recall.png":  # its title names the model
+            assert (output / name).read_bytes() == (swa / name).read_bytes(), name
+
+
+def test_the_demo_names_one_of_its_own_test_tracks_in_the_predict_command(random_checkpoints, synthetic_tree, tmp_path):
     (tmp_path / "swa").symlink_to(random_checkpoints[0])  # a workdir laid out as the demo's
     (tmp_path / "synthetic").symlink_to(synthetic_tree)
-    command = shlex.split(main.predict_command(faresnet.get_config("demo"), str(tmp_path)))
+    command = shlex.split(demo.predict_command(faresnet.get_config("demo"), str(tmp_path)))
     test_paths = {
         str(tmp_path / "synthetic" / "audio" / t.path) for t in metadata.read_split(synthetic_tree / "data", 0, "test")
     }
     assert command[3] in test_paths and Path(command[3]).is_file()
     assert command[4] == f"--checkpoint={tmp_path}/swa"
+
+
+def test_the_demo_prepares_its_data_with_command_lines_the_data_tools_accept(tmp_path):
+    config = faresnet.get_config("demo")
+    *making, building = demo.data_preparation_commands(config, str(tmp_path))
+    assert [command[1:3] for command in making] == [["-m", "data_prep.synthetic"]]
+    assert building[1:3] == ["-m", "data_prep.build"]
+    options = build.parse_options(building[3:])
+    assert options.features == config.dataset.config_name and Path(options.data_dir) == tmp_path / "data"
 
 
 def test_snapshots_are_where_the_config_puts_them(reference_run):
@@ -116,7 +146,7 @@ def test_tagging_a_tracks_audio_equals_its_evaluation_on_multi_chunk_tracks(refe
     """The checkpoint, loaded without the config, tags each test track's MP3 (decoded, features computed) as the
     run's whole-track evaluation scored the same track from its stored chunks."""
     data_dir, workdir, _ = reference_run
-    tagger = inference.load_tagger(str(workdir / checkpoints.LATEST))
+    tagger = load_tagger(str(workdir / checkpoints.LATEST))
     prepared = load_prepared(data_dir, "hop512")
     assert tagger.tags == list(prepared.tags)
     assert tagger.meta["model"]["frequency_aware"] is True
@@ -215,22 +245,24 @@ def test_clear_errors_before_any_compute(prepared_data_dir, tmp_path):
 def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_factory, caplog):
     """In process: a larger synthetic set than the shared fixture whose test and validation parts each lose one
     track to data preparation (its MP3 is gone), a small FA-ResNet, about a minute of CPU."""
-    from data_prep import build, synthetic
+    from data_prep import preparation, synthetic
 
     root = tmp_path_factory.mktemp("learnable")
     synthetic.make_synthetic(root, num_tracks=100, seed=1, duration=4.0, duplicate_groups=0)
     lost = {part: metadata.read_split(root / "data", 0, part)[1] for part in ("validation", "test")}
     for track in lost.values():
         (root / "audio" / track.path).unlink()
-    build.build_dataset(
-        root / "audio",
-        root / "data",
-        root / "prepared",
-        "hop512",
-        split_index=0,
-        workers=2,
-        progress=False,
-        chunk_frames=160,
+    preparation.build_dataset(
+        preparation.BuildOptions(
+            root / "audio",
+            root / "data",
+            root / "prepared",
+            features="hop512",
+            split_index=0,
+            workers=2,
+            progress=False,
+            chunk_frames=160,
+        )
     )
     config = _test_config(root / "prepared")
     config.model.base_channels = 8
@@ -253,7 +285,7 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
         )
         assert warning.startswith("1 of the") and "failures.tsv" in warning and track.track_id in warning
     official = metadata.read_split(root / "data", 0, "test")
-    rows = (workdir / "report" / "test_track_ids.txt").read_text().split()
+    rows = (workdir / "report" / "final" / "test_track_ids.txt").read_text().split()
     assert rows == [track.track_id for track in official if track.track_id != lost["test"].track_id]
     assert np.load(workdir / "report" / "final" / "test_predictions.npy").shape[0] == len(rows)
     assert not (workdir / "report" / "final" / "submission").exists()

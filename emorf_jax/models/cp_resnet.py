@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from emorf_jax.models import conv
+from emorf_jax.models.layers import BN_MOMENTUM, batch_norm, check_nhwc, kaiming_fan_in, kaiming_fan_out
 
-BN_EPSILON = 1e-5  # PyTorch's default
-BN_MOMENTUM = 0.9  # Flax convention for PyTorch's running-average momentum 0.1
 STEM_KERNEL = 5
 STEM_STRIDE = 2
 STEM_PADDING = 1  # on both sides, not "same": 256 mel bins become 127
@@ -34,17 +33,11 @@ POOLED_BLOCKS = frozenset({(1, 1), (1, 2), (1, 4)})
 FIXED_KERNELS = (3, 1)
 MAX_RHO = NUM_STAGES * BLOCKS_PER_STAGE * 2 - len(FIXED_KERNELS)
 
-# Kaiming-normal with ReLU gain, as torch.nn.init.kaiming_normal_ (a plain, not truncated, normal).
-kaiming_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-
 
 def fixup_conv1_init(num_blocks: int) -> nn.initializers.Initializer:
     """N(0, L^-0.5 * sqrt(2/n)) with n = k*k*out_channels (Flax's conv fan_out) and L the network's number of
     blocks, the same for every block (Fixup's rule and the authors' code: docs/fidelity.md, "Initialisation")."""
     return nn.initializers.variance_scaling(2.0 / num_blocks, "fan_out", "normal")
-
-
-shortcut_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv_function(fast_cpu_conv: bool) -> Callable[..., jax.Array]:
@@ -168,18 +161,6 @@ def shake_shake(branch1: jax.Array, branch2: jax.Array, alpha: jax.Array, beta: 
     return backward_mix + jax.lax.stop_gradient(forward_mix - backward_mix)
 
 
-def batch_norm(owner: nn.Module, train: bool, name: str) -> nn.BatchNorm:
-    """PyTorch-style BatchNorm (eps 1e-5) with the owner's momentum, sync axis and compute dtype."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=owner.bn_momentum,
-        epsilon=BN_EPSILON,
-        axis_name=owner.bn_axis_name,
-        dtype=owner.dtype,
-        name=name,
-    )
-
-
 class BasicBlock(nn.Module):
     """Post-activation basic block: conv-BN-ReLU-conv-BN (+ FA channel before each conv), shortcut, ReLU."""
 
@@ -216,7 +197,7 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         shortcut = x
         if x.shape[-1] != self.features:
-            shortcut = self._conv(self.features, 1, shortcut_init, "shortcut_conv")(x)
+            shortcut = self._conv(self.features, 1, kaiming_fan_out, "shortcut_conv")(x)
             shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
         if not self.shake_shake:
             return nn.relu(shortcut + self._branch(x, train, ""))
@@ -292,12 +273,6 @@ class CPResNet(nn.Module):
         x = batch_norm(self, train, "feed_forward_bn")(x)
         self.sow("intermediates", "feature_map", x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-
-
-def check_nhwc(x: jax.Array, model_name: str) -> None:
-    """Every model of the family takes (batch, frequency, time, channels): say so instead of failing deep inside."""
-    if x.ndim != 4:
-        raise ValueError(f"{model_name} expects NHWC input (batch, frequency, time, channels), got shape {x.shape}")
 
 
 def check_input(x: jax.Array) -> None:

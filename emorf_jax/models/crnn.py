@@ -4,8 +4,8 @@ classification", one row of the paper's table (docs/fidelity.md, "Baselines").
 A BatchNorm of the input; four blocks of 3x3 conv (64, 128, 128, 128 channels) - BatchNorm - ELU - max-pool
 (2x2, 3x3, 4x4, 4x4) - dropout 0.1; the map read as a sequence over time (frequency rows x channels per step; for
 96 bands the rows are pooled to 1, as in Choi et al.); two GRU layers of 32 units, the last state of the second
-through dropout 0.3 into a dense layer. Pools are clipped to the map they pool (as in `vggish`), so short inputs
-still give at least one time step.
+through dropout 0.3 into a dense layer. Pools are clipped to the map they pool (`layers.clipped_max_pool`), so
+short inputs still give at least one time step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, check_nhwc
-from emorf_jax.models.vggish import conv_elu_blocks
+from emorf_jax.models.layers import BN_MOMENTUM, check_nhwc, conv_elu_blocks
 
 POOLS = ((2, 2), (3, 3), (4, 4), (4, 4))
 WIDTH_FACTORS = (1, 2, 2, 2)  # of `base_channels`: 64, 128, 128, 128

@@ -4,6 +4,7 @@
 Stem 7x7/2 conv - BN - ReLU - 3x3/2 max-pool; four stages of basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x
 expansion) blocks, widths 64, 128, 256, 512, the first block of stages 2-4 striding by 2 (in its 3x3 conv, as in
 torchvision), projection shortcuts (1x1 conv + BN) where the shape changes; global average pooling; a dense head.
+Every conv is initialised as in torchvision: Kaiming-normal, fan out.
 ResNet-18: basic [2, 2, 2, 2]; ResNet-34: basic [3, 4, 6, 3]; ResNet-50: bottleneck [3, 4, 6, 3].
 """
 
@@ -15,14 +16,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm, check_nhwc
+from emorf_jax.models.layers import BN_MOMENTUM, batch_norm, check_nhwc, kaiming_fan_out
 
 STAGE_SIZES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
 BOTTLENECK = {"resnet18": False, "resnet34": False, "resnet50": True}
 EXPANSION = 4  # output channels of a bottleneck block per its width
-
-# torchvision's initialisation: Kaiming-normal (fan out, ReLU gain) for every conv.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class ResidualBlock(nn.Module):
@@ -43,7 +41,7 @@ class ResidualBlock(nn.Module):
             strides=strides,
             padding=[(pad, pad)] * 2,
             use_bias=False,
-            kernel_init=conv_init,
+            kernel_init=kaiming_fan_out,
             dtype=self.dtype,
             name=name,
         )
@@ -90,7 +88,7 @@ class ResNet(nn.Module):
             strides=2,
             padding=[(3, 3), (3, 3)],
             use_bias=False,
-            kernel_init=conv_init,
+            kernel_init=kaiming_fan_out,
             dtype=self.dtype,
             name="stem_conv",
         )(x.astype(self.dtype))

@@ -17,38 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emorf_jax.models.cp_resnet import BN_MOMENTUM, batch_norm, check_nhwc
+from emorf_jax.models.layers import BN_MOMENTUM, check_nhwc, conv_elu_blocks
 
 # (frequency, time) max-pool after each conv block, for 96 bands x 1,366 frames.
 POOLS = ((2, 4), (2, 4), (2, 4), (3, 5), (4, 4))
 # Channels of the five convs as multiples of `base_channels`: the organisers' 64, 128, 128, 128, 64.
 WIDTH_FACTORS = (1, 2, 2, 2, 1)
-
-
-def clipped_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
-    """Non-overlapping max-pool of an NHWC map (remainders dropped, as PyTorch's MaxPool2d), each window side
-    clipped to the map's size so that no axis vanishes."""
-    window = tuple(min(size, side) for size, side in zip(window, x.shape[1:3]))
-    return nn.max_pool(x, window, strides=window, padding="VALID")
-
-
-def conv_elu_blocks(
-    owner: nn.Module,
-    x: jax.Array,
-    train: bool,
-    widths: tuple[int, ...],
-    pools: tuple[tuple[int, int], ...],
-    dropout: float = 0.0,
-) -> jax.Array:
-    """The input BatchNorm, then per block a 3x3 conv (padding 1, with bias) - BatchNorm - ELU - clipped max-pool
-    (- dropout): the convolutional part that VGG-ish and the CRNN share, built inside `owner`'s compact call."""
-    x = batch_norm(owner, train, "bn_init")(x.astype(owner.dtype))
-    for index, (features, pool) in enumerate(zip(widths, pools), start=1):
-        x = nn.Conv(features, (3, 3), padding=[(1, 1), (1, 1)], dtype=owner.dtype, name=f"conv_{index}")(x)
-        x = clipped_max_pool(nn.elu(batch_norm(owner, train, f"bn_{index}")(x)), pool)
-        if dropout:
-            x = nn.Dropout(dropout, deterministic=not train)(x)
-    return x
 
 
 class VGGish(nn.Module):

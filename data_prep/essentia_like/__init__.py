@@ -1,5 +1,5 @@
 """Organisers-style `.npy` mel-spectrograms of an audio tree in the MTG-Jamendo layout, so that the essentia96 path
-(`python -m data_prep.build --config essentia96`) can be run where the organisers' files are out of reach:
+(`python -m data_prep.build --features essentia96`) can be run where the organisers' files are out of reach:
 
     python -m data_prep.essentia_like --audio_dir SYNTH/audio --metadata_dir SYNTH/data --out SYNTH/npy
 
@@ -11,10 +11,8 @@ a file that exists is kept, so an interrupted run resumes.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import multiprocessing
-from collections.abc import Sequence
 from pathlib import Path
 
 import librosa
@@ -63,18 +61,3 @@ def write_essentia_like_tree(
                 bar.update()
     bar.close()
     return len(jobs)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.essentia_like", description=__doc__.split("\n")[0])
-    parser.add_argument("--audio_dir", required=True, help="audio root: NN/ID.mp3 as in the TSVs")
-    parser.add_argument("--metadata_dir", required=True, help="holds splits/split-0/*.tsv")
-    parser.add_argument("--out", required=True, help="output root: NN/ID.npy")
-    parser.add_argument("--workers", type=int, default=1, help="processes")
-    args = parser.parse_args(argv)
-    count = write_essentia_like_tree(args.audio_dir, args.metadata_dir, args.out, args.workers)
-    print(f"{count} .npy files written under {args.out}")
-
-
-if __name__ == "__main__":
-    main()

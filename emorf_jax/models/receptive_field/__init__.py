@@ -5,12 +5,12 @@ convs are 3x3 (the rest are 1x1), and so how far the RF grows (docs/fidelity.md,
 "published" one computed as the authors' code does (the numbers in their slides and papers), and the exact
 layer-by-layer one that counts the stem and each max-pool's own window.
 
-Command line: `python -m emorf_jax.models.receptive_field --rho 5` or `--max_rf 100` prints the per-layer table.
+Command line (__main__.py): `python -m emorf_jax.models.receptive_field --rho 5` or `--max_rf 100` prints the
+per-layer table.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,13 +24,13 @@ __all__ = [
     "Layer",
     "MAX_RHO",
     "POOLED_BLOCKS",
+    "RF_KINDS",
     "block_names",
     "effective_receptive_field",
     "exact_rf",
     "format_table",
     "kernel_schedule",
     "layer_table",
-    "main",
     "published_rf",
     "rho_for_max_rf",
 ]
@@ -88,14 +88,14 @@ def published_rf(rho: int) -> int:
     return rf
 
 
-_RF_KINDS: dict[str, Callable[[int], int]] = {"published": published_rf, "exact": exact_rf}
+RF_KINDS: dict[str, Callable[[int], int]] = {"published": published_rf, "exact": exact_rf}
 
 
 def rho_for_max_rf(max_rf: int, kind: str = "published") -> int:
     """The ρ with the largest RF not above `max_rf`, so a config can ask for an RF instead of a ρ."""
-    if kind not in _RF_KINDS:
-        raise ValueError(f"kind must be one of {sorted(_RF_KINDS)}, got {kind!r}")
-    rf_of = _RF_KINDS[kind]
+    if kind not in RF_KINDS:
+        raise ValueError(f"kind must be one of {sorted(RF_KINDS)}, got {kind!r}")
+    rf_of = RF_KINDS[kind]
     fitting = [rho for rho in range(MAX_RHO + 1) if rf_of(rho) <= max_rf]
     if not fitting:
         raise ValueError(f"max_rf={max_rf} is below the smallest {kind} RF, {rf_of(0)} (rho=0)")
@@ -135,26 +135,3 @@ def format_table(rho: int) -> str:
         f"exact RF (layer by layer): {exact_rf(rho)}",
     ]
     return "\n".join([header, *rows, *footer])
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="CP-ResNet kernel schedule and receptive field for a rho.")
-    choice = parser.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--rho", type=int, help=f"0..{MAX_RHO}")
-    choice.add_argument("--max_rf", type=int, help="pick the rho with the largest RF not above this")
-    parser.add_argument(
-        "--kind",
-        choices=sorted(_RF_KINDS),
-        default="published",
-        help="which RF --max_rf refers to (default: published)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        rho = args.rho if args.max_rf is None else rho_for_max_rf(args.max_rf, args.kind)
-        print(format_table(rho))
-    except ValueError as error:
-        parser.error(str(error))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""Stage 2 of a build: the TFDS dataset of TFRecord shards and the record index that reads them at random.
+"""Stage 2 of a build (data_prep.preparation): the TFDS dataset of TFRecord shards and the record index that reads
+them at random.
 
 Record layout, chosen for training speed: a track longer than ``chunk_frames`` frames is split into
 consecutive non-overlapping chunks (the last one shorter), one example each, with the spectrogram stored
@@ -34,10 +35,7 @@ import tqdm
 from tensorflow.core.example import example_pb2
 from tensorflow_datasets.core import writer as tfds_writer
 
-from data_prep import (
-    extract,
-    layout,
-)
+from data_prep import extract, layout
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
 from data_prep.reader import PARTS

@@ -9,8 +9,8 @@ is exercised on a small tree that has the real dataset's layout and file formats
     OUT/data/tags/moodtheme_split.txt      the label columns (alphabetical, like the real file)
     OUT/data/tags/moodtheme.txt            every tag of the full TSV
 
-Run ``python -m data_prep.synthetic --out DIR --tracks N --seed S``; the same arguments give byte-identical
-files. The tags are real MTG-Jamendo mood/theme names, each planted by a layer of sound that lasts the
+Run ``python -m data_prep.synthetic --out DIR --tracks N --seed S`` (__main__.py); the same arguments give
+byte-identical files. The tags are real MTG-Jamendo mood/theme names, each planted by a layer of sound that lasts the
 whole track, so that any ~3 s crop carries the evidence:
 
 * ``deep`` (register): every track has a melody of pure-tone notes (0.15-0.45 s, vibrato of +-1 semitone)
@@ -54,7 +54,6 @@ tracks (``long_tracks``) last 30-50 s.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -567,35 +566,3 @@ def make_synthetic(
         _write_tsv(metadata.split_tsv_path(data_dir, 0, part), part_plans)
     _write_lines(metadata.tag_list_path(data_dir), LABEL_TAGS, "\n")
     _write_lines(data_dir / "tags" / "moodtheme.txt", sorted({*LABEL_TAGS, DROPPED_TAG}), "\n")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (gets audio/ and data/)")
-    parser.add_argument("--tracks", type=int, default=300, help="number of tracks in the full TSV")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--duration", type=float, default=6.0, help="median track length in seconds")
-    parser.add_argument(
-        "--length_log_std",
-        type=float,
-        default=LENGTH_LOG_STD,
-        help="spread of log(length); the real data's by default, 0 for equal lengths",
-    )
-    parser.add_argument("--long_tracks", type=int, default=0, help="extra tracks of 30-50 s")
-    parser.add_argument("--duplicate_groups", type=int, default=2, help="pairs of byte-identical MP3s")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
-    args = parser.parse_args(argv)
-    make_synthetic(
-        args.out,
-        args.tracks,
-        args.seed,
-        args.duration,
-        args.long_tracks,
-        args.duplicate_groups,
-        args.workers,
-        args.length_log_std,
-    )
-
-
-if __name__ == "__main__":
-    main()

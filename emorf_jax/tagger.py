@@ -1,0 +1,209 @@
+"""Tags music with one checkpoint or the average of several: what `python -m emorf_jax.predict`, the notebook and
+the benchmarks share.
+
+All a tagger needs comes from its checkpoints' meta: the model (rebuilt by the registry), tags, feature setting,
+normalisation and evaluation window. A track's features are computed by data preparation's own code (any sample rate
+and channel count, mixed down and resampled), rounded to the float16 the shards store, cut into the evaluation's
+windows (`input_pipeline.window_ranges`) and run through `inference.logits_step`, the step the evaluation pmaps, so
+a checkpoint tags a track's audio exactly as the evaluation scored it. Each checkpoint's window logits are averaged,
+weighted by the frames each window stands for, and turned into probabilities; several checkpoints' probabilities
+are averaged.
+"""
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from scipy.special import expit
+
+from data_prep import features
+from data_prep.metadata import short_tag_name
+from data_prep.reader import STORED_DTYPE
+from emorf_jax import checkpoints, inference, input_pipeline
+from emorf_jax.models import receptive_field, registry
+
+AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg")
+
+_jitted_logits_step = jax.jit(inference.logits_step, static_argnames="model")
+
+
+def padded_batch_size(windows: int, batch_size: int) -> int:
+    """The batch that `windows` windows (at most `batch_size`) run in: the smallest power of two that holds them,
+    at most `batch_size`. A track's last, shorter group so wastes less than half of its batch instead of up to all
+    but one window (a 180-s track: 10 windows run as 8 + 2, not 8 + 8), for a few more compiled shapes."""
+    return min(batch_size, 1 << (windows - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One trained model: its module, weights and checkpoint meta."""
+
+    model: nn.Module
+    variables: dict[str, Any]
+    meta: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackTags:
+    """What a tagger says of one track, averaged over its members."""
+
+    probabilities: np.ndarray  # (tags,) of the whole track
+    windows: list[tuple[int, int, int]]  # (start, stop, weight) frames, as `input_pipeline.window_ranges` cuts them
+    window_probabilities: np.ndarray  # (windows, tags): the taggram
+
+
+@dataclasses.dataclass(frozen=True)
+class Tagger:
+    """One or several members that share tags, features and normalisation, whose probabilities are averaged.
+
+    Windows go through each model in batches of `batch_size`, the last one padded to `padded_batch_size`, so neither
+    memory nor compilation depends on a track's length: at most log2(batch_size) + 1 batch shapes (a track shorter
+    than one window is the only other window shape). The window length and feature setting are the first member's.
+    """
+
+    members: tuple[Member, ...]
+    batch_size: int = 8
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The first member's meta, whose tags, features and normalisation every member shares."""
+        return self.members[0].meta
+
+    @property
+    def tags(self) -> list[str]:
+        return self.meta["tags"]
+
+    @property
+    def window_frames(self) -> int:
+        """The evaluation window the first model was validated with."""
+        return int(self.meta["window_frames"])
+
+    @property
+    def seconds_per_frame(self) -> float:
+        """The time step of the features, for time axes."""
+        return self.meta["features"]["hop_length"] / self.meta["features"]["sample_rate"]
+
+    def spectrogram(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        """The (n_mels, frames) features of a waveform (samples,) or (samples, channels) at any sample rate and
+        channel count, computed by data preparation's own code, mixed down and resampled to the model's rate."""
+        waveform = np.asarray(waveform, np.float32)
+        return self._features(waveform[:, None] if waveform.ndim == 1 else waveform, sample_rate, "the waveform")
+
+    def read_features(self, path: str | Path) -> np.ndarray:
+        """`spectrogram` of an audio file; an unreadable file raises OSError or features.AudioError, naming it."""
+        waveform, sample_rate = features.decode_audio(Path(path).read_bytes(), str(path))
+        return self._features(waveform, sample_rate, str(path))
+
+    def _features(self, waveform: np.ndarray, sample_rate: int, name: str) -> np.ndarray:
+        settings = features.FeatureSettings(**self.meta["features"])
+        if settings.source != "audio":
+            raise ValueError(
+                f"this model was trained on {settings.source!r} input, not audio: pass that input to tag_spectrogram"
+            )
+        return features.waveform_features(waveform, sample_rate, name, settings, resample=True)
+
+    def window_logits(
+        self, spectrogram: np.ndarray, window_frames: int | None = None
+    ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """(members, windows, tags) logits of one track's (n_mels, frames) spectrogram, and its windows."""
+        norm = self.meta["normalisation"]
+        mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+        stored = np.asarray(spectrogram).astype(STORED_DTYPE).T  # as data preparation stores it: time-major
+        windows = input_pipeline.window_ranges(stored.shape[0], window_frames or self.window_frames)
+        logits = [
+            np.concatenate(
+                [
+                    np.asarray(_jitted_logits_step(member.variables, batch, mean, std, model=member.model))[:count]
+                    for count, batch in self._batches(stored, windows)
+                ]
+            )
+            for member in self.members
+        ]
+        return np.stack(logits), windows
+
+    def _batches(self, stored: np.ndarray, windows: list[tuple[int, int, int]]) -> Iterator[tuple[int, np.ndarray]]:
+        """(windows in it, padded batch) of a track's stored (frames, n_mels) features, in window order."""
+        for first in range(0, len(windows), self.batch_size):
+            group = np.stack([stored[start:stop] for start, stop, _ in windows[first : first + self.batch_size]])
+            padding = padded_batch_size(len(group), self.batch_size) - len(group)
+            yield len(group), np.concatenate([group, np.zeros((padding, *group.shape[1:]), group.dtype)])
+
+    def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> TrackTags:
+        """The tags of one track's (n_mels, frames) features in the checkpoints' setting."""
+        logits, windows = self.window_logits(spectrogram, window_frames)
+        weights = np.array([weight for _, _, weight in windows], np.float64)
+        track = [expit((member_logits * weights[:, None]).sum(axis=0) / weights.sum()) for member_logits in logits]
+        return TrackTags(np.mean(track, axis=0), windows, np.mean(expit(logits), axis=0))
+
+    def tag_file(self, path: str | Path, window_frames: int | None = None) -> TrackTags:
+        """The tags of an audio file (see `read_features` for the errors)."""
+        return self.tag_spectrogram(self.read_features(path), window_frames)
+
+    def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None) -> dict[str, float]:
+        """{tag: probability} for a waveform (samples,) or (samples, channels) of the whole track."""
+        probabilities = self.tag_spectrogram(self.spectrogram(waveform, sample_rate), window_frames).probabilities
+        return dict(zip(self.tags, probabilities.tolist()))
+
+
+def load_tagger(paths: str | Sequence[str], batch_size: int = 8) -> Tagger:
+    """A Tagger of one checkpoint or the average of several, from any checkpoint of a run (e.g. `runs/demo/swa`,
+    `runs/demo/snapshots/120`) of any model; no config needed (each model is rebuilt from `meta["model"]`). Raises
+    ValueError, naming the checkpoint, when they do not share tags, features and normalisation."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not paths:
+        raise ValueError("no checkpoint to load")
+    loaded = [(path, *checkpoints.load_checkpoint(path)) for path in paths]
+    checkpoints.check_compatible([(path, meta) for path, _, meta in loaded])
+    members = tuple(Member(registry.build(meta["model"]), variables, meta) for _, variables, meta in loaded)
+    return Tagger(members, batch_size)
+
+
+def audio_files(paths: Sequence[str]) -> list[Path]:
+    """The files named, and the audio files (`AUDIO_SUFFIXES`) below the folders named, in a stable order."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        else:
+            found.append(path)  # a missing or non-audio file is reported when it is read
+    return found
+
+
+def top_tags_line(path: str, probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> str:
+    """The line `predict` shows for a file: its path and its top-k tags with their probabilities."""
+    top = np.argsort(-probabilities)[:top_k]
+    return f"{path}\t" + "  ".join(f"{short_tag_name(tags[i])} {probabilities[i]:.3f}" for i in top)
+
+
+def model_card(path: str) -> str:
+    """What a checkpoint is, from its meta alone."""
+    tagger = load_tagger(path)
+    meta = tagger.meta
+    model, settings = meta["model"], meta["features"]
+    frame_seconds = tagger.seconds_per_frame
+    lines = [
+        f"checkpoint       {os.path.abspath(path)} ({meta['kind']}, step {meta['step']}, epoch {meta['epoch']:.2f})",
+        f"model            {registry.describe(model)}",
+    ]
+    if registry.model_name(model) == "cp_resnet":
+        lines.append(
+            f"receptive field  {receptive_field.published_rf(model['rho'])} frames as published, "
+            f"{receptive_field.exact_rf(model['rho'])} exact"
+        )
+    lines += [
+        f"features         {settings['n_mels']} mel bands, {settings['sample_rate']} Hz, n_fft {settings['n_fft']}, "
+        f"hop {settings['hop_length']}, {settings['order']}",
+        f"window           {meta['window_frames']} frames ({meta['window_frames'] * frame_seconds:.1f} s)",
+        f"training data    split {meta['dataset']['split_index']} of {meta['dataset']['config_name']}, "
+        f"{meta['dataset']['training_tracks']} tracks, crops of {meta['dataset']['crop_frames']} frames, "
+        f"batch {meta['dataset']['batch_size']}",
+    ]
+    if "validation" in meta:
+        lines.append("validation       " + ", ".join(f"{k} {v:.4f}" for k, v in meta["validation"].items()))
+    lines.append("tags             " + " ".join(short_tag_name(tag) for tag in meta["tags"]))
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The README's commands exist as written: every `python -m` module it shows starts, its `--help` shows the
+`python -m` form and the module's whole first paragraph, and every flag the README gives it is one the command
+takes. (The commands themselves run in the tests that cover each module, and the demo in CI's install line.)"""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OWN_PACKAGES = ("emorf_jax", "data_prep", "benchmarks")
+
+
+def _readme_commands() -> dict[str, set[str]]:
+    """{module: the flags the README passes it}, from its shell blocks, continuation lines joined."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.DOTALL)
+    inline = re.findall(r"`([^`\n]*python -m [^`\n]*)`", text)
+    commands: dict[str, set[str]] = {}
+    for line in [*"\n".join(blocks).replace("\\\n", " ").splitlines(), *inline]:
+        for invocation in re.split(r"&&|;|\|", line):
+            match = re.search(r"python -m ([\w.]+)(.*)", invocation)
+            if match and match.group(1).split(".")[0] in OWN_PACKAGES:
+                flags = commands.setdefault(match.group(1), set())
+                # config overrides (`--config.batch_size=32`) are fields of the config, not flags
+                flags.update(flag for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)(?![\w.])", match.group(2)))
+    return commands
+
+
+README_COMMANDS = _readme_commands()
+
+
+def _module_docstring(module: str) -> str:
+    path = REPO / Path(*module.split("."))
+    path = path / "__main__.py" if path.is_dir() else path.with_suffix(".py")
+    return ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+
+
+def test_the_readme_shows_the_main_commands():
+    assert {"emorf_jax.main", "emorf_jax.predict", "data_prep.build", "emorf_jax.evaluate"} <= set(README_COMMANDS)
+
+
+@pytest.mark.parametrize("module", sorted(README_COMMANDS))
+def test_readme_command_takes_its_flags_and_explains_itself(module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    # argparse's --help exits with 0, absl's (emorf_jax.main) with 1
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr[-2000:]
+    help_text = " ".join(result.stdout.split())
+    assert f"python -m {module}" in help_text, "the help should show how to run the command"
+    first_paragraph = " ".join(_module_docstring(module).split("\n\n")[0].split())
+    assert first_paragraph and first_paragraph in help_text, "the help should carry the docstring's first paragraph"
+    # absl lists a boolean flag as `--[no]distributed`
+    missing = sorted(
+        flag
+        for flag in README_COMMANDS[module]
+        if not re.search(rf"--(\[no\])?{flag.removeprefix('--')}(?![\w-])", help_text)
+    )
+    assert not missing, f"the README gives {module} flags its --help does not list: {missing}"
+
+
+def test_every_flag_the_readme_names_is_defined_by_some_command():
+    """Flags named in the README's prose (`--chunk_frames`, `--memory_budget_gb`, ...), not only in its commands."""
+    defined = {"--help"}
+    for package in OWN_PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            source = path.read_text(encoding="utf-8")
+            defined.update(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+            defined.update(f"--{name}" for name in re.findall(r"DEFINE_\w+\(\s*\"(\w+)\"", source))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(--[a-z][\w-]*)(?![\w.])[^`]*`", readme))  # an inline flag: `--retry_failed`
+    assert not sorted(named - defined), f"the README names flags that no command defines: {sorted(named - defined)}"
