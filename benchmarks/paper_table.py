@@ -12,7 +12,8 @@ with `--quick`): VGG-ish on the organisers' essentia96 format (`.npy` files made
 `configs/avg_ensemble.py` (`emorf_jax/ensemble_training.py`), whose FA and Shake-Shake members include those two rows;
 the popularity baseline predicts the most frequent synthetic training tag. Each row reports its SWA model's
 whole-track test PR-AUC and ROC-AUC (macro). The published figures are the official results on the REAL test set
-(4,231 tracks, 56 tags, from `benchmarks/reference_data.py`): the two columns are not comparable in value, only in order.
+(4,231 tracks, 56 tags, from `benchmarks/reference_data.py`): the two columns are not comparable in value, only
+in order.
 Finished rows are not trained again when the command is repeated with the same `--out`. Writes
 `<out>/paper_table.json` and `<out>/paper_table.md`.
 """
