@@ -132,7 +132,7 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
         model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0), (1, setup.mel_bins, setup.frames, 1)
     )
 
-    def pmapped_step(model):
+    def pmapped_step(model, device):
         return jax.pmap(
             functools.partial(
                 train.train_step,
@@ -155,11 +155,14 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
     rng = jax_utils.replicate(jax.random.PRNGKey(1), devices=[device])
     replicated = jax_utils.replicate(state, devices=[device])
     start = time.perf_counter()
-    step = pmapped_step(model).lower(replicated, batch, rng).compile()
+    step = pmapped_step(model, device).lower(replicated, batch, rng).compile()
     compile_seconds = time.perf_counter() - start
-    # Counted on the same step with XLA's own convolutions: the cost analysis counts a loop's body once, and the CPU
-    # kernel gradient of models/conv.py loops over blocks of rows; the arithmetic is the same.
-    flops = compiled_flops(pmapped_step(model.clone(fast_cpu_conv=False)).lower(replicated, batch, rng))
+    # Counted on the same step lowered for the CPU with XLA's own convolutions, whatever the device: a GPU's lowered
+    # step gives no cost analysis and its compiled one leaves out the convolutions (cuDNN calls), and the CPU kernel
+    # gradient of models/conv.py loops over blocks of rows, whose body the analysis counts once. The arithmetic is
+    # the same on every platform.
+    on_host = jax.tree.map(np.asarray, (replicated, batch, rng))
+    flops = compiled_flops(pmapped_step(model.clone(fast_cpu_conv=False), jax.devices("cpu")[0]).lower(*on_host))
 
     def run(num_steps: int) -> None:
         nonlocal replicated

@@ -4,7 +4,7 @@ Values the paper or the authors' code do not confirm for MediaEval are marked UN
 over the training TRACKS (one crop each), as in the authors' trainer: 9,949 tracks on split-0.
 Variants (`--config=configs/faresnet.py:demo`):
     (none)  the paper: 200 epochs on the prepared MTG-Jamendo split-0 shards (`dataset.data_dir`).
-    demo    the embedded default: a synthetic MTG-Jamendo made in the workdir, a small net, ~5 min on 2 CPU cores.
+    demo    the embedded default: a synthetic MTG-Jamendo made in the workdir, a small net, 3-6 min on 2 CPU cores.
     test    tiny and fast, for the unit tests.
 """
 
@@ -28,7 +28,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.data_dir = ""  # TFDS data_dir of `python -m data_prep.build`; "" = <workdir>/data (demo)
     config.dataset.config_name = "hop512"  # builder config = feature setting (docs/fidelity.md, "Features")
     config.dataset.split_index = 0  # split-0 is the MediaEval split
-    # The demo's own data, made by main.py in <workdir>/data when no prepared dataset is there:
+    # The demo's own data, made by demo.py (main.py runs it) in <workdir>/data when no prepared dataset is there:
     config.dataset.synthetic_tracks = 0  # > 0: make a synthetic MTG-Jamendo of this many tracks
     config.dataset.synthetic_seed = 0
     config.dataset.synthetic_duration = 6.0  # median track length in seconds (lengths spread like the real ones)

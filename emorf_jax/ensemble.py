@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from data_prep import features
 from emorf_jax import ensembles, report
 
 PROG = "python -m emorf_jax.ensemble"
@@ -42,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a model folder of a report, e.g. runs/demo/report/swa (repeatable)",
     )
     parser.add_argument("--data_dir", required=True, help="the prepared dataset (labels and official rows)")
-    parser.add_argument("--features", default="hop512", help="its feature setting when only --predictions are given")
+    parser.add_argument(
+        "--features",
+        default="hop512",
+        choices=tuple(features.CONFIGS),
+        help="its feature setting when only --predictions are given",
+    )
     parser.add_argument("--split", type=int, default=0, help="its split when only --predictions are given")
     parser.add_argument("--output_dir", required=True, help="the ensemble's report and submission go here")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per evaluation step")

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import jax_utils, traverse_util
 
 from data_prep.reader import PreparedDataset, load_prepared
@@ -410,6 +409,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Resuming from step %d", int(state.step))
     start_step = int(state.step)
     state = jax_utils.replicate(state)
+
+    # clu's writers bring TensorFlow (for TensorBoard's event files): only a run loads them, so that the step and
+    # model functions above import without it (the step benchmark runs where TensorFlow is not installed).
+    from clu import metric_writers, periodic_actions
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:

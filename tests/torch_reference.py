@@ -18,7 +18,7 @@ from emorf_jax.models import receptive_field
 def frequency_map(x: torch.Tensor) -> torch.Tensor:
     """The FA channel for an NCHW map: row f of F gets 2f/F - 1."""
     batch, _, rows, frames = x.shape
-    values = torch.arange(rows, dtype=x.dtype) * 2.0 / rows - 1.0
+    values = torch.arange(rows, dtype=x.dtype, device=x.device) * 2.0 / rows - 1.0
     return values.view(1, 1, rows, 1).expand(batch, 1, rows, frames)
 
 
