@@ -1,6 +1,7 @@
 """The README's commands exist as written: every `python -m` module it shows starts, its `--help` shows the
 `python -m` form and the module's whole first paragraph, and every flag the README gives it is one the command
-takes. (The commands themselves run in the tests that cover each module, and the demo in CI's install line.)"""
+takes. The commands themselves run on small data in the tests of each module (test_predict, test_ensemble,
+test_train, test_baselines, test_build, test_synthetic, test_benchmarks, test_multihost)."""
 
 import ast
 import re

@@ -68,7 +68,7 @@ import soundfile
 from data_prep import metadata
 
 SAMPLE_RATE = 44100
-TAG_PREFIX = "mood/theme---"
+TAG_PREFIX = "mood/theme" + metadata.TAG_SEPARATOR
 # Per-track draw probabilities; after the constraints of _draw_tags they give the frequencies in the docstring.
 TAG_PROBABILITIES: dict[str, float] = {
     "calm": 0.11,
