@@ -1,7 +1,8 @@
-"""The README's commands exist as written: every `python -m` module it shows starts, its `--help` shows the
-`python -m` form and the module's whole first paragraph, and every flag the README gives it is one the command
-takes. The commands themselves run on small data in the tests of each module (test_predict, test_ensemble,
-test_train, test_baselines, test_build, test_synthetic, test_benchmarks, test_multihost)."""
+"""The README's commands exist as written, and every command explains itself: each `python -m` module (those the
+README shows and every other command of tests/test_layout.py) starts, its `--help` shows the `python -m` form and
+the module's whole first paragraph, and every flag the README gives it is one the command takes. The commands
+themselves run on small data in the tests of each module (test_predict, test_ensemble, test_train, test_baselines,
+test_build, test_synthetic, test_benchmarks, test_multihost)."""
 
 import ast
 import re
@@ -10,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests import test_layout
 
 REPO = Path(__file__).resolve().parents[1]
 OWN_PACKAGES = ("emorf_jax", "data_prep", "benchmarks")
@@ -32,6 +35,11 @@ def _readme_commands() -> dict[str, set[str]]:
 
 
 README_COMMANDS = _readme_commands()
+# Every command, as `python -m` names it: a package's `__main__` runs as the package.
+ALL_COMMANDS = sorted(
+    set(README_COMMANDS)
+    | {name.removesuffix(".__main__") for name in test_layout.COMMANDS if not name.startswith("notebooks.")}
+)
 
 
 def _module_docstring(module: str) -> str:
@@ -44,8 +52,8 @@ def test_the_readme_shows_the_main_commands():
     assert {"emorf_jax.main", "emorf_jax.predict", "data_prep.build", "emorf_jax.evaluate"} <= set(README_COMMANDS)
 
 
-@pytest.mark.parametrize("module", sorted(README_COMMANDS))
-def test_readme_command_takes_its_flags_and_explains_itself(module):
+@pytest.mark.parametrize("module", ALL_COMMANDS)
+def test_command_explains_itself_and_takes_the_readme_flags(module):
     result = subprocess.run(
         [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
@@ -58,7 +66,7 @@ def test_readme_command_takes_its_flags_and_explains_itself(module):
     # absl lists a boolean flag as `--[no]distributed`
     missing = sorted(
         flag
-        for flag in README_COMMANDS[module]
+        for flag in README_COMMANDS.get(module, ())
         if not re.search(rf"--(\[no\])?{flag.removeprefix('--')}(?![\w-])", help_text)
     )
     assert not missing, f"the README gives {module} flags its --help does not list: {missing}"
