@@ -27,6 +27,7 @@ def get_config(variant: str | None = None):
         conv_dropout=0.1,
         dropout=0.3,
     )
+    default.use_plain_bce(config)
     default.use_hop1536(config)
     if not variant:
         config.input.crop_frames = CHOI_FRAMES

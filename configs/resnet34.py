@@ -14,5 +14,6 @@ from configs import default
 def get_config(variant: str | None = None):
     config = default.get_config(variant)
     default.set_model(config, variant, "resnet34", {None: 64, "demo": 8, "test": 2})
+    default.use_plain_bce(config)
     default.use_hop1536(config)
     return config

@@ -16,4 +16,5 @@ from configs import default
 def get_config(variant: str | None = None):
     config = default.get_config(variant)
     default.set_model(config, variant, "vggish", {None: 64, "demo": 16, "test": 4}, dropout=0.5)
+    default.use_plain_bce(config)
     return config

@@ -17,6 +17,7 @@ ORGANISERS_FRAMES = 1366  # 29.1 s at 12 kHz / hop 256, the baseline's central c
 def get_config(variant: str | None = None):
     config = default.get_config(variant)
     default.set_model(config, variant, "vggish", {None: 64, "demo": 16, "test": 4}, dropout=0.5)
+    default.use_plain_bce(config)
     config.dataset.config_name = "essentia96"
     if not variant:
         config.input.crop_frames = ORGANISERS_FRAMES

@@ -44,7 +44,7 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
     parser.add_argument(
         "--resample",
         action="store_true",
-        help="resample other sample rates and mix down other channel counts instead of failing them",
+        help="resample other sample rates and (mono settings) mix down other channel counts instead of failing them",
     )
     parser.add_argument("--delete_cache", action="store_true", help="delete the feature cache after the build")
     parser.add_argument("--cache_dir", default=None, help="feature cache (default DATA_DIR/cache/FEATURES)")

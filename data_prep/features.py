@@ -4,7 +4,8 @@ The faithful default follows the authors' order: A-weighted dB of the STFT power
 256-band Slaney mel filterbank applied to those dB values. The common log-mel order (mel power, then dB)
 is offered as ``order="mel_then_db"``. Results match librosa's reference pipeline to float32 rounding,
 at several times its speed: the filterbank and weights are computed once per setting, frames are strided
-views, and the mel projection of the (constant per bin) A-weighting is folded into one vector.
+views, and the mel projection of the (constant per bin) A-weighting is folded into one vector. Features are of the
+mean of the channels, or with ``mono=False`` (``hop512_stereo``) of each of two channels, stacked first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import soundfile
 ORDERS: tuple[str, ...] = ("weighted_db_then_mel", "mel_then_db")
 SOURCES: tuple[str, ...] = ("audio", "npy")
 
+# The channels of a stereo setting: the authors' DCASE `d18_stereo` input (docs/fidelity.md, "Features").
+STEREO_CHANNELS = 2
 AMIN = 1e-10
 TOP_DB = 80.0
 # Frames per FFT block: keeps the temporary frame matrix small (about 8 MiB) whatever the track length.
@@ -37,7 +40,7 @@ class FeatureSettings:
     hop_length: int = 512
     n_mels: int = 256
     order: str = "weighted_db_then_mel"
-    mono: bool = True
+    mono: bool = True  # False: each of two channels' features, as the authors' DCASE `d18_stereo` (STEREO_CHANNELS)
     chunk_frames: int = 1722  # 20 s at 86.13 frames/s; a training crop is at most half of it
     min_frames: int = 87  # about 1 s; shorter tracks go to the failures report
 
@@ -46,8 +49,8 @@ class FeatureSettings:
             raise ValueError(f"FeatureSettings.source={self.source!r}: expected one of {SOURCES}")
         if self.order not in ORDERS:
             raise ValueError(f"FeatureSettings.order={self.order!r}: expected one of {ORDERS}")
-        if not self.mono:
-            raise ValueError("FeatureSettings.mono=False: only mono features (the mean of the channels) exist")
+        if not self.mono and self.source != "audio":
+            raise ValueError(f"FeatureSettings.mono=False: {self.source!r} input has one channel, only audio has two")
         for name in ("sample_rate", "n_fft", "hop_length", "n_mels", "chunk_frames", "min_frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"FeatureSettings.{name}={getattr(self, name)} must be positive")
@@ -55,12 +58,22 @@ class FeatureSettings:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def channels(self) -> int:
+        return 1 if self.mono else STEREO_CHANNELS
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """The shape of one stored frame: (n_mels,) mono, (STEREO_CHANNELS, n_mels) stereo."""
+        return (self.n_mels,) if self.mono else (self.channels, self.n_mels)
+
 
 # One builder config per setting; chunk_frames is 20 s everywhere.
 CONFIGS: dict[str, FeatureSettings] = {
     "hop512": FeatureSettings(),
     "hop1536": FeatureSettings(hop_length=1536, chunk_frames=574, min_frames=29),
     "hop512_logmel": FeatureSettings(order="mel_then_db"),
+    "hop512_stereo": FeatureSettings(mono=False),
     "essentia96": FeatureSettings(
         source="npy", sample_rate=12000, n_fft=512, hop_length=256, n_mels=96, chunk_frames=938, min_frames=47
     ),
@@ -69,6 +82,7 @@ CONFIG_DESCRIPTIONS = {
     "hop512": "faithful default: 44.1 kHz mono, STFT 2048 / hop 512, A-weighted dB power, then 256 Slaney mels",
     "hop1536": "as hop512 with hop 1536 (25 % overlap), the CRNN and ResNet-34 input",
     "hop512_logmel": "as hop512 in the common order: 256 Slaney mels of the power, then dB (no A-weighting)",
+    "hop512_stereo": "as hop512 for each of the two channels (a mono file's twice), the authors' DCASE d18_stereo",
     "essentia96": "the organisers' precomputed Essentia mel-spectrograms: 12 kHz, hop 256, 96 bands, dB",
 }
 
@@ -218,33 +232,45 @@ def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
 def waveform_features(
     waveform: np.ndarray, sample_rate: int, name: str, settings: FeatureSettings, *, resample: bool = False
 ) -> np.ndarray:
-    """Features float32 (n_mels, frames) of a decoded waveform (samples, channels), checked against ``settings``.
+    """Features float32 of a decoded waveform (samples, channels), checked against ``settings``: (n_mels, frames) of
+    the mean of the channels, or for a stereo setting (STEREO_CHANNELS, n_mels, frames), each channel's features as
+    the mono path computes them from that channel alone (a mono file's one channel twice).
 
-    With ``resample``, any channel count is mixed down and any sample rate resampled to the setting's (after the
-    mix-down, with soxr's high-quality filter, librosa's default); without it they are errors naming the file.
+    With ``resample``, any sample rate is resampled to the setting's (per signal, after a mono setting's mix-down,
+    with soxr's high-quality filter, librosa's default) and a mono setting mixes down any channel count; without it
+    they are errors naming the file. More than two channels are always an error for a stereo setting: no two-channel
+    mix-down is defined (the authors' `d18_stereo` keeps every channel, which their two-channel model refuses).
     """
+    channels = waveform.shape[1]
     if sample_rate != settings.sample_rate and not resample:
         raise AudioError(f"unexpected sample rate {sample_rate} Hz in {name} (expected {settings.sample_rate})")
-    if waveform.shape[1] not in (1, 2) and not resample:
-        raise AudioError(f"unexpected channel count {waveform.shape[1]} in {name} (expected 1 or 2)")
+    if channels not in (1, STEREO_CHANNELS) and (not resample or not settings.mono):
+        raise AudioError(f"unexpected channel count {channels} in {name} (expected 1 or {STEREO_CHANNELS})")
     if not np.isfinite(waveform).all():
         raise AudioError(f"non-finite samples decoded from {name}")
+    signals = [to_mono(waveform)] if settings.mono else [waveform[:, channel] for channel in range(channels)]
     if sample_rate != settings.sample_rate:
         import librosa  # imported here: slow to import, and only needed for other rates
 
-        waveform = librosa.resample(to_mono(waveform), orig_sr=sample_rate, target_sr=settings.sample_rate)
-    return spectrogram(
-        waveform,
-        settings.sample_rate,
-        n_fft=settings.n_fft,
-        hop_length=settings.hop_length,
-        n_mels=settings.n_mels,
-        order=settings.order,
-    )
+        signals = [librosa.resample(signal, orig_sr=sample_rate, target_sr=settings.sample_rate) for signal in signals]
+    mels = [
+        spectrogram(
+            signal,
+            settings.sample_rate,
+            n_fft=settings.n_fft,
+            hop_length=settings.hop_length,
+            n_mels=settings.n_mels,
+            order=settings.order,
+        )
+        for signal in signals
+    ]
+    if settings.mono:
+        return mels[0]
+    return np.stack(mels if channels == STEREO_CHANNELS else mels * STEREO_CHANNELS)
 
 
 def audio_features(data: bytes, name: str, settings: FeatureSettings, *, resample: bool = False) -> np.ndarray:
-    """Features float32 (n_mels, frames) of one encoded audio file (see ``waveform_features``)."""
+    """Features float32 of one encoded audio file, shaped as ``waveform_features`` says."""
     waveform, sample_rate = decode_audio(data, name)
     return waveform_features(waveform, sample_rate, name, settings, resample=resample)
 

@@ -51,7 +51,8 @@ class BuildOptions:
     memory_budget_gb: float = extract.DEFAULT_MEMORY_BUDGET_GB  # bound on the workers' estimated memory
     tracks_per_worker: int = extract.DEFAULT_TRACKS_PER_WORKER  # a worker is replaced after this many tracks
     # A file at another sample rate or with more channels is resampled and mixed down (as the tagger does) instead
-    # of failing; off by default, so that odd files in the dataset are reported.
+    # of failing (a stereo setting still refuses more than two channels); off by default, so that odd files in the
+    # dataset are reported.
     resample: bool = False
 
     def __post_init__(self) -> None:

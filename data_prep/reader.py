@@ -3,7 +3,8 @@
 This is the one module through which training, evaluation and inference read prepared data; it imports no
 writer. Frames come straight from the TFRecord shards: ``record_index.npz`` (written by ``shard_writer``) gives, for
 every stored chunk, its shard and the byte offset of its time-major float16 spectrogram, so a run of frames is
-one ``os.pread`` per chunk it touches and reads exactly its own bytes. See docs/architecture.md, "Prepared data".
+one ``os.pread`` per chunk it touches and reads exactly its own bytes. A frame is (n_mels,), or (channels, n_mels)
+for a stereo setting (`time_major`). See docs/architecture.md, "Prepared data".
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import features as features_lib
 from data_prep import layout
 
 PARTS: tuple[str, ...] = ("train", "validation", "test")
 STORED_DTYPE = np.dtype(np.float16)
+
+
+def time_major(values: np.ndarray) -> np.ndarray:
+    """Features (n_mels, frames) or (channels, n_mels, frames) in the stored layout, (frames, n_mels) or
+    (frames, channels, n_mels): a run of frames is one contiguous byte range, a frame's channels side by side."""
+    return np.moveaxis(values, -1, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +53,19 @@ class PreparedDataset:
     directory: Path
     tags: tuple[str, ...]
     features: dict
-    mean: np.ndarray  # (n_mels,) over every training frame
+    # The shape of one stored frame, `frame_shape`: per mel bin over every training frame (and every channel of a
+    # stereo setting, whose rows are equal: the authors' `d18_stereo` normalisation pools the channels).
+    mean: np.ndarray
     std: np.ndarray
     chunk_frames: int
     parts: dict[str, Part]
     tsv_track_ids: dict[str, tuple[str, ...]]  # every track of each part's TSV, in TSV order (the official rows)
     failure_records: tuple[dict, ...]  # one per track of the split left out: track_id, part, path, kind, reason
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """One stored frame: (n_mels,), or (channels, n_mels) for a stereo setting."""
+        return features_lib.FeatureSettings(**self.features).frame_shape
 
     @property
     def track_ids(self) -> dict[str, tuple[str, ...]]:
@@ -123,13 +138,13 @@ def _part(index, name: str, directory: Path) -> Part:
 
 
 class FrameReader:
-    """Reads frames [start, stop) of a track as float16 (frames, n_mels); thread-safe, and picklable for
+    """Reads frames [start, stop) of a track as float16 (frames, *frame_shape); thread-safe, and picklable for
     loader processes (each process opens its own files). Counts the spectrogram bytes it has read."""
 
     def __init__(self, prepared: PreparedDataset):
         self._parts = prepared.parts
         self._chunk_frames = prepared.chunk_frames
-        self._n_mels = int(prepared.features["n_mels"])
+        self._frame_shape = prepared.frame_shape
         self._files: dict[Path, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -153,8 +168,8 @@ class FrameReader:
         stop = frames if stop is None else stop
         if not 0 <= start < stop <= frames:
             raise IndexError(f"frames [{start}, {stop}) outside track {entry.track_ids[track]} of {frames} frames")
-        out = np.empty((stop - start, self._n_mels), STORED_DTYPE)
-        row_bytes = self._n_mels * STORED_DTYPE.itemsize
+        out = np.empty((stop - start, *self._frame_shape), STORED_DTYPE)
+        row_bytes = out[0].nbytes
         first = start // self._chunk_frames
         for chunk in range(first, (stop - 1) // self._chunk_frames + 1):
             chunk_start = chunk * self._chunk_frames

@@ -3,13 +3,15 @@ them at random.
 
 Record layout, chosen for training speed: a track longer than ``chunk_frames`` frames is split into
 consecutive non-overlapping chunks (the last one shorter), one example each, with the spectrogram stored
-time-major, (frames, n_mels), as raw float16 bytes, so that any run of frames is one contiguous byte range.
+time-major, (frames, n_mels) or for a stereo setting (frames, channels, n_mels), as raw float16 bytes, so that any
+run of frames is one contiguous byte range.
 Shuffling at write time is disabled, so a split's examples lie in TSV order with a track's chunks consecutive.
 
 After the shards, ``record_index.npz`` is written beside them: for every chunk, its shard and the byte offset of
 its spectrogram in that shard; for every track, its frames, first chunk and labels. ``data_prep.reader`` reads
 any frames of any track through it, without TensorFlow. Tags, feature settings, per-mel-bin mean and std over
-every training frame, the track ids and the failures report are in the dataset's ``metadata.json``.
+every training frame (of every channel, in the shape of one frame), the track ids and the failures report are in
+the dataset's ``metadata.json``.
 See docs/architecture.md, "Prepared data".
 """
 
@@ -38,7 +40,7 @@ from tensorflow_datasets.core import writer as tfds_writer
 from data_prep import extract, layout
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
-from data_prep.reader import PARTS
+from data_prep.reader import PARTS, time_major
 
 # A TFRecord is: uint64 length, uint32 masked CRC of the length, the data, uint32 masked CRC of the data.
 _RECORD_HEADER = 12
@@ -85,6 +87,12 @@ def frame_statistics(arrays: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return mean, np.sqrt(m2 / count), count
 
 
+def bins_by_frames(values: np.ndarray) -> np.ndarray:
+    """Features (n_mels, frames) or (channels, n_mels, frames) as (n_mels, every channel's frames): the rows whose
+    statistics normalise them, pooled over the channels as the authors' `d18_stereo` normalisation pools them."""
+    return np.moveaxis(values, -2, 0).reshape(values.shape[-2], -1)
+
+
 class DeterministicExampleWriter(tfds_writer.ExampleWriter):
     """Writes each tf.Example with its feature map in sorted key order.
 
@@ -126,7 +134,9 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "spectrogram": tfds.features.Tensor(
-                        shape=(None, self._settings.n_mels), dtype=np.float16, encoding=tfds.features.Encoding.BYTES
+                        shape=(None, *self._settings.frame_shape),
+                        dtype=np.float16,
+                        encoding=tfds.features.Encoding.BYTES,
                     ),
                     "labels": tfds.features.Tensor(shape=(len(self._plan.tags),), dtype=np.bool_),
                     "track_id": tfds.features.Text(),
@@ -148,13 +158,14 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # the inputs are the cached features
         train = self._plan.parts["train"]
         train = tqdm.tqdm(train, desc="normalisation statistics", unit="track", disable=not self._progress)
-        mean, std, frames = frame_statistics(self._plan.cache.load(track.track_id) for track in train)
+        mean, std, count = frame_statistics(bins_by_frames(self._plan.cache.load(track.track_id)) for track in train)
+        frame_shape = self._settings.frame_shape
         self.info.metadata.update(
             tags=list(self._plan.tags),
             features=self._settings.to_dict(),
-            mean=[float(value) for value in mean.astype(np.float32)],
-            std=[float(value) for value in std.astype(np.float32)],
-            num_train_frames=frames,
+            mean=np.broadcast_to(mean.astype(np.float32), frame_shape).tolist(),
+            std=np.broadcast_to(std.astype(np.float32), frame_shape).tolist(),
+            num_train_frames=count // self._settings.channels,
             track_ids={part: [track.track_id for track in tracks] for part, tracks in self._plan.parts.items()},
             **self._plan.extra_metadata,
         )
@@ -170,20 +181,20 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
         chunk_frames = self._settings.chunk_frames
         for track in self._plan.parts[part]:
             values = self._plan.cache.load(track.track_id)
-            chunks = num_chunks(values.shape[1], chunk_frames)
+            chunks = num_chunks(values.shape[-1], chunk_frames)
             labels = metadata_lib.track_labels(track, self._plan.tags)
             for index in range(chunks):
                 yield (
                     f"{track.track_id}/{index:05d}",
                     {
-                        "spectrogram": values[:, index * chunk_frames : (index + 1) * chunk_frames].T,
+                        "spectrogram": time_major(values[..., index * chunk_frames : (index + 1) * chunk_frames]),
                         "labels": labels,
                         "track_id": track.track_id,
                         "artist_id": track.artist_id,
                         "duration": np.float32(track.duration),
                         "chunk_index": np.int32(index),
                         "num_chunks": np.int32(chunks),
-                        "num_frames": np.int32(values.shape[1]),
+                        "num_frames": np.int32(values.shape[-1]),
                     },
                 )
 
@@ -205,7 +216,10 @@ def write_shards(
     )
     directory = Path(builder.data_dir)
     write_record_index(
-        directory, {part: builder.info.splits[part].filenames for part in PARTS}, len(plan.tags), plan.settings.n_mels
+        directory,
+        {part: builder.info.splits[part].filenames for part in PARTS},
+        len(plan.tags),
+        math.prod(plan.settings.frame_shape),
     )
     return directory
 
@@ -225,8 +239,9 @@ def _records(path: Path) -> Iterator[tuple[int, bytes]]:
             offset += _RECORD_HEADER + length + _RECORD_FOOTER
 
 
-def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_tags: int, n_mels: int) -> None:
-    """Scans the shards once and writes ``record_index.npz`` (see the module docstring); checks the TSV order."""
+def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_tags: int, frame_values: int) -> None:
+    """Scans the shards once and writes ``record_index.npz`` (see the module docstring); checks the TSV order and
+    that each spectrogram is whole frames of `frame_values` float16 values."""
     arrays: dict[str, np.ndarray] = {}
     for part, filenames in shard_files.items():
         shards, offsets, track_ids, frames, first_chunk, labels = [], [], [], [], [], []
@@ -242,8 +257,10 @@ def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_t
                     labels.append(np.asarray(example["labels"].int64_list.value, bool))
                 elif chunk_index != len(offsets) - first_chunk[-1]:
                     raise ValueError(f"{filename}: chunk {chunk_index} of a track out of order")
-                if len(payload) % (2 * n_mels):
-                    raise ValueError(f"{filename}: a spectrogram of {len(payload)} bytes is not float16 x {n_mels}")
+                if len(payload) % (2 * frame_values):
+                    raise ValueError(
+                        f"{filename}: a spectrogram of {len(payload)} bytes is not float16 x {frame_values}"
+                    )
                 shards.append(shard_number)
                 offsets.append(data_offset + data.find(payload))
         arrays |= {

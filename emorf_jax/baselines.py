@@ -5,6 +5,8 @@ Both come without training, so the test report and the paper's table can set eve
 
 import numpy as np
 
+from emorf_jax import metrics
+
 
 def popular_tag(train_labels: np.ndarray) -> int:
     """The column of the most frequent tag of (tracks, tags) training labels (the first one on a tie)."""
@@ -22,6 +24,12 @@ def popularity_baseline(train_labels: np.ndarray, num_tracks: int) -> tuple[np.n
 
 
 def constant_predictor_figures(labels: np.ndarray) -> dict[str, float]:
-    """The ranking figures of a predictor that gives every track the same scores: no ranking at all (ROC-AUC 0.5),
-    and a macro PR-AUC of the mean positive rate."""
-    return {"PR-AUC-macro": float(np.asarray(labels).mean()), "ROC-AUC-macro": 0.5}
+    """The four AUC figures of a predictor that scores every track and tag 0.5, through `metrics.mediaeval_metrics`,
+    so that its macro figures average exactly the tags that the models' do (those with both classes).
+
+    A constant score ranks nothing: each tag's average precision is its positive rate in `labels`, whatever the
+    constant, and its ROC-AUC 0.5. One constant for every tag (rather than each tag's training rate) also leaves the
+    micro figures at chance (PR-AUC the positive rate of the whole matrix, ROC-AUC 0.5): ranking tags by their
+    frequency is the popularity baseline's row, not this one's.
+    """
+    return metrics.mediaeval_metrics(labels, np.full(np.shape(labels), 0.5))

@@ -14,8 +14,9 @@ OUT gets the report of one model (`emorf_jax/report.py`): `submission/prediction
 `submission/decisions.npy` (the MediaEval submission: float32 and bool, test tracks x tags, in the test TSV's
 order), `test_predictions.npy`, `test_decisions.npy`, `validation_predictions.npy`, their rows in
 `test_track_ids.txt` and `validation_track_ids.txt`, `thresholds.tsv`, `metrics.json` (the ten official figures),
-`per_tag.tsv` and `precision_recall.png`. An ensemble whose test rows are not exactly the official test tracks is
-refused before anything is written, naming the missing ones.
+`calibration.json` (the test probabilities' calibration, `metrics.calibration`), `per_tag.tsv` and
+`precision_recall.png`; the figures and the calibration are also printed. An ensemble whose test rows are not exactly
+the official test tracks is refused before anything is written, naming the missing ones.
 """
 
 import argparse
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(f"{len(members)} members -> {args.output_dir}")
-    print(report.format_table(ensemble.figures))
+    print(report.format_table(ensemble.figures | ensemble.calibration))
     return 0
 
 

@@ -1,7 +1,7 @@
 """The official MediaEval 2019 Emotion and Theme figures of a predictions matrix, as a table or JSON, and a plot.
 
     python -m emorf_jax.evaluate --groundtruth G.npy --predictions P.npy [--decisions D.npy | --thresholds T.txt]
-                                 [--json] [--plot per_tag.png] [--metadata_dir DIR]
+                                 [--calibration] [--json] [--plot per_tag.png] [--metadata_dir DIR]
     python -m emorf_jax.evaluate --groundtruth G.npy --popularity --metadata_dir DIR [--split K] [--json]
 
 `--popularity` scores the organisers' "popular" baseline instead of a file: every test track gets the most
@@ -11,6 +11,11 @@ Files are the task's submission format: `.npy` matrices (tracks, tags), rows in 
 in `moodtheme_split.txt` order. A thresholds file is the organisers' format: `tag<TAB>threshold` per line, in
 column order; decisions are then `predictions > threshold`. Without decisions or thresholds only the four AUC
 figures are given.
+
+`--calibration` adds how far the probabilities are from the frequencies they predict (`metrics.calibration`): their
+mean beside the positive rate, the median over tags of odds(mean probability) / odds(positive rate), and the logistic
+fit P(truth) = sigmoid(intercept + slope * logit(probability)), (0, 1) when calibrated; with `--json`, under the key
+"calibration". Probabilities outside [0, 1] are refused.
 """
 
 import argparse
@@ -41,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     decisions = parser.add_mutually_exclusive_group()
     decisions.add_argument("--decisions", help="bool .npy (tracks, tags); without it (or --thresholds) only AUCs")
     decisions.add_argument("--thresholds", help="tag<TAB>threshold per line; decisions are predictions > threshold")
+    parser.add_argument(
+        "--calibration",
+        action="store_true",
+        help="also print the probabilities' calibration (mean vs positive rate, median odds ratio, logistic fit)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     parser.add_argument("--plot", help="write a PNG bar chart of per-tag PR-AUC to this path")
     parser.add_argument(
@@ -91,13 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             threshold_tags, thresholds = report.read_thresholds(args.thresholds)
             decisions = metrics.decide(predictions, thresholds)
         figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions)
+        calibration = metrics.calibration(groundtruth, predictions) if args.calibration else None
         if args.plot:
             report.plot_per_tag_pr_auc(
                 groundtruth, predictions, _tag_names(args, threshold_tags, groundtruth.shape[1]), args.plot
             )
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    print(json.dumps(figures, indent=2) if args.json else report.format_table(figures))
+    if args.json:
+        print(json.dumps(figures if calibration is None else figures | {"calibration": calibration}, indent=2))
+    else:
+        print(report.format_table(figures if calibration is None else figures | calibration))
     return 0
 
 

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from scipy.special import expit
 
 from data_prep.reader import PreparedDataset
-from emorf_jax import input_pipeline, metrics
+from emorf_jax import input_pipeline, losses, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +30,16 @@ class Predictions:
     track_ids: tuple[str, ...]
 
 
+# A model with the authors' frequency roll (`features_shift`) draws it at evaluation too, as theirs does: from this
+# one seed for every batch, so that a window's logits do not depend on the batch it is in (docs/fidelity.md).
+EVALUATION_SHIFT_SEED = 0
+
+
 def logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module) -> jax.Array:
     """Logits of a batch of stored-format windows, normalised on the device by `input_pipeline.model_input`."""
-    return model.apply(variables, input_pipeline.model_input(stored, mean, std), train=False).astype(jnp.float32)
+    inputs = input_pipeline.model_input(stored, mean, std)
+    rngs = {"shift": jax.random.PRNGKey(EVALUATION_SHIFT_SEED)}
+    return model.apply(variables, inputs, train=False, rngs=rngs).astype(jnp.float32)
 
 
 class Predictor:
@@ -81,10 +88,15 @@ class Predictor:
             raise RuntimeError(f"{missing.size} tracks of {split} got no window, e.g. {part.track_ids[missing[0]]}")
         return logit_sums / track_weights[:, None]
 
-    def evaluate(self, variables: dict[str, Any], split: str) -> dict[str, float]:
-        """Macro PR-AUC and ROC-AUC and the mean BCE of the track-level logits, for validation and selection."""
+    def evaluate(self, variables: dict[str, Any], split: str, *, pos_weight: float) -> dict[str, float]:
+        """Macro PR-AUC and ROC-AUC and the loss of the track-level logits (the training loss without mixup, with
+        its `pos_weight`: the authors selected on their criterion's validation loss), for validation and selection."""
         logits = self._track_logits(variables, split)
         labels = self.prepared.parts[split].labels
         figures = metrics.mediaeval_metrics(labels, expit(logits))
-        loss = np.mean(np.logaddexp(0.0, logits) - labels * logits)  # BCE on logits
-        return {"loss": float(loss), "PR-AUC-macro": figures["PR-AUC-macro"], "ROC-AUC-macro": figures["ROC-AUC-macro"]}
+        loss = losses.bce_with_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.float32), pos_weight)
+        return {
+            "loss": float(loss.mean()),
+            "PR-AUC-macro": figures["PR-AUC-macro"],
+            "ROC-AUC-macro": figures["ROC-AUC-macro"],
+        }

@@ -12,6 +12,7 @@ docs/architecture.md, "Input pipeline".
 """
 
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import grain
@@ -25,15 +26,25 @@ TRAIN = "train"
 
 
 def model_input(stored: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    """Stored features, time-major float16 (..., frames, n_mels) -> the model's normalised float32
-    (..., n_mels, frames, 1).
+    """Stored features, time-major float16 (..., frames, n_mels), or (..., frames, channels, n_mels) for a stereo
+    setting -> the model's normalised float32 NHWC (..., n_mels, frames, channels), channels 1 for mono. The
+    statistics have the shape of one stored frame, (n_mels,) or (channels, n_mels), which says the layout.
 
     Every jitted step calls it (training, BatchNorm re-estimation, evaluation, tagging), so the host only slices
     and batches the stored float16 frames: half the bytes of float32 to send, and no conversion on the host, where
     numpy converts half floats element by element (docs/architecture.md, "Input pipeline").
     """
     normalised = (jnp.asarray(stored, jnp.float32) - mean) / std
-    return jnp.swapaxes(normalised, -1, -2)[..., None]
+    if jnp.ndim(mean) == 1:
+        normalised = normalised[..., None, :]
+    return jnp.moveaxis(normalised, -1, -3)
+
+
+def model_input_shape(prepared: PreparedDataset, frames: int) -> tuple[int, int, int, int]:
+    """(1, n_mels, frames, channels): `model_input` of one window of `frames` frames, to initialise a model (Flax
+    takes the stem's input channels from it)."""
+    frame_shape = prepared.frame_shape
+    return (1, frame_shape[-1], frames, math.prod(frame_shape[:-1]))
 
 
 def steps_per_epoch(prepared: PreparedDataset, global_batch_size: int) -> float:
@@ -64,7 +75,7 @@ class TrainingCrop(grain.transforms.RandomMap):
             crop = self.reader.read(TRAIN, track, start, start + self.crop_frames)
         else:
             whole = self.reader.read(TRAIN, track)
-            crop = np.tile(whole, (-(-self.crop_frames // frames), 1))[: self.crop_frames]
+            crop = np.concatenate([whole] * -(-self.crop_frames // frames))[: self.crop_frames]
         if self.max_time_shift > 0:
             crop = np.roll(crop, int(rng.integers(-self.max_time_shift, self.max_time_shift + 1)), axis=0)
         return {
@@ -102,7 +113,7 @@ def train_batches(
     reader: FrameReader | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from `start_step`: stored float16 crops shaped (local_devices, per_device_batch,
-    crop_frames, n_mels) and labels.
+    crop_frames, *frame_shape) and labels.
 
     Step s uses examples [s * B, (s + 1) * B) of the stream (B the global batch); process p reads the p-th
     contiguous share of them.
@@ -144,7 +155,7 @@ class EvalWindow:
 
 @dataclasses.dataclass(frozen=True)
 class EvalBatch:
-    spectrograms: np.ndarray  # stored float16 (local_devices, per_device, frames, n_mels)
+    spectrograms: np.ndarray  # stored float16 (local_devices, per_device, frames, *frame_shape)
     windows: tuple[EvalWindow, ...]  # this process's share of the global batch, in device order
 
 
@@ -192,7 +203,7 @@ def eval_batches(
                 [
                     reader.read(split, w.track_index, w.start, w.stop)
                     if w.weight > 0
-                    else np.zeros((w.stop - w.start, len(prepared.mean)), STORED_DTYPE)
+                    else np.zeros((w.stop - w.start, *prepared.frame_shape), STORED_DTYPE)
                     for w in windows
                 ]
             )

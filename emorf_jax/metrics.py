@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 from numpy.typing import ArrayLike
 from sklearn import metrics as sk_metrics
+from sklearn.linear_model import LogisticRegression
 
 # The official names, in the column order of the published results tables.
 OFFICIAL_METRIC_NAMES: tuple[str, ...] = (
@@ -30,6 +31,13 @@ AUC_METRIC_NAMES: tuple[str, ...] = tuple(name for name in OFFICIAL_METRIC_NAMES
 # The organisers left scikit-learn's `zero_division` at its default, which counts 0/0 as 0 (with a
 # warning); passing 0 gives the same numbers without the warnings.
 _ZERO_DIVISION = 0.0
+
+# Probabilities are clipped to [eps, 1 - eps] before the logit of the calibration fit, so that a float32 score of
+# exactly 0 or 1 gives a finite logit (+-13.8).
+CALIBRATION_EPS = 1e-6
+# The calibration fit's Newton solver stops when its steps are below this tolerance, after at most so many steps.
+_FIT_TOLERANCE = 1e-10
+_FIT_ITERATIONS = 100
 
 
 def as_label_matrix(values: ArrayLike, name: str) -> np.ndarray:
@@ -199,3 +207,60 @@ def decide(predictions: ArrayLike, thresholds: ArrayLike) -> np.ndarray:
     if np.any(np.isnan(limits)):
         raise ValueError(f"thresholds contain NaN at tags {np.flatnonzero(np.isnan(limits)).tolist()}")
     return scores > limits
+
+
+def _odds(probability: np.ndarray) -> np.ndarray:
+    """p / (1 - p), +inf (without a warning) where p is 1."""
+    with np.errstate(divide="ignore"):
+        return probability / (1 - probability)
+
+
+def _logistic_fit(y: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+    """(a, b) of the maximum-likelihood fit P(y = 1) = sigmoid(a + b * logits), unpenalised; (NaN, NaN) where the
+    logits have no spread or separate the classes (every positive's logit at or above every negative's, or at or
+    below: the likelihood then grows without bound)."""
+    positives, negatives = logits[y == 1], logits[y == 0]
+    if positives.min() >= negatives.max() or positives.max() <= negatives.min():
+        return np.nan, np.nan
+    fit = LogisticRegression(C=np.inf, solver="newton-cholesky", tol=_FIT_TOLERANCE, max_iter=_FIT_ITERATIONS)
+    fit.fit(logits[:, None], y)
+    return float(fit.intercept_[0]), float(fit.coef_[0, 0])
+
+
+def calibration(groundtruth: ArrayLike, predictions: ArrayLike) -> dict[str, float]:
+    """How far the probabilities are from the frequencies they predict, which no ranking figure shows.
+
+    With y the 0/1 ground truth and p the probabilities, both (tracks, tags):
+
+    - `mean-probability`: the mean of p over all entries; `positive-rate`: the mean of y. A calibrated model's
+      mean probability is the positive rate.
+    - `median-odds-ratio`: over the tags with both classes (those of the macro figures), the median of
+      odds(mean of p over the tag's tracks) / odds(the tag's positive rate), odds(x) = x / (1 - x): how many times
+      too likely a typical tag is said to be (1 when calibrated). A loss that weights positives w times (BCE with
+      `pos_weight` w) multiplies the odds its model learns by about w.
+    - `calibration-intercept` a and `calibration-slope` b: the logistic fit P(y = 1) = sigmoid(a + b * logit(p))
+      over all entries (maximum likelihood), logit(p) = log(p / (1 - p)) with p clipped to
+      [CALIBRATION_EPS, 1 - CALIBRATION_EPS]. A calibrated model has a = 0 and b = 1; odds w times too high give
+      a = -log(w), b = 1; b < 1 means too confident. NaN where every p is the same (no spread to fit) or the logits
+      separate the classes perfectly (no finite fit).
+    """
+    truth = as_label_matrix(groundtruth, "groundtruth")
+    scores = as_score_matrix(predictions, "predictions")
+    _check_same_shape(truth, scores, "predictions")
+    if scores.min() < 0 or scores.max() > 1:
+        raise ValueError(
+            f"predictions have values in [{scores.min():.4g}, {scores.max():.4g}], outside the probabilities' "
+            "[0, 1] (logits? apply a sigmoid first)"
+        )
+    tags = _tags_with_both_classes(truth)
+    odds_ratio = _odds(scores[:, tags].mean(axis=0)) / _odds(truth[:, tags].mean(axis=0))
+    clipped = np.clip(scores, CALIBRATION_EPS, 1 - CALIBRATION_EPS).ravel()
+    y = truth.ravel().astype(np.float64)
+    intercept, slope = _logistic_fit(y, np.log(clipped / (1 - clipped)))
+    return {
+        "mean-probability": float(scores.mean()),
+        "positive-rate": float(y.mean()),
+        "median-odds-ratio": float(np.median(odds_ratio)),
+        "calibration-intercept": intercept,
+        "calibration-slope": slope,
+    }

@@ -9,13 +9,15 @@ predictions decided by them give the ten official figures. One model's folder ho
     test_decisions.npy                                bool (tracks, tags): test predictions > threshold (strict)
     thresholds.tsv                                    tag<TAB>threshold per line (the organisers' format)
     metrics.json                                      the ten official figures on the test set
+    calibration.json                                  the test probabilities' calibration (`metrics.calibration`)
     per_tag.tsv                                       each tag's positives, PR-AUC, ROC-AUC, threshold, precision,
                                                       recall and F-score
     precision_recall.png                              every tag's precision-recall curve and the micro average
     submission/{predictions,decisions}.npy            the MediaEval submission (`submission.write_submission`),
                                                       only when the test rows are exactly the official test tracks
 
-A training run writes one such folder per model in `<workdir>/report/`, beside `test_report.json`, its summary.
+A training run writes one such folder per model in `<workdir>/report/`, beside `test_report.json`, its summary: per
+model its `metrics.json` figures with its calibration under the key "calibration", then a constant predictor's.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class ModelReport:
     thresholds: np.ndarray  # (tags,), chosen on validation
     decisions: np.ndarray  # (test tracks, tags) bool
     figures: dict[str, float]  # the ten official figures on the test set
+    calibration: dict[str, float]  # `metrics.calibration` of the test set
 
 
 def model_report(name: str, tags: Sequence[str], validation: Predictions, test: Predictions) -> ModelReport:
@@ -94,7 +97,8 @@ def model_report(name: str, tags: Sequence[str], validation: Predictions, test: 
     thresholds = metrics.best_f1_thresholds(validation.labels, validation.probabilities)
     decisions = metrics.decide(test.probabilities, thresholds)
     figures = metrics.mediaeval_metrics(test.labels, test.probabilities, decisions)
-    return ModelReport(name, tuple(tags), validation, test, thresholds, decisions, figures)
+    calibration = metrics.calibration(test.labels, test.probabilities)
+    return ModelReport(name, tuple(tags), validation, test, thresholds, decisions, figures, calibration)
 
 
 def write_model_report(directory: str | Path, report: ModelReport, official_test_ids: Sequence[str]) -> None:
@@ -108,6 +112,7 @@ def write_model_report(directory: str | Path, report: ModelReport, official_test
     np.save(folder / "test_decisions.npy", report.decisions)
     write_thresholds(folder / "thresholds.tsv", report.tags, report.thresholds)
     (folder / "metrics.json").write_text(json.dumps(report.figures, indent=2))
+    (folder / "calibration.json").write_text(json.dumps(report.calibration, indent=2))
     _write_per_tag(folder / "per_tag.tsv", report)
     _plot_precision_recall(folder / "precision_recall.png", report)
     if list(report.test.track_ids) == list(official_test_ids):
@@ -133,9 +138,10 @@ def read_model_predictions(directory: str | Path) -> dict[str, tuple[np.ndarray,
     return saved
 
 
-def run_summary(reports: Mapping[str, ModelReport]) -> dict[str, dict[str, float]]:
-    """The test figures of every model of a training run, then those of a constant predictor to set them beside."""
-    summary = {name: report.figures for name, report in reports.items()}
+def run_summary(reports: Mapping[str, ModelReport]) -> dict[str, dict]:
+    """The test figures and calibration of every model of a training run, then a constant predictor's figures to set
+    them beside (scored on the same tags: `baselines.constant_predictor_figures`)."""
+    summary = {name: report.figures | {"calibration": report.calibration} for name, report in reports.items()}
     summary["constant_predictor"] = baselines.constant_predictor_figures(next(iter(reports.values())).test.labels)
     return summary
 
@@ -149,12 +155,19 @@ def write_run_report(workdir: str, reports: Mapping[str, ModelReport], official_
         json.dump(run_summary(reports), f, indent=2)
 
 
-def format_summary(summary: dict[str, dict[str, float]]) -> str:
-    """The ranking figures of every model of a run's summary, one model a line."""
+def format_summary(summary: dict[str, dict]) -> str:
+    """The ranking figures of every model of a run's summary (`run_summary`), one model a line, with its mean
+    probability and median odds ratio (`metrics.calibration`) where it has them; the header ends with the test set's
+    positive rate, which a calibrated model's mean probability equals."""
     width = max(len(name) for name in summary)
-    lines = [f"{'test set':<{width}}  PR-AUC-macro  ROC-AUC-macro"]
+    rate = next(figures["calibration"]["positive-rate"] for figures in summary.values() if "calibration" in figures)
+    lines = [f"{'test set':<{width}}  PR-AUC-macro  ROC-AUC-macro  mean p  odds ratio  (positive rate {rate:.4f})"]
     for name, figures in summary.items():
-        lines.append(f"{name:<{width}}  {figures['PR-AUC-macro']:>12.4f}  {figures['ROC-AUC-macro']:>13.4f}")
+        line = f"{name:<{width}}  {figures['PR-AUC-macro']:>12.4f}  {figures['ROC-AUC-macro']:>13.4f}"
+        if "calibration" in figures:
+            calibration = figures["calibration"]
+            line += f"  {calibration['mean-probability']:>6.4f}  {calibration['median-odds-ratio']:>10.2f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -2,12 +2,12 @@
 the benchmarks share.
 
 All a tagger needs comes from its checkpoints' meta: the model (rebuilt by the registry), tags, feature setting,
-normalisation and evaluation window. A track's features are computed by data preparation's own code (any sample rate
-and channel count, mixed down and resampled), rounded to the float16 the shards store, cut into the evaluation's
-windows (`input_pipeline.window_ranges`) and run through `inference.logits_step`, the step the evaluation pmaps, so
-a checkpoint tags a track's audio exactly as the evaluation scored it. Each checkpoint's window logits are averaged,
-weighted by the frames each window stands for, and turned into probabilities; several checkpoints' probabilities
-are averaged.
+normalisation and evaluation window. A track's features are computed by data preparation's own code (any sample rate,
+resampled; any channel count mixed down, or one or two channels for a stereo model), rounded to the float16 the
+shards store, cut into the evaluation's windows (`input_pipeline.window_ranges`) and run through
+`inference.logits_step`, the step the evaluation pmaps, so a checkpoint tags a track's audio exactly as the evaluation
+scored it. Each checkpoint's window logits are averaged, weighted by the frames each window stands for, and turned
+into probabilities; several checkpoints' probabilities are averaged.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from scipy.special import expit
 
 from data_prep import features
 from data_prep.metadata import short_tag_name
-from data_prep.reader import STORED_DTYPE
+from data_prep.reader import STORED_DTYPE, time_major
 from emorf_jax import checkpoints, inference, input_pipeline
 from emorf_jax.models import receptive_field, registry
 
@@ -89,8 +89,9 @@ class Tagger:
         return self.meta["features"]["hop_length"] / self.meta["features"]["sample_rate"]
 
     def spectrogram(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
-        """The (n_mels, frames) features of a waveform (samples,) or (samples, channels) at any sample rate and
-        channel count, computed by data preparation's own code, mixed down and resampled to the model's rate."""
+        """The features of a waveform (samples,) or (samples, channels) at any sample rate, computed by data
+        preparation's own code, resampled to the model's rate: (n_mels, frames) of any channel count mixed down, or
+        for a stereo model (2, n_mels, frames) of one or two channels (`features.waveform_features`)."""
         waveform = np.asarray(waveform, np.float32)
         return self._features(waveform[:, None] if waveform.ndim == 1 else waveform, sample_rate, "the waveform")
 
@@ -110,10 +111,11 @@ class Tagger:
     def window_logits(
         self, spectrogram: np.ndarray, window_frames: int | None = None
     ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """(members, windows, tags) logits of one track's (n_mels, frames) spectrogram, and its windows."""
+        """(members, windows, tags) logits of one track's (n_mels, frames) or stereo (2, n_mels, frames) features,
+        and its windows."""
         norm = self.meta["normalisation"]
         mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
-        stored = np.asarray(spectrogram).astype(STORED_DTYPE).T  # as data preparation stores it: time-major
+        stored = time_major(np.asarray(spectrogram).astype(STORED_DTYPE))  # as data preparation stores it
         windows = input_pipeline.window_ranges(stored.shape[0], window_frames or self.window_frames)
         logits = [
             np.concatenate(
@@ -127,14 +129,14 @@ class Tagger:
         return np.stack(logits), windows
 
     def _batches(self, stored: np.ndarray, windows: list[tuple[int, int, int]]) -> Iterator[tuple[int, np.ndarray]]:
-        """(windows in it, padded batch) of a track's stored (frames, n_mels) features, in window order."""
+        """(windows in it, padded batch) of a track's stored (frames, *frame_shape) features, in window order."""
         for first in range(0, len(windows), self.batch_size):
             group = np.stack([stored[start:stop] for start, stop, _ in windows[first : first + self.batch_size]])
             padding = padded_batch_size(len(group), self.batch_size) - len(group)
             yield len(group), np.concatenate([group, np.zeros((padding, *group.shape[1:]), group.dtype)])
 
     def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> TrackTags:
-        """The tags of one track's (n_mels, frames) features in the checkpoints' setting."""
+        """The tags of one track's features in the checkpoints' setting (shaped as `spectrogram` returns them)."""
         logits, windows = self.window_logits(spectrogram, window_frames)
         weights = np.array([weight for _, _, weight in windows], np.float64)
         track = [expit((member_logits * weights[:, None]).sum(axis=0) / weights.sum()) for member_logits in logits]
@@ -197,7 +199,7 @@ def model_card(path: str) -> str:
         )
     lines += [
         f"features         {settings['n_mels']} mel bands, {settings['sample_rate']} Hz, n_fft {settings['n_fft']}, "
-        f"hop {settings['hop_length']}, {settings['order']}",
+        f"hop {settings['hop_length']}, {settings['order']}{'' if settings['mono'] else ', stereo'}",
         f"window           {meta['window_frames']} frames ({meta['window_frames'] * frame_seconds:.1f} s)",
         f"training data    split {meta['dataset']['split_index']} of {meta['dataset']['config_name']}, "
         f"{meta['dataset']['training_tracks']} tracks, crops of {meta['dataset']['crop_frames']} frames, "

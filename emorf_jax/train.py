@@ -3,9 +3,10 @@ mixup, SWA, snapshots, checkpoints.
 
 `train_and_evaluate(config, workdir)` is the whole job on an already prepared dataset; `main.py` parses flags and
 `demo.py` makes the demo's data. The recipe (docs/fidelity.md): Adam, the authors' constant / linear-decay /
-lr-over-100 learning rate per epoch, mixup over the global batch on device, BCE on logits, an average of the weights
-kept in the train state (SWA or EMA), snapshot members saved for ensembles, and a final test report (`report.py`) in
-the MediaEval metrics next to a constant predictor's score.
+lr-over-100 learning rate per epoch, mixup over the global batch on device, the authors' BCE on logits with a
+positive weight (`config.loss`), an average of the weights kept in the train state (SWA or EMA), snapshot members
+saved for ensembles, and a final test report (`report.py`) in the MediaEval metrics next to a constant predictor's
+score.
 """
 
 import functools
@@ -30,6 +31,7 @@ from emorf_jax import (
     ensembles,
     inference,
     input_pipeline,
+    losses,
     report,
     weight_averaging,
 )
@@ -68,6 +70,7 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "base_channels": config.model.base_channels,
         "frequency_aware": config.model.frequency_aware,
         "shake_shake": config.model.shake_shake,
+        "features_shift": config.model.features_shift,
     }
 
 
@@ -128,33 +131,6 @@ def initial_state(
     )
 
 
-def mixup(
-    rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float, axis_name: str | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Per-example λ ~ Beta(α, α) made ≥ 0.5, each example mixed with a partner drawn by a permutation of the
-    GLOBAL batch (inputs and targets), whatever the number of devices.
-
-    Under pmap (`axis_name`), every device gathers the global batch and draws the same λs and permutation from
-    the same `rng`, then mixes its own examples. BCE is linear in its target, so the mixed target gives exactly
-    λ·BCE(y) + (1-λ)·BCE(y_perm).
-    """
-    local = inputs.shape[0]
-    if axis_name is None:
-        all_inputs, all_targets, offset = inputs, targets, 0
-    else:
-        all_inputs = jax.lax.all_gather(inputs, axis_name, tiled=True)
-        all_targets = jax.lax.all_gather(targets, axis_name, tiled=True)
-        offset = jax.lax.axis_index(axis_name) * local
-    lambda_rng, permutation_rng = jax.random.split(rng)
-    global_size = all_inputs.shape[0]
-    lam = jax.random.beta(lambda_rng, alpha, alpha, (global_size,))
-    lam = jax.lax.dynamic_slice_in_dim(jnp.maximum(lam, 1.0 - lam), offset, local)
-    partners = jax.lax.dynamic_slice_in_dim(jax.random.permutation(permutation_rng, global_size), offset, local)
-    mixed_inputs = lam[:, None, None, None] * inputs + (1 - lam[:, None, None, None]) * all_inputs[partners]
-    mixed_targets = lam[:, None] * targets + (1 - lam[:, None]) * all_targets[partners]
-    return mixed_inputs, mixed_targets
-
-
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -166,26 +142,34 @@ def train_step(
     averaging: weight_averaging.AveragingSchedule,
     learning_rate: optax.Schedule,
     normalisation: tuple[jax.Array, jax.Array],
+    pos_weight: float,
+    mixup_reduction: str,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on this device's share of the global batch of stored crops, normalised here by the
-    (mean, std) per mel band of `normalisation` (run under pmap with axis 'batch')."""
+    (mean, std) per mel band of `normalisation` (run under pmap with axis 'batch'), on `losses.training_loss` with
+    a run's `config.loss` (`pos_weight`, `mixup_reduction`)."""
     rng = jax.random.fold_in(rng, state.step)
     mixup_rng, shake_rng = jax.random.split(rng)
+    shift_rng = jax.random.fold_in(mixup_rng, 1)  # the frequency roll: one per block for the whole global batch
     shake_rng = jax.random.fold_in(shake_rng, jax.lax.axis_index("batch"))  # other examples, other α and β
     dropout_rng = jax.random.fold_in(shake_rng, 1)  # the baselines' dropout (models/vggish.py, crnn.py)
     inputs, targets = input_pipeline.model_input(batch["spectrogram"], *normalisation), batch["labels"]
+    mixed = None
     if mixup_alpha > 0:
-        inputs, targets = mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
+        mixed = losses.mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
+        inputs = mixed.inputs
 
     def loss_fn(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
             inputs,
             train=True,
-            rngs={"shake": shake_rng, "dropout": dropout_rng},
+            rngs={"shake": shake_rng, "dropout": dropout_rng, "shift": shift_rng},
             mutable=["batch_stats"],
         )
-        loss = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets).mean()
+        loss = losses.training_loss(
+            logits.astype(jnp.float32), targets, mixed, pos_weight=pos_weight, mixup_reduction=mixup_reduction
+        )
         return loss, updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -222,7 +206,7 @@ def batch_stats_step(
         {"params": params, "batch_stats": batch_stats},
         inputs,
         train=True,
-        rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+        rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1), "shift": jax.random.PRNGKey(2)},
         mutable=["batch_stats"],
     )
     return updates["batch_stats"]
@@ -249,6 +233,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"selection_metric must be 'loss', 'PR-AUC-macro' or 'ROC-AUC-macro', not {config.selection_metric!r}"
         )
+    if config.loss.mixup_reduction not in losses.MIXUP_REDUCTIONS:
+        raise ValueError(
+            f"loss.mixup_reduction must be one of {losses.MIXUP_REDUCTIONS}, not {config.loss.mixup_reduction!r}"
+        )
+    if config.loss.pos_weight <= 0:
+        raise ValueError(f"loss.pos_weight must be positive, not {config.loss.pos_weight}")
 
 
 def check_dataset(config: ml_collections.ConfigDict, prepared: PreparedDataset) -> None:
@@ -332,6 +322,8 @@ class _Run:
                 averaging=self.averaging,
                 learning_rate=self.schedule,
                 normalisation=normalisation,
+                pos_weight=config.loss.pos_weight,
+                mixup_reduction=config.loss.mixup_reduction,
             ),
             axis_name="batch",
             donate_argnums=(0,),
@@ -382,7 +374,7 @@ def current_variables(state: TrainState) -> dict[str, Any]:
     return {"params": jax_utils.unreplicate(state.params), "batch_stats": jax_utils.unreplicate(state.batch_stats)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     """Trains (or resumes) the run in `workdir` to its last step and returns the final test report.
 
     In a multi-process job (main.py's --distributed) every process calls this with the same config and workdir;
@@ -396,12 +388,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     warn_about_missing_tracks(prepared)
     run = _Run(config, workdir, prepared)
 
-    n_mels = prepared.features["n_mels"]
     state = initial_state(
         run.model.clone(bn_axis_name=None),
         run.tx,
         jax.random.PRNGKey(config.seed),
-        (1, n_mels, config.input.crop_frames, 1),
+        input_pipeline.model_input_shape(prepared, config.input.crop_frames),
     )
     latest = checkpoints.open_manager(workdir, checkpoints.LATEST)
     if latest.latest_step() is not None:
@@ -467,20 +458,20 @@ def _evaluate_and_select(run: _Run, state: TrainState, step: int, writer, best, 
     """Validation metrics of the current (and averaged) weights; keeps the best and the latest averaged model."""
     scores = {}
     variables = current_variables(state)
-    validation = run.predictor.evaluate(variables, "validation")
+    validation = run.predictor.evaluate(variables, "validation", pos_weight=run.config.loss.pos_weight)
     scores.update({f"val_{k}": v for k, v in validation.items()})
     selection = validation[run.config.selection_metric]
     score = -selection if run.config.selection_metric == "loss" else selection
     checkpoints.save(best, step, variables, run.meta("best", step) | {"validation": validation}, score=score)
     if int(jax_utils.unreplicate(state.average_count)) > 0:
         averaged = run.averaged_variables(state)
-        averaged_validation = run.predictor.evaluate(averaged, "validation")
+        averaged_validation = run.predictor.evaluate(averaged, "validation", pos_weight=run.config.loss.pos_weight)
         scores.update({f"val_average_{k}": v for k, v in averaged_validation.items()})
         checkpoints.save(swa, step, averaged, run.meta("swa", step) | {"validation": averaged_validation})
     writer.write_scalars(step, scores)  # its logging writer prints them on the console too
 
 
-def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str, dict[str, float]]:
+def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str, dict]:
     """Test figures of the final, selected, averaged and snapshot-ensemble models, thresholds from validation.
 
     Writes `report/` (`report.write_run_report`): a folder per model and `test_report.json`, the summary that is

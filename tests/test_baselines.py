@@ -17,7 +17,17 @@ from benchmarks import reference_data
 from configs import avg_ensemble
 from data_prep import metadata
 from data_prep.reader import load_prepared
-from emorf_jax import baselines, checkpoints, ensemble_training, evaluate, metrics, train, weight_averaging
+from emorf_jax import (
+    baselines,
+    checkpoints,
+    ensemble_training,
+    evaluate,
+    inference,
+    metrics,
+    report,
+    train,
+    weight_averaging,
+)
 from emorf_jax.models import registry
 from emorf_jax.tagger import Member, Tagger, load_tagger, model_card
 
@@ -93,6 +103,8 @@ def test_each_model_trains_saves_loads_and_tags_through_the_same_tools(config_na
             model=model,
             tx=tx,
             mixup_alpha=0.3,
+            pos_weight=1.0,
+            mixup_reduction="batch_mean",
             averaging=weight_averaging.AveragingSchedule("swa", start_step=1),
             learning_rate=optax.constant_schedule(1e-2),
             normalisation=(prepared.mean, prepared.std),
@@ -187,3 +199,37 @@ def test_ensemble_recipe_averages_its_members_swa_and_snapshots(prepared_data_di
         == figures
     )
     assert json.loads((tmp_path / "ensemble" / "metrics.json").read_text()) == figures
+
+
+def test_the_constant_predictor_is_scored_on_the_tags_of_the_models_macro_figures(capsys):
+    """4 of 9 tags have both classes: the constant predictor's macro PR-AUC is their mean positive rate, not the
+    label mean over all 9 tags, and a model's macro figures average the same 4 tags."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 9), bool)
+    labels[:2, 0], labels[:5, 1], labels[:10, 2], labels[:15, 3] = True, True, True, True
+    labels[:, 8] = True  # tags 4-7 have no positive track, tag 8 no negative one
+    both = [0, 1, 2, 3]
+    with pytest.warns(UserWarning, match=r"tags \[4, 5, 6, 7, 8\] have only positive or only negative tracks"):
+        constant = baselines.constant_predictor_figures(labels)
+    assert constant["PR-AUC-macro"] == pytest.approx(labels[:, both].mean(axis=0).mean(), abs=1e-12)  # 0.4
+    assert constant["PR-AUC-macro"] == pytest.approx(0.4) and labels.mean() == pytest.approx((1.6 + 1) / 9)
+    assert constant["ROC-AUC-macro"] == 0.5
+    # Like for like: what the same function gives a model whose scores are each tag's rate (constant per tag, so
+    # ranking nothing), and a trained-looking model's macro figure is the mean of the same 4 tags' PR-AUC.
+    rates = np.broadcast_to(labels.mean(axis=0), labels.shape)
+    with pytest.warns(UserWarning):
+        assert metrics.mediaeval_metrics(labels, rates)["PR-AUC-macro"] == pytest.approx(constant["PR-AUC-macro"])
+    scores = np.clip(labels + rng.normal(0, 0.6, labels.shape), 0, 1)
+    with pytest.warns(UserWarning):
+        model = metrics.mediaeval_metrics(labels, scores)
+    assert model["PR-AUC-macro"] == pytest.approx(metrics.per_tag_pr_auc(labels, scores)[both].mean(), abs=1e-12)
+    # The training report sets them side by side: the same figures, on the same tags.
+    test = inference.Predictions(scores.astype(np.float32), labels, tuple(f"track_{i}" for i in range(20)))
+    with pytest.warns(UserWarning):
+        summary = report.run_summary({"final": report.model_report("final", [f"t{i}" for i in range(9)], test, test)})
+    assert summary["constant_predictor"] == constant
+    assert summary["final"]["PR-AUC-macro"] == pytest.approx(model["PR-AUC-macro"], abs=1e-6)
+    assert summary["final"]["calibration"]["positive-rate"] == pytest.approx(labels.mean())
+    table = report.format_summary(summary).splitlines()
+    assert table[-1].split() == ["constant_predictor", "0.4000", "0.5000"]
+    assert table[0].endswith(f"(positive rate {labels.mean():.4f})") and len(table[1].split()) == 5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import reference_data
+from benchmarks import paper_table, reference_data
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
@@ -57,10 +57,68 @@ def test_paper_table_quick_trains_its_rows_and_prints_them_beside_the_published_
     for row in rows:
         assert 0 < row["ours"]["PR-AUC-macro"] <= 1 and 0 <= row["ours"]["ROC-AUC-macro"] <= 1
     assert rows[1]["ours"]["ROC-AUC-macro"] == 0.5  # one constant column: no ranking at all
+    assert rows[0]["published_validation"] is None and "published validation PR-AUC" in output  # not on the slides
     if (reference_data.MEDIAEVAL2019 / "baseline" / "results.tsv").is_file():
-        assert rows[0]["published"]["PR-AUC-macro"] == 0.107734 and "| 0.1077 |" in output
+        assert rows[0]["published"]["PR-AUC-macro"] == 0.107734 and "| n/a | 0.1077 | 0.7258 |" in output
     else:
         assert rows[0]["published"] is None and "n/a" in output
+
+
+# The MediaEval 2019 slides: validation PR-AUC-macro of every row they show, and CP_ResNet's test PR-AUC, which no
+# results file holds (it was not submitted).
+SLIDES_VALIDATION = {
+    "shake_faresnet": 0.1132,
+    "faresnet": 0.1149,
+    "avg_ensemble": 0.1189,
+    "resnet34": 0.0924,
+    "crnn": 0.0924,
+    "cp_resnet": 0.1097,
+}
+# The official test PR-AUC-macro of each submitted row (the task's results tables).
+OFFICIAL_TEST = {
+    "vggish_essentia96": 0.107734,
+    "resnet34": 0.102063,
+    "crnn": 0.117181,
+    "faresnet": 0.146333,
+    "shake_faresnet": 0.148037,
+    "avg_ensemble": 0.154609,
+    "popularity": 0.031924,
+}
+
+
+def test_paper_table_published_figures_are_the_slides_and_deeper_resnets_have_none():
+    rows = {row.config: row for row in paper_table.ROWS}
+    assert {"resnet18", "resnet50"} <= set(rows)
+    assert {name: row.slides_validation for name, row in rows.items() if row.slides_validation} == SLIDES_VALIDATION
+    assert paper_table.published_figures(rows["cp_resnet"]) == {"PR-AUC-macro": 0.1325}
+    for name in ("resnet18", "resnet50", "vggish"):
+        assert paper_table.published_figures(rows[name]) is None and rows[name].slides_validation is None
+    results = [
+        {
+            "row": rows[name].label,
+            "config": name,
+            "ours": {"PR-AUC-macro": 0.5, "ROC-AUC-macro": 0.75},
+            "published": paper_table.published_figures(rows[name]),
+            "published_validation": None if name == "resnet18" else {"PR-AUC-macro": rows[name].slides_validation},
+            "seconds": 7.0,
+        }
+        for name in ("cp_resnet", "resnet18")
+    ]
+    table = paper_table.format_table(results, quick=True, seconds=14.0)
+    assert "| CP_ResNet | cp_resnet | 0.5000 | 0.7500 | 0.1097 | 0.1325 | n/a | 7 |" in table
+    assert "| ResNet-18 | resnet18 | 0.5000 | 0.7500 | n/a | n/a | n/a | 7 |" in table
+
+
+@pytest.mark.skipif(
+    not (reference_data.MEDIAEVAL2019 / "CP-JKU" / "results.tsv").is_file(),
+    reason=f"the official results tables are not under {reference_data.MEDIAEVAL2019}",
+)
+def test_paper_table_published_test_figures_are_the_official_results():
+    published = {row.config: paper_table.published_figures(row) for row in paper_table.ROWS}
+    assert {name: figures["PR-AUC-macro"] for name, figures in published.items() if name in OFFICIAL_TEST} == (
+        OFFICIAL_TEST
+    )
+    assert published["shake_faresnet"]["ROC-AUC-macro"] == 0.771685 and published["popularity"]["ROC-AUC-macro"] == 0.5
 
 
 def test_train_step_benchmark_quick_times_both_frameworks_and_counts_flops():

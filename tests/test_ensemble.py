@@ -21,13 +21,17 @@ def _run(tmp_path: Path, name: str, *arguments: str) -> Path:
     return output
 
 
-def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_data_dir, random_checkpoints, tmp_path):
+def test_two_checkpoints_average_and_thresholds_come_from_validation(
+    prepared_data_dir, random_checkpoints, tmp_path, capsys
+):
     data_dir, _ = prepared_data_dir
     alone = [
         _run(tmp_path, f"alone{n}", f"--checkpoint={c}", f"--data_dir={data_dir}")
         for n, c in enumerate(random_checkpoints)
     ]
+    capsys.readouterr()
     both = _run(tmp_path, "both", *(f"--checkpoint={c}" for c in random_checkpoints), f"--data_dir={data_dir}")
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines()[1:])
     for name in ("test_predictions.npy", "validation_predictions.npy"):
         mean = np.mean([np.load(folder / name) for folder in alone], axis=0)
         np.testing.assert_allclose(np.load(both / name), mean, rtol=1e-6)
@@ -49,6 +53,11 @@ def test_two_checkpoints_average_and_thresholds_come_from_validation(prepared_da
     np.testing.assert_array_equal(decisions, predictions > thresholds)  # strict
     figures = json.loads((both / "metrics.json").read_text())
     assert figures == metrics.mediaeval_metrics(prepared.parts["test"].labels, predictions, decisions)
+    calibration = json.loads((both / "calibration.json").read_text())
+    assert calibration == metrics.calibration(prepared.parts["test"].labels, predictions)
+    assert calibration["positive-rate"] == pytest.approx(prepared.parts["test"].labels.mean())
+    assert printed["median-odds-ratio"] == f"{calibration['median-odds-ratio']:.6f}"
+    assert printed["PR-AUC-macro"] == f"{figures['PR-AUC-macro']:.6f}"
     assert (both / "precision_recall.png").stat().st_size > 10_000
     assert len((both / "per_tag.tsv").read_text().splitlines()) == len(prepared.tags) + 1
 

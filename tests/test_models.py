@@ -1,4 +1,5 @@
-"""CPResNet, FA-ResNet and Shake-Shake FA-ResNet: sizes, shapes, FA channel, Shake-Shake semantics, initialisation."""
+"""CPResNet, FA-ResNet and Shake-Shake FA-ResNet: sizes, shapes, FA channel, frequency roll, Shake-Shake semantics,
+initialisation."""
 
 import functools
 
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emorf_jax.models import CPResNet, frequency_channel, receptive_field, shake_shake
-from emorf_jax.models.cp_resnet import BasicBlock, FrequencyAwareConv, max_pool_2x2
+from emorf_jax.models import CPResNet, frequency_channel, receptive_field, registry, shake_shake
+from emorf_jax.models.cp_resnet import BasicBlock, FrequencyAwareConv, block_names, max_pool_2x2
 from emorf_jax.models.layers import BN_MOMENTUM
 
 
@@ -283,6 +284,47 @@ def test_shake_shake_evaluation_is_the_deterministic_mean_of_the_branches():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+ROLL_MODEL = CPResNet(num_classes=3, rho=2, base_channels=2, frequency_aware=True, features_shift=True)
+ROLL_INPUT = jax.random.normal(jax.random.PRNGKey(0), (2, 17, 17, 1))
+
+
+@functools.partial(jax.jit, static_argnames="train")
+def _rolls(variables, keys, train):
+    """(logits, shifts) per key: the logits (keys, 2, 3) and every block's drawn shift (keys, 12) of ROLL_MODEL."""
+
+    def one(key):
+        logits, state = ROLL_MODEL.apply(
+            variables, ROLL_INPUT, train=train, rngs={"shift": key}, mutable=["intermediates", "batch_stats"]
+        )
+        blocks = state["intermediates"]
+        return logits, jnp.stack([blocks[f"stage{s}_block{b}"]["features_shift"][0] for s, b in block_names()])
+
+    return jax.vmap(one)(keys)
+
+
+def test_frequency_roll_draws_every_shift_from_minus_50_to_50_per_block_in_training_and_evaluation():
+    variables = random_variables(ROLL_MODEL, ROLL_INPUT.shape, seed=3)
+    keys = jax.random.split(jax.random.PRNGKey(1), 200)
+    logits, shifts = _rolls(variables, keys, train=False)
+    assert set(np.asarray(shifts).ravel().tolist()) == set(range(-50, 51))  # 2,400 draws, each of the 101 values
+    assert all(len(set(row)) > 6 for row in np.asarray(shifts).tolist())  # one draw per block, not one per call
+    assert not np.allclose(logits[0], logits[1])  # evaluation is random too, as the authors' roll
+    np.testing.assert_array_equal(_rolls(variables, keys, train=True)[1], shifts)  # the same draws in training
+    with pytest.raises(Exception, match='needs PRNG for "shift"'):
+        ROLL_MODEL.apply(variables, ROLL_INPUT, train=False)
+    plain = jax.eval_shape(lambda: ROLL_MODEL.clone(features_shift=False).init(jax.random.PRNGKey(0), ROLL_INPUT))
+    assert jax.tree.map(lambda leaf: leaf.shape, plain) == jax.tree.map(np.shape, variables)  # same weights
+
+
+def test_checkpoint_fields_with_and_without_the_roll_build_and_describe_the_model():
+    fields = {"num_classes": 56, "rho": 5, "base_channels": 128, "frequency_aware": True, "shake_shake": False}
+    assert registry.build(fields).features_shift is False  # fields of checkpoints written before the roll
+    assert registry.describe(fields) == "FA-ResNet, rho=5, base_channels=128, 56 tags"
+    rolled = {**fields, "features_shift": True}
+    assert registry.build(rolled).features_shift is True
+    assert registry.describe(rolled) == "FA-ResNet with frequency roll, rho=5, base_channels=128, 56 tags"
 
 
 SHAKE_BLOCK = BasicBlock(

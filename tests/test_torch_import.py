@@ -1,4 +1,5 @@
-"""Import of the authors' PyTorch weights: logits equal a PyTorch CP-ResNet's, round trip, and error messages."""
+"""Import of the authors' PyTorch weights: logits equal a PyTorch CP-ResNet's (frequency roll included), round trip,
+error messages; our kernel schedule equals the authors' table."""
 
 import functools
 
@@ -6,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from emorf_jax.models import CPResNet, from_torch_state_dict, load_torch_checkpoint
+from emorf_jax.models import CPResNet, from_torch_state_dict, load_torch_checkpoint, receptive_field
+from emorf_jax.models.cp_resnet import block_names
 from emorf_jax.models.torch_import import torch_name
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference needs torch (pip install -e '.[test]')")
@@ -54,6 +56,45 @@ def test_eval_logits_match_the_pytorch_model(frequency_aware):
     assert np.abs(expected).max() > 0.1 and np.std(expected) > 0.1  # nothing trivially zero
     model = _flax_model(frequency_aware)
     logits = np.asarray(_eval_logits(model, from_torch_state_dict(state_dict, model), INPUT))
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rho", range(receptive_field.MAX_RHO + 1))
+def test_kernel_schedule_equals_the_authors_table(rho):
+    ours = dict(receptive_field.kernel_schedule(rho))
+    for stage, (k1s, k2s) in torch_reference.authors_kernels(rho).items():
+        for block, kernels in enumerate(zip(k1s, k2s), start=1):
+            assert (ours[f"{stage}.block{block}.conv1"], ours[f"{stage}.block{block}.conv2"]) == kernels, (rho, stage)
+
+
+def test_the_authors_table_has_no_schedule_outside_rho_0_to_22():
+    """Their function takes any integer ρ; below 0 and above 22 it repeats the ends, so 0..22 (ours) is all of it."""
+    table = {rho: torch_reference.authors_kernels(rho) for rho in range(-10, 40)}
+    assert len({repr(kernels) for kernels in table.values()}) == receptive_field.MAX_RHO + 1 == 23
+    assert all(table[rho] == table[0] for rho in range(-10, 0))
+    assert all(table[rho] == table[22] for rho in range(23, 40))
+    # The model_config of the authors' DCASE `configs/cp_resnet.json` (ρ = 7), as they list it.
+    assert table[7] == {
+        "stage1": ([3, 3, 3, 3], [1, 3, 3, 3]),
+        "stage2": ([3, 1, 1, 1], [1, 1, 1, 1]),
+        "stage3": ([1, 1, 1, 1], [1, 1, 1, 1]),
+    }
+
+
+@pytest.mark.parametrize("frequency_aware", [True, False])  # the authors' roll is in their FA-ResNet only
+def test_frequency_roll_logits_match_the_pytorch_model_on_the_same_shifts(frequency_aware):
+    model_torch, state_dict, unrolled = _reference(frequency_aware)
+    model = _flax_model(frequency_aware).clone(features_shift=True)
+    variables = from_torch_state_dict(state_dict, model)
+    apply = jax.jit(functools.partial(model.apply, train=False, mutable=["intermediates"]))
+    logits, state = apply(variables, INPUT.transpose(0, 2, 3, 1), rngs={"shift": jax.random.PRNGKey(3)})
+    shifts = [int(state["intermediates"][f"stage{s}_block{b}"]["features_shift"][0]) for s, b in block_names()]
+    # Rolls that move the maps: the blocks see 22, 11, 5, 5 and then 2 frequency rows of the 45-row input.
+    rows = (22, 11, 5, 5) + (2,) * 8
+    assert sum(shift % size != 0 for shift, size in zip(shifts, rows)) >= 6 and shifts[0] % 22
+    with torch.no_grad():
+        expected = model_torch(torch.from_numpy(INPUT), shifts).numpy()
+    assert np.abs(expected - unrolled).max() > 0.1 * np.abs(unrolled).max()  # the roll changes the logits
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 

@@ -75,7 +75,10 @@ def test_run_prints_the_test_report_and_saves_every_row(reference_run, synthetic
         assert ids == list(prepared.track_ids[split]) == list(prepared.tsv_track_ids[split])
         predictions = np.load(workdir / "report" / model / f"{split}_predictions.npy")
         assert predictions.shape == (len(ids), 9) and predictions.dtype == np.float32
+    swa_calibration = report["swa"].pop("calibration")
     assert json.loads((workdir / "report" / "swa" / "metrics.json").read_text()) == report["swa"]
+    assert json.loads((workdir / "report" / "swa" / "calibration.json").read_text()) == swa_calibration
+    assert swa_calibration["mean-probability"] > 0 and 0 < swa_calibration["positive-rate"] < 1
     # Every test track is in the shards, so each model's test rows are also written as a MediaEval submission.
     submitted = np.load(workdir / "report" / "selected" / "submission" / "predictions.npy")
     np.testing.assert_array_equal(submitted, np.load(workdir / "report" / "selected" / "test_predictions.npy"))

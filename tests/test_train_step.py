@@ -10,16 +10,17 @@ import pytest
 from flax import jax_utils
 
 from configs import faresnet
-from emorf_jax import input_pipeline, train, weight_averaging
+from data_prep import features
+from emorf_jax import inference, input_pipeline, losses, train, weight_averaging
 
 # Large enough that every BatchNorm normalises over many values: tiny maps make its statistics ill-conditioned.
 N_MELS, FRAMES, TAGS, GLOBAL_BATCH = 64, 48, 5, 8
 FIELDS = {"num_classes": TAGS, "rho": 3, "base_channels": 4, "frequency_aware": True, "shake_shake": False}
 
 
-def _model_and_state(tx: optax.GradientTransformation, seed: int = 0):
+def _model_and_state(tx: optax.GradientTransformation, seed: int = 0, fields: dict = FIELDS):
     """A tiny FA-ResNet whose zero-initialised layers are perturbed, so that every layer gets gradients."""
-    model = train.create_model(FIELDS, axis_name="batch")
+    model = train.create_model(fields, axis_name="batch")
     state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(seed), (1, N_MELS, FRAMES, 1))
     leaves, treedef = jax.tree.flatten(state.params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
@@ -64,6 +65,8 @@ def _run_steps(num_devices: int):
             model=model,
             tx=_TX,
             mixup_alpha=0.3,
+            pos_weight=10.0,
+            mixup_reduction="batch_mean",
             averaging=_SWA,
             learning_rate=optax.constant_schedule(0.02),
             normalisation=NORMALISATION,
@@ -133,16 +136,17 @@ def test_ema_follows_its_decay():
     assert int(count) == 4
 
 
-def test_mixup_mixes_inputs_and_targets_with_the_same_lambda():
+def test_mixup_mixes_each_input_with_the_partner_whose_targets_it_returns():
     inputs = jnp.arange(8, dtype=jnp.float32).reshape(8, 1, 1, 1) * jnp.ones((8, 2, 3, 1))
-    targets = jnp.eye(8)
-    mixed_inputs, mixed_targets = train.mixup(jax.random.PRNGKey(0), inputs, targets, alpha=0.3)
-    own_weight = np.diag(np.asarray(mixed_targets))  # λ of each example (or 1 where it met itself)
-    assert np.all(own_weight >= 0.5)
-    np.testing.assert_allclose(np.asarray(mixed_targets).sum(axis=1), 1.0, rtol=1e-6)
+    targets = jnp.eye(8)  # one-hot: each partner's targets name it
+    mixed = losses.mixup(jax.random.PRNGKey(0), inputs, targets, alpha=0.3)
+    lam, partners = np.asarray(mixed.lam), np.argmax(np.asarray(mixed.partner_targets), axis=1)
+    assert np.all(lam >= 0.5) and np.all(lam <= 1.0) and len(set(lam.tolist())) > 1
+    assert sorted(partners.tolist()) == list(range(8))  # a permutation
     np.testing.assert_allclose(
-        np.asarray(mixed_inputs)[:, 0, 0, 0], np.asarray(mixed_targets) @ np.arange(8.0), rtol=1e-5
+        np.asarray(mixed.inputs)[:, 0, 0, 0], lam * np.arange(8) + (1 - lam) * partners, rtol=1e-5
     )
+    np.testing.assert_allclose(float(mixed.mean_lam), lam.mean(), rtol=1e-6)
 
 
 def test_learning_rate_schedule_is_the_authors_per_epoch_rampdown():
@@ -176,7 +180,7 @@ def test_bfloat16_compute_steps_like_float32():
     device = jax.devices()[:1]
     batch = {k: v[None] for k, v in _batch(seed=10).items()}
     rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=device)
-    losses, finals = {}, {}
+    step_losses, finals = {}, {}
     for half_precision in (False, True):
         model = train.create_model(FIELDS, half_precision=half_precision, axis_name="batch")
         step = jax.pmap(
@@ -185,6 +189,8 @@ def test_bfloat16_compute_steps_like_float32():
                 model=model,
                 tx=_TX,
                 mixup_alpha=0.0,
+                pos_weight=10.0,
+                mixup_reduction="batch_mean",
                 averaging=_SWA,
                 learning_rate=optax.constant_schedule(0.02),
                 normalisation=NORMALISATION,
@@ -193,10 +199,10 @@ def test_bfloat16_compute_steps_like_float32():
             devices=device,
         )
         state, step_metrics = step(jax_utils.replicate(initial, devices=device), batch, rng)
-        losses[half_precision], finals[half_precision] = float(step_metrics["loss"][0]), _first_replica(state)
+        step_losses[half_precision], finals[half_precision] = float(step_metrics["loss"][0]), _first_replica(state)
     assert {leaf.dtype for leaf in jax.tree.leaves(finals[True].params)} == {np.dtype(np.float32)}
-    assert losses[True] != losses[False]
-    np.testing.assert_allclose(losses[True], losses[False], rtol=5e-3)
+    assert step_losses[True] != step_losses[False]
+    np.testing.assert_allclose(step_losses[True], step_losses[False], rtol=5e-3)
 
 
 def _relative_l2(tree, reference) -> float:
@@ -225,3 +231,55 @@ def test_bfloat16_gradients_equal_float32_within_bfloat16_rounding_with_running_
         gradients[half_precision] = jax.jit(jax.grad(loss))(state.params)
     assert {leaf.dtype for leaf in jax.tree.leaves(gradients[True])} == {np.dtype(np.float32)}
     assert 0 < _relative_l2(gradients[True], gradients[False]) < 0.05
+
+
+def test_the_dcase_variant_saves_snapshots_and_averages_weights_after_the_authors_epochs():
+    """The authors' trainer, written out per 0-based epoch e at its end: a snapshot when e > 250 and e % 5 == 0; an
+    SWA update when e + 1 >= 250 and (e + 1 - 250) % 3 == 0. One step per epoch makes steps count epochs."""
+    config = faresnet.get_config("dcase")
+    epochs = range(config.num_epochs)
+    assert config.num_epochs == 400 and config.batch_size == 10 and config.eval_every_epochs == 1
+    assert features.settings_for(config.dataset.config_name).channels == 2  # the authors' two-channel input
+    assert train.snapshot_steps(config, 1.0, config.num_epochs) == [e + 1 for e in epochs if e > 250 and e % 5 == 0]
+    swa = train.averaging_schedule(config, 1.0)
+    count, updates = jnp.zeros((), jnp.int32), []
+    for step in range(1, config.num_epochs + 1):
+        _, new_count = weight_averaging.update_average(0.0, 1.0, count, jnp.int32(step), swa)
+        if new_count > count:
+            updates.append(step)
+        count = new_count
+    assert updates == [e + 1 for e in epochs if e + 1 >= 250 and (e + 1 - 250) % 3 == 0]
+
+
+def test_a_model_with_the_frequency_roll_trains_and_scores_a_window_whatever_its_batch():
+    model, state = _model_and_state(_TX, fields=FIELDS | {"features_shift": True})
+    step = jax.pmap(
+        functools.partial(
+            train.train_step,
+            model=model,
+            tx=_TX,
+            mixup_alpha=0.3,
+            pos_weight=10.0,
+            mixup_reduction="batch_mean",
+            averaging=_SWA,
+            learning_rate=optax.constant_schedule(0.02),
+            normalisation=NORMALISATION,
+        ),
+        axis_name="batch",
+        devices=jax.devices()[:1],
+    )
+    batch = {k: v[None] for k, v in _batch(seed=12).items()}
+    trained, step_metrics = step(
+        jax_utils.replicate(state, jax.devices()[:1]),
+        batch,
+        jax_utils.replicate(jax.random.PRNGKey(0), jax.devices()[:1]),
+    )
+    assert np.isfinite(float(step_metrics["loss"][0]))
+    variables = {"params": _first_replica(trained.params), "batch_stats": _first_replica(trained.batch_stats)}
+    scores = functools.partial(inference.logits_step, variables, mean=NORMALISATION[0], std=NORMALISATION[1])
+    stored = batch["spectrogram"][0]
+    rolled = model.clone(bn_axis_name=None)
+    whole, half = scores(stored, model=rolled), scores(stored[:4], model=rolled)
+    np.testing.assert_allclose(np.asarray(half), np.asarray(whole)[:4], rtol=1e-5, atol=1e-6)
+    unrolled = train.create_model(FIELDS)
+    assert not np.allclose(np.asarray(scores(stored, model=unrolled)), np.asarray(whole), atol=1e-3)

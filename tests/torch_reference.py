@@ -1,18 +1,42 @@
 """A PyTorch CP-ResNet / FA-ResNet as the authors built it (docs/fidelity.md, "Model"), to test the Flax port against.
 
 NCHW layout (H = frequency), the authors' parameter names (`in_c.0`, `stage1.block1.conv1`, `feed_forward.1`),
-their padding k//3 and floor max-pools. Written in PyTorch idioms on purpose, independently of the Flax code.
+their padding k//3, floor max-pools, kernel schedule and optional frequency roll. Written in PyTorch idioms on
+purpose, independently of the Flax code: nothing here comes from emorf_jax.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from emorf_jax.models import receptive_field
+# Blocks of each stage (counted from 1) followed by a 2x2 max-pool: the "maxpool" lists of the authors' config.
+MAXPOOL_AFTER = {"stage1": (1, 2, 4), "stage2": (), "stage3": ()}
+
+
+def authors_kernels(rho: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Per stage, the kernel sizes of conv1 ("k1s") and conv2 ("k2s") of its four blocks, as the authors'
+    `get_model_based_on_rho` (their `models/cp_resnet.py` and `models/cp_faresnet.py`) sets them for any integer ρ.
+
+    Their thresholds on e = ρ - 7, written out: `shrunk(t)` is 3 unless -e > t, `grown(t)` is 1 unless e > t.
+    """
+    e = rho - 7
+
+    def shrunk(threshold: int) -> int:
+        return 1 if -e > threshold else 3
+
+    def grown(threshold: int) -> int:
+        return 3 if e > threshold else 1
+
+    return {
+        "stage1": ([3, shrunk(6), shrunk(4), shrunk(2)], [1, shrunk(5), shrunk(3), shrunk(1)]),
+        "stage2": ([shrunk(0), grown(1), grown(3), grown(5)], [grown(0), grown(2), grown(4), grown(6)]),
+        "stage3": ([grown(7), grown(9), grown(11), grown(13)], [grown(8), grown(10), grown(12), grown(14)]),
+    }
 
 
 def frequency_map(x: torch.Tensor) -> torch.Tensor:
@@ -40,8 +64,13 @@ class Block(nn.Module):
     def _with_frequency(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, frequency_map(x)], dim=1) if self.frequency_aware else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(self._with_frequency(x))))
+    def forward(self, x: torch.Tensor, shift: int | None = None) -> torch.Tensor:
+        """`shift`: the authors' `features_shift` roll of conv1's input, FA channel included, by that many rows
+        along frequency (conv2's input and the shortcut are not rolled)."""
+        y = self._with_frequency(x)
+        if shift is not None:
+            y = y.roll(shift, 2)
+        y = torch.relu(self.bn1(self.conv1(y)))
         y = self.bn2(self.conv2(self._with_frequency(y)))
         return torch.relu(y + self.shortcut(x))
 
@@ -54,24 +83,33 @@ class TorchCPResNet(nn.Module):
             nn.BatchNorm2d(base_channels),
             nn.ReLU(),
         )
-        kernels = dict(receptive_field.kernel_schedule(rho))
         channels = base_channels
-        for stage in (1, 2, 3):
-            width = base_channels * 2 ** (stage - 1)
+        for index, (stage, (k1s, k2s)) in enumerate(authors_kernels(rho).items()):
+            width = base_channels * 2**index
             layers = OrderedDict()
-            for block in (1, 2, 3, 4):
-                name = f"stage{stage}.block{block}"
-                layers[f"block{block}"] = Block(
-                    channels, width, kernels[f"{name}.conv1"], kernels[f"{name}.conv2"], frequency_aware
-                )
+            for block, (kernel1, kernel2) in enumerate(zip(k1s, k2s), start=1):
+                layers[f"block{block}"] = Block(channels, width, kernel1, kernel2, frequency_aware)
                 channels = width
-                if (stage, block) in receptive_field.POOLED_BLOCKS:
+                if block in MAXPOOL_AFTER[stage]:
                     layers[f"pool{block}"] = nn.MaxPool2d(2, 2)
-            setattr(self, f"stage{stage}", nn.Sequential(layers))
+            setattr(self, stage, nn.Sequential(layers))
         self.feed_forward = nn.Sequential(nn.Conv2d(channels, num_classes, 1, bias=False), nn.BatchNorm2d(num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage3(self.stage2(self.stage1(self.in_c(x))))
+    def blocks(self) -> list[Block]:
+        """The 12 blocks in network order."""
+        return [layer for stage in MAXPOOL_AFTER for layer in getattr(self, stage) if isinstance(layer, Block)]
+
+    def forward(self, x: torch.Tensor, shifts: Sequence[int] | None = None) -> torch.Tensor:
+        """`shifts`: one frequency roll per block in network order, the draws of the authors' `features_shift`
+        (their FA-ResNet draws each, per block and call, uniformly from -50..50); None: no roll."""
+        blocks = self.blocks()
+        if shifts is not None and len(shifts) != len(blocks):
+            raise ValueError(f"{len(shifts)} shifts for {len(blocks)} blocks")
+        rolls = dict(zip(blocks, shifts)) if shifts is not None else {}
+        x = self.in_c(x)
+        for stage in MAXPOOL_AFTER:
+            for layer in getattr(self, stage):
+                x = layer(x, rolls.get(layer)) if isinstance(layer, Block) else layer(x)
         return self.feed_forward(x).mean(dim=(2, 3))
 
 

@@ -32,6 +32,9 @@ POOLED_BLOCKS = frozenset({(1, 1), (1, 2), (1, 4)})
 # Stage 1, block 1 is fixed at conv1 3x3 and conv2 1x1; ρ counts the 22 block convs after it.
 FIXED_KERNELS = (3, 1)
 MAX_RHO = NUM_STAGES * BLOCKS_PER_STAGE * 2 - len(FIXED_KERNELS)
+# The authors' FA-ResNet `features_shift`: each block rolls its conv1 input by a whole number of frequency rows drawn
+# uniformly from -50..50, once per block and call (docs/fidelity.md, "Model").
+MAX_FEATURES_SHIFT = 50
 
 
 def fixup_conv1_init(num_blocks: int) -> nn.initializers.Initializer:
@@ -74,6 +77,11 @@ def kernel_schedule(rho: int) -> list[tuple[str, int]]:
     return schedule
 
 
+def roll_frequency(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """An NHWC map rolled circularly by `shift` rows along frequency (row f moves to f + shift, mod F)."""
+    return jnp.roll(x, shift, axis=1)
+
+
 def frequency_channel(x: jax.Array) -> jax.Array:
     """The FA channel for an NHWC map with F rows: 2*f/F - 1 at row f (-1 at the lowest bin), constant in time."""
     num_rows = x.shape[1]
@@ -98,17 +106,22 @@ class FrequencyAwareConv(nn.Module):
     fast_cpu_conv: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+        """`shift`: roll x AND its FA channel by that many frequency rows first, as the authors' roll of the
+        concatenated map does."""
         shape = (self.kernel_size, self.kernel_size, x.shape[-1] + 1, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        channel = frequency_channel(x)
+        if shift is not None:
+            x, channel = roll_frequency(x, shift), roll_frequency(channel, shift)
+        x, channel, kernel = nn.dtypes.promote_dtype(x, channel, kernel, dtype=self.dtype)
         convolve = functools.partial(
             conv_function(self.fast_cpu_conv),
             window_strides=(1, 1),
             padding=[(self.padding, self.padding)] * 2,
             dimension_numbers=conv.NHWC,
         )
-        return convolve(x, kernel[:, :, :-1]) + convolve(frequency_channel(x), kernel[:, :, -1:])
+        return convolve(x, kernel[:, :, :-1]) + convolve(channel, kernel[:, :, -1:])
 
 
 @jax.custom_vjp
@@ -162,7 +175,8 @@ def shake_shake(branch1: jax.Array, branch2: jax.Array, alpha: jax.Array, beta: 
 
 
 class BasicBlock(nn.Module):
-    """Post-activation basic block: conv-BN-ReLU-conv-BN (+ FA channel before each conv), shortcut, ReLU."""
+    """Post-activation basic block: conv-BN-ReLU-conv-BN (+ FA channel before each conv), shortcut, ReLU; with
+    `features_shift`, conv1's input (FA channel included) rolled along frequency by a drawn shift."""
 
     features: int
     kernels: tuple[int, int]
@@ -173,6 +187,7 @@ class BasicBlock(nn.Module):
     bn_momentum: float
     dtype: Any
     fast_cpu_conv: bool = True  # see CPResNet
+    features_shift: bool = False  # see CPResNet
 
     def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
         padding = kernel // 3  # the authors' padding: 1 for 3x3, 0 for 1x1
@@ -180,18 +195,33 @@ class BasicBlock(nn.Module):
             features, (kernel, kernel), padding=[(padding, padding)] * 2, kernel_init=init, dtype=self.dtype, name=name
         )
 
-    def _block_conv(self, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
-        """A branch conv: with the FA channel as its last input when frequency-aware."""
-        if not self.frequency_aware:
-            return self._conv(self.features, kernel, init, name)
-        return FrequencyAwareConv(self.features, kernel, kernel // 3, init, self.dtype, self.fast_cpu_conv, name=name)
+    def _block_conv(
+        self, x: jax.Array, kernel: int, init: nn.initializers.Initializer, name: str, shift: jax.Array | None = None
+    ) -> jax.Array:
+        """A branch conv of x: with the FA channel as its last input when frequency-aware, and its whole input
+        rolled by `shift` frequency rows first when one is given."""
+        if self.frequency_aware:
+            padding = kernel // 3
+            return FrequencyAwareConv(self.features, kernel, padding, init, self.dtype, self.fast_cpu_conv, name=name)(
+                x, shift
+            )
+        return self._conv(self.features, kernel, init, name)(x if shift is None else roll_frequency(x, shift))
 
-    def _branch(self, x: jax.Array, train: bool, prefix: str) -> jax.Array:
+    def _branch(self, x: jax.Array, train: bool, prefix: str, shift: jax.Array | None) -> jax.Array:
         kernel1, kernel2 = self.kernels
-        y = self._block_conv(kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1")(x)
+        y = self._block_conv(x, kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1", shift)
         y = nn.relu(batch_norm(self, train, f"{prefix}bn1")(y))
-        y = self._block_conv(kernel2, nn.initializers.zeros, f"{prefix}conv2")(y)
+        y = self._block_conv(y, kernel2, nn.initializers.zeros, f"{prefix}conv2")
         return batch_norm(self, train, f"{prefix}bn2")(y)
+
+    def _draw_shift(self) -> jax.Array | None:
+        """The block's frequency roll from the rng stream "shift", in training and evaluation alike (the authors'
+        roll has no evaluation switch), sown as intermediates "features_shift"; None without `features_shift`."""
+        if not self.features_shift:
+            return None
+        shift = jax.random.randint(self.make_rng("shift"), (), -MAX_FEATURES_SHIFT, MAX_FEATURES_SHIFT + 1)
+        self.sow("intermediates", "features_shift", shift)
+        return shift
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -199,10 +229,11 @@ class BasicBlock(nn.Module):
         if x.shape[-1] != self.features:
             shortcut = self._conv(self.features, 1, kaiming_fan_out, "shortcut_conv")(x)
             shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
+        shift = self._draw_shift()
         if not self.shake_shake:
-            return nn.relu(shortcut + self._branch(x, train, ""))
-        branch1 = self._branch(x, train, "branch1_")
-        branch2 = self._branch(x, train, "branch2_")
+            return nn.relu(shortcut + self._branch(x, train, "", shift))
+        branch1 = self._branch(x, train, "branch1_", shift)
+        branch2 = self._branch(x, train, "branch2_", shift)
         if train:
             alpha_key, beta_key = jax.random.split(self.make_rng("shake"))
             per_example = (x.shape[0], 1, 1, 1)
@@ -217,8 +248,10 @@ class CPResNet(nn.Module):
     """The receptive-field-regularised ResNet of CP-JKU: `apply(variables, x, train=False)` -> logits (batch, tags).
 
     Fully convolutional: any frequency and time size of at least `MIN_INPUT_SIZE` works. In training mode with
-    `shake_shake`, the α/β of every block come from the rng stream "shake", one pair per example. The head
-    map (before global pooling) is sown as intermediates["feature_map"] for receptive-field analysis.
+    `shake_shake`, the α/β of every block come from the rng stream "shake", one pair per example. With
+    `features_shift`, every block rolls its conv1 input along frequency by a shift from the rng stream "shift"
+    (`BasicBlock`), in evaluation too, so `apply` then needs that stream in both modes. The head map (before global
+    pooling) is sown as intermediates["feature_map"] for receptive-field analysis.
     """
 
     num_classes: int
@@ -230,6 +263,7 @@ class CPResNet(nn.Module):
     bn_momentum: float = BN_MOMENTUM  # Flax convention; 0.0 makes the running statistics this batch's statistics
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32 and logits are returned as float32
     fast_cpu_conv: bool = True  # on CPU, conv gradients as matrix products (conv.py); False: XLA's own convs
+    features_shift: bool = False  # the authors' FA-ResNet option: a random frequency roll in every block
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -262,6 +296,7 @@ class CPResNet(nn.Module):
                 bn_momentum=self.bn_momentum,
                 dtype=self.dtype,
                 fast_cpu_conv=self.fast_cpu_conv,
+                features_shift=self.features_shift,
                 name=f"stage{stage}_block{block}",
             )(x, train)
             if (stage, block) in POOLED_BLOCKS:

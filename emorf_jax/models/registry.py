@@ -61,6 +61,9 @@ def describe(fields: Mapping[str, Any]) -> str:
             if fields["frequency_aware"]
             else "CP-ResNet"
         )
-        return f"{kind}, rho={fields['rho']}, base_channels={fields['base_channels']}, {fields['num_classes']} tags"
+        roll = " with frequency roll" if fields.get("features_shift") else ""  # absent in older checkpoints
+        return (
+            f"{kind}{roll}, rho={fields['rho']}, base_channels={fields['base_channels']}, {fields['num_classes']} tags"
+        )
     settings = ", ".join(f"{key}={value}" for key, value in fields.items() if key not in ("name", "num_classes"))
     return f"{DISPLAY_NAMES[name]}, {settings}, {fields['num_classes']} tags"

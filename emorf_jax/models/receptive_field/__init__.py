@@ -112,7 +112,9 @@ def effective_receptive_field(model: Any, variables: Any, input_shape: Sequence[
     inputs = jax.random.normal(jax.random.PRNGKey(seed), tuple(input_shape), jnp.float32)
 
     def centre_of_map(x: jax.Array) -> jax.Array:
-        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        # A model with a frequency roll rolls every block by the same shifts for every input (`seed`).
+        rngs = {"shift": jax.random.PRNGKey(seed)}
+        _, state = model.apply(variables, x, train=False, rngs=rngs, mutable=["intermediates"])
         feature_map = state["intermediates"]["feature_map"][0]
         return feature_map[:, feature_map.shape[1] // 2, feature_map.shape[2] // 2, :].sum()
 
