@@ -10,7 +10,7 @@ shifts) with its default two reading threads, as training runs it: per-track epo
 the record index, batching of the stored float16 frames. Reports examples/s, the spectrogram bytes read per example
 against the crop's own bytes, and the cores the process used (CPU seconds per wall second). The shards sit in the
 page cache, as they would after the first epoch on a machine with enough memory. The normalisation and transpose
-into the model's layout run inside the jitted train step (`input_pipeline.model_input`); their cost per example on
+into the model's layout run inside the jitted train step (`windowing.model_input`); their cost per example on
 the default device is timed apart, and the stream at split-0's size is timed a second time as the training loop
 consumes it, put on the default device two batches ahead (`examples_per_s_to_device`).
 
@@ -38,7 +38,7 @@ from flax import jax_utils
 
 from data_prep import layout, preparation, synthetic
 from data_prep.reader import FrameReader, PreparedDataset, load_prepared
-from emorf_jax import input_pipeline
+from emorf_jax import input_pipeline, windowing
 
 
 def _cpu_seconds() -> float:
@@ -124,10 +124,10 @@ def examples_per_second(
 def device_normalisation_ms_per_example(
     prepared: PreparedDataset, *, batch_size: int, crop_frames: int, repeats: int = 20
 ) -> tuple[float, str]:
-    """(ms per example, device) of `input_pipeline.model_input` on a batch of stored crops, jitted on the default
+    """(ms per example, device) of `windowing.model_input` on a batch of stored crops, jitted on the default
     device: the work the train step took over from the host."""
     stored = jax.device_put(np.zeros((batch_size, crop_frames, prepared.features["n_mels"]), np.float16))
-    normalise = jax.jit(input_pipeline.model_input)
+    normalise = jax.jit(windowing.model_input)
     normalise(stored, prepared.mean, prepared.std).block_until_ready()  # compiles
     start = time.perf_counter()
     for _ in range(repeats):

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from data_prep import features, synthetic
-from emorf_jax import input_pipeline
+from emorf_jax import windowing
 from emorf_jax.models import CPResNet
 from emorf_jax.tagger import Member, Tagger
 
@@ -71,7 +71,7 @@ def measure(path: Path, tagger: Tagger) -> dict:
     featured = time.perf_counter()
     seconds = waveform.shape[0] / sample_rate
     window, batch = tagger.window_frames, tagger.batch_size
-    windows = len(input_pipeline.window_ranges(spectrogram.shape[1], window))
+    windows = len(windowing.window_ranges(spectrogram.shape[1], window))
     one_model = dataclasses.replace(tagger, members=tagger.members[:1])
     compile_start = time.perf_counter()
     for group in {min(windows, batch), windows % batch or batch}:  # compiles the batch shapes the track runs in

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from data_prep import extract, preparation
+from data_prep import extract, extras, preparation
 from data_prep import features as features_lib
 
 
@@ -92,6 +92,7 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_options(argv)
+    extras.exit_unless_installed(extras.TRAIN, "python -m data_prep.build")
     try:
         summary = preparation.build_dataset(options)
     except preparation.BuildError as error:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -215,17 +218,51 @@ class AudioError(ValueError):
     """A track's audio cannot give features; the message is the reason in the failures report."""
 
 
+# What libsndfile reads, said in the error for a file that it cannot read when no ffmpeg is there to try.
+LIBSNDFILE_FORMATS = "MP3, WAV, FLAC, OGG (Vorbis, Opus), AIFF"
+
+
 def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
-    """float32 (samples, channels) and the sample rate, decoded by libsndfile (MP3, WAV, FLAC, OGG)."""
+    """float32 (samples, channels) and the sample rate of an encoded file, at its own rate and channel count.
+
+    libsndfile decodes what it reads (`LIBSNDFILE_FORMATS` and a few more); any other file (M4A/AAC, WMA, ...) goes
+    through `ffmpeg` when it is on the PATH. AudioError, naming the file, when neither can decode it; without ffmpeg
+    the error says to install it.
+    """
     if not data:
         raise AudioError(f"empty file: {name}")
     try:
         waveform, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
         reason = getattr(error, "error_string", None) or error  # libsndfile's own words, without the stream's repr
-        raise AudioError(f"cannot decode {name}: {reason}") from error
+        waveform, sample_rate = _ffmpeg_decode(data, name, str(reason))
     if waveform.shape[0] == 0:
         raise AudioError(f"no audio samples decoded from {name}")
+    return waveform, int(sample_rate)
+
+
+def _ffmpeg_decode(data: bytes, name: str, libsndfile_reason: str) -> tuple[np.ndarray, int]:
+    """A file libsndfile refused, decoded by ffmpeg to float32 WAV at the first audio stream's rate and channels.
+
+    Both sides are temporary files, not pipes: an MP4/M4A whose index follows its audio needs a seekable input, and a
+    seekable WAV output gets a header that states its length (RF64 past 4 GiB).
+    """
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioError(
+            f"cannot decode {name}: {libsndfile_reason}; libsndfile reads {LIBSNDFILE_FORMATS}: for other formats "
+            "(M4A/AAC, WMA, ...) install ffmpeg and put it on the PATH"
+        )
+    with tempfile.TemporaryDirectory(prefix="emorf_decode_") as directory:
+        encoded, decoded = Path(directory) / f"input{Path(name).suffix}", Path(directory) / "decoded.wav"
+        encoded.write_bytes(data)
+        command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(encoded), "-map", "0:a:0", "-c:a", "pcm_f32le"]
+        result = subprocess.run([*command, "-rf64", "auto", str(decoded)], capture_output=True, text=True)
+        if result.returncode != 0 or not decoded.is_file():
+            reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+            reason = reason.replace(str(encoded), name)  # ffmpeg names its input: the temporary copy
+            raise AudioError(f"cannot decode {name}: libsndfile: {libsndfile_reason}; ffmpeg: {reason}")
+        waveform, sample_rate = soundfile.read(decoded, dtype="float32", always_2d=True)
     return waveform, int(sample_rate)
 
 

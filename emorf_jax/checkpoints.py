@@ -1,7 +1,10 @@
 """Orbax checkpoints of a run: the resumable state, kept snapshot members, the SWA model and the selected model.
 
 Every checkpoint holds two items: `weights` (a pytree) and `meta` (JSON: model fields, tag list, feature settings,
-normalisation statistics), so a checkpoint can be loaded and used without the training config.
+normalisation statistics), so a checkpoint can be loaded and used without the training config. A run's final report
+adds to the meta of every checkpoint it scores (final, best, SWA, each snapshot) that model's per-tag decision
+thresholds chosen on validation (`THRESHOLDS`: floats in the meta's tag order, inf for a tag without a positive
+validation track; `write_thresholds`, `read_thresholds`); checkpoints of older runs have none.
 
 Layout of a workdir:
     config.json            the run's config; another config in the same workdir is refused
@@ -25,6 +28,7 @@ SNAPSHOTS = "snapshots"
 SWA = "swa"
 BEST = "best"
 _ITEMS = ("weights", "meta")
+THRESHOLDS = "thresholds"
 
 
 def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -81,18 +85,65 @@ def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     Needs no training config: the model is described by `meta["model"]`. For a resumable-state checkpoint the
     returned variables are its current parameters and BatchNorm statistics.
     """
+    step_path = step_directory(path)
+    with _reader(os.path.dirname(step_path)) as manager:
+        weights, meta = restore(manager, int(os.path.basename(step_path)))
+    variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}
+    return jax.tree.map(jax.numpy.asarray, variables), meta
+
+
+def step_path(manager: ocp.CheckpointManager, step: int) -> str:
+    """The directory of one step of a manager's checkpoints, a path that `load_checkpoint` takes."""
+    return os.path.join(str(manager.directory), str(step))
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    """A manager that only restores (orbax's own read_only option would log two warnings)."""
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False), item_names=_ITEMS)
+
+
+def step_directory(path: str) -> str:
+    """The step directory a checkpoint path names: itself (`<workdir>/snapshots/1200`), or a kind directory's
+    (`<workdir>/swa`) latest step."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     if os.path.isdir(os.path.join(path, "meta")):
-        directory, step = os.path.dirname(path), int(os.path.basename(path))
-    else:
-        directory, step = path, None
-    options = ocp.CheckpointManagerOptions(create=False)  # restores only; read_only would log two warnings
-    with ocp.CheckpointManager(directory, options=options, item_names=_ITEMS) as manager:
-        weights, meta = restore(manager, step)
-    variables = {"params": weights["params"], "batch_stats": weights["batch_stats"]}
-    return jax.tree.map(jax.numpy.asarray, variables), meta
+        return path
+    with _reader(path) as manager:
+        step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {path}")
+    return os.path.join(path, str(step))
+
+
+def _meta_file(path: str) -> str:
+    """The JSON file of a checkpoint's meta item, as orbax's JsonSave writes it."""
+    return os.path.join(step_directory(path), "meta", "metadata")
+
+
+def write_thresholds(path: str, thresholds: Sequence[float]) -> None:
+    """Stores per-tag decision thresholds (the meta's tag order) in a saved checkpoint's meta, replacing any.
+
+    The new meta is written beside the old one and renamed over it, so a reader meets the old meta or the new, never
+    a part of one.
+    """
+    meta_file = _meta_file(path)
+    with open(meta_file, encoding="utf-8") as f:
+        meta = json.load(f)
+    values = [float(value) for value in thresholds]
+    if len(values) != len(meta["tags"]):
+        raise ValueError(f"{len(values)} thresholds for the {len(meta['tags'])} tags of the checkpoint at {path}")
+    meta[THRESHOLDS] = values
+    with open(meta_file + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    os.replace(meta_file + ".tmp", meta_file)
+
+
+def read_thresholds(path: str) -> list[float] | None:
+    """A checkpoint's per-tag decision thresholds in its meta's tag order, or None when it stores none."""
+    with open(_meta_file(path), encoding="utf-8") as f:
+        return json.load(f).get(THRESHOLDS)
 
 
 # What every member of an average must share: averaged outputs of other tags, features or input statistics would be

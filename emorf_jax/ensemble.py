@@ -13,7 +13,9 @@ they are. The members' probabilities are averaged; per-tag thresholds are chosen
 OUT gets the report of one model (`emorf_jax/report.py`): `submission/predictions.npy` and
 `submission/decisions.npy` (the MediaEval submission: float32 and bool, test tracks x tags, in the test TSV's
 order), `test_predictions.npy`, `test_decisions.npy`, `validation_predictions.npy`, their rows in
-`test_track_ids.txt` and `validation_track_ids.txt`, `thresholds.tsv`, `metrics.json` (the ten official figures),
+`test_track_ids.txt` and `validation_track_ids.txt`, `thresholds.tsv` (the ensemble's per-tag decision thresholds,
+chosen on its averaged validation predictions: the ones to decide its members' averaged probabilities with, where each
+member checkpoint's meta holds its own), `metrics.json` (the ten official figures),
 `calibration.json` (the test probabilities' calibration, `metrics.calibration`), `per_tag.tsv` and
 `precision_recall.png`; the figures and the calibration are also printed. An ensemble whose test rows are not exactly
 the official test tracks is refused before anything is written, naming the missing ones.

@@ -10,32 +10,22 @@ as the demo does.
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import ml_collections
+from configs import load_config
+from data_prep import extras
+from emorf_jax import report
 
-from emorf_jax import ensemble_training, report
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:variant]` -> its `get_config(variant)`."""
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("ensemble_config", path)
-    if module_spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file at {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant or None)
+PROG = "python -m emorf_jax.ensemble_recipe"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m emorf_jax.ensemble_recipe",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_config(args.config)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
+    extras.exit_unless_installed(extras.TRAIN, PROG)
+    from emorf_jax import ensemble_training  # imported after the check: training needs the [train] extra
+
     figures = ensemble_training.run(recipe, args.workdir, args.data_dir)
     print(f"{len(recipe.members)} trained members -> {os.path.join(args.workdir, 'ensemble')}")
     print(report.format_table(figures))

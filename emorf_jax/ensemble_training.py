@@ -14,15 +14,31 @@ from collections.abc import Sequence
 import ml_collections
 
 from emorf_jax import checkpoints, demo, ensembles, report, train
+from emorf_jax.models import registry
+
+
+def with_rho(config: ml_collections.ConfigDict, rho: int) -> ml_collections.ConfigDict:
+    """A copy of a CP-ResNet config with this ρ, and `max_rf` cleared so that the ρ is the one the model gets."""
+    name = config.model.get("name", registry.DEFAULT_MODEL)
+    if name != "cp_resnet":
+        raise ValueError(f"rho sets the kernels of the CP-ResNet family; this config's model is {name!r}")
+    config = config.copy_and_resolve_references()
+    config.model.rho = rho
+    config.model.max_rf = 0
+    return config
+
+
+def run_config(config: ml_collections.ConfigDict, rho: int, seed: int, data_dir: str) -> ml_collections.ConfigDict:
+    """A copy of a CP-ResNet config for one run: its ρ (`with_rho`), seed and dataset."""
+    config = with_rho(config, rho)
+    config.seed = seed
+    config.dataset.data_dir = data_dir
+    return config
 
 
 def member_config(name: str, rho: int, seed: int, variant: str, data_dir: str) -> ml_collections.ConfigDict:
     """The training config of one member: `configs/<name>.py:<variant>` with its ρ, seed and dataset."""
-    config = importlib.import_module(f"configs.{name}").get_config(variant or None)
-    config.model.rho = rho
-    config.seed = seed
-    config.dataset.data_dir = data_dir
-    return config
+    return run_config(importlib.import_module(f"configs.{name}").get_config(variant or None), rho, seed, data_dir)
 
 
 def member_workdir(root: str, name: str, rho: int, seed: int) -> str:

@@ -2,7 +2,7 @@
 
 `logits_step` is the one function that runs a model on windows: `Predictor` pmaps it over the shards' windows and
 `emorf_jax.tagger` jits it for a track's audio, both feeding the float16 features the shards store, normalised on
-the device by `input_pipeline.model_input`, so a checkpoint tags a track's audio exactly as the evaluation scored
+the device by `windowing.model_input`, so a checkpoint tags a track's audio exactly as the evaluation scored
 it. A track's window logits are averaged, weighted by the frames each window stands for, then turned into per-tag
 probabilities. See docs/architecture.md, "Evaluation and tagging".
 """
@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from scipy.special import expit
 
 from data_prep.reader import PreparedDataset
-from emorf_jax import input_pipeline, losses, metrics
+from emorf_jax import losses, metrics, windowing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,27 @@ EVALUATION_SHIFT_SEED = 0
 
 
 def logits_step(variables: Any, stored: jax.Array, mean: jax.Array, std: jax.Array, *, model: nn.Module) -> jax.Array:
-    """Logits of a batch of stored-format windows, normalised on the device by `input_pipeline.model_input`."""
-    inputs = input_pipeline.model_input(stored, mean, std)
+    """Logits of a batch of stored-format windows, normalised on the device by `windowing.model_input`."""
+    return window_outputs(variables, stored, mean, std, model=model)[0]
+
+
+def window_outputs(
+    variables: Any,
+    stored: jax.Array,
+    mean: jax.Array,
+    std: jax.Array,
+    frames: jax.Array | None = None,
+    *,
+    model: nn.Module,
+) -> tuple[jax.Array, jax.Array]:
+    """`logits_step`'s logits and the pooled features the model's classifier reads (its intermediates
+    "embedding"), float32 (batch, features). `frames`: a CP-ResNet's valid frames per window of a batch padded in
+    time (`CPResNet`); the embeddings cost nothing where only the logits are used (XLA drops what is not returned)."""
+    inputs = windowing.model_input(stored, mean, std)
     rngs = {"shift": jax.random.PRNGKey(EVALUATION_SHIFT_SEED)}
-    return model.apply(variables, inputs, train=False, rngs=rngs).astype(jnp.float32)
+    padding = {} if frames is None else {"frames": frames}
+    logits, state = model.apply(variables, inputs, train=False, rngs=rngs, mutable=["intermediates"], **padding)
+    return logits.astype(jnp.float32), state["intermediates"]["embedding"][0].astype(jnp.float32)
 
 
 class Predictor:
@@ -66,12 +83,12 @@ class Predictor:
         (and a single process with as many devices) sums the same numbers in the same order.
         """
         part = self.prepared.parts[split]
-        schedule = input_pipeline.eval_schedule(part.frames, self.window_frames, self.batch_size)
+        schedule = windowing.eval_schedule(part.frames, self.window_frames, self.batch_size)
         replicated = jax_utils.replicate(variables)
         mean, std = self.prepared.mean, self.prepared.std
         local = [
             np.asarray(self.p_logits(replicated, batch.spectrograms, mean, std)).reshape(len(batch.windows), -1)
-            for batch in input_pipeline.eval_batches(self.prepared, split, schedule)
+            for batch in windowing.eval_batches(self.prepared, split, schedule)
         ]
         local = np.stack(local)  # (batches, local share, tags)
         if jax.process_count() > 1:  # (processes, batches, share, tags) -> each batch's shares in process order

@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from emorf_jax import demo, distributed, train
+from data_prep import extras
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and the test report.")
@@ -73,6 +73,9 @@ def use_compilation_cache(directory: str, workdir: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    extras.exit_unless_installed(extras.TRAIN, "python -m emorf_jax.main")
+    from emorf_jax import demo, distributed, train  # imported after the check: training needs the [train] extra
+
     if not FLAGS.verbose_libraries:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     distributed.initialize(

@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -94,11 +95,17 @@ def model_report(name: str, tags: Sequence[str], validation: Predictions, test: 
         dataclasses.replace(split, probabilities=np.asarray(split.probabilities, np.float32))
         for split in (validation, test)
     )
-    thresholds = metrics.best_f1_thresholds(validation.labels, validation.probabilities)
+    thresholds = validation_thresholds(validation)
     decisions = metrics.decide(test.probabilities, thresholds)
     figures = metrics.mediaeval_metrics(test.labels, test.probabilities, decisions)
     calibration = metrics.calibration(test.labels, test.probabilities)
     return ModelReport(name, tuple(tags), validation, test, thresholds, decisions, figures, calibration)
+
+
+def validation_thresholds(validation: Predictions) -> np.ndarray:
+    """Per-tag thresholds chosen on validation predictions (F1-maximising), from their float32 probabilities as a
+    report saves them; inf for a tag without a positive track."""
+    return metrics.best_f1_thresholds(validation.labels, np.asarray(validation.probabilities, np.float32))
 
 
 def write_model_report(directory: str | Path, report: ModelReport, official_test_ids: Sequence[str]) -> None:
@@ -194,8 +201,9 @@ def _write_per_tag(path: Path, report: ModelReport) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _pyplot():
-    """matplotlib's pyplot drawing to files only (imported when a plot is made: it is slow to import)."""
+def agg_pyplot() -> ModuleType:
+    """matplotlib's pyplot drawing to files only (imported when a plot is made: it is slow to import); the other
+    libraries' plots use it too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +214,7 @@ def _pyplot():
 
 def _plot_precision_recall(path: Path, report: ModelReport) -> None:
     """Every tag's precision-recall curve (thin) and the micro-averaged one (thick)."""
-    pyplot = _pyplot()
+    pyplot = agg_pyplot()
     truth, scores, figures = report.test.labels, report.test.probabilities, report.figures
     figure, axes = pyplot.subplots(figsize=(6, 5))
     for index in range(len(report.tags)):
@@ -234,7 +242,7 @@ def plot_per_tag_pr_auc(
     The positive rate is the PR-AUC of a constant predictor, so a bar that barely passes its mark shows a tag
     the model hardly ranks better than chance.
     """
-    pyplot = _pyplot()
+    pyplot = agg_pyplot()
     pr_auc = metrics.per_tag_pr_auc(groundtruth, predictions)
     positive_rate = np.asarray(groundtruth, dtype=bool).mean(axis=0)
     order = np.argsort(-np.nan_to_num(pr_auc, nan=-1.0), kind="stable")

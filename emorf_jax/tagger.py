@@ -4,13 +4,15 @@ the benchmarks share.
 All a tagger needs comes from its checkpoints' meta: the model (rebuilt by the registry), tags, feature setting,
 normalisation and evaluation window. A track's features are computed by data preparation's own code (any sample rate,
 resampled; any channel count mixed down, or one or two channels for a stereo model), rounded to the float16 the
-shards store, cut into the evaluation's windows (`input_pipeline.window_ranges`) and run through
-`inference.logits_step`, the step the evaluation pmaps, so a checkpoint tags a track's audio exactly as the evaluation
-scored it. Each checkpoint's window logits are averaged, weighted by the frames each window stands for, and turned
-into probabilities; several checkpoints' probabilities are averaged.
+shards store (`track_features`), cut into the evaluation's windows (`windowing.window_ranges`) and run through
+`inference.window_outputs`, the logits of the step the evaluation pmaps, so a checkpoint tags a track's audio exactly
+as the evaluation scored it. Each checkpoint's window logits are averaged, weighted by the frames each window stands
+for, and turned into probabilities; several checkpoints' probabilities are averaged. The same step gives each
+window's embedding, the pooled features the model's classifier reads (`TrackTags`).
 """
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,13 +25,16 @@ from scipy.special import expit
 
 from data_prep import features
 from data_prep.metadata import short_tag_name
-from data_prep.reader import STORED_DTYPE, time_major
-from emorf_jax import checkpoints, inference, input_pipeline
+from data_prep.reader import STORED_DTYPE
+from emorf_jax import checkpoints, inference, track_features, windowing
 from emorf_jax.models import receptive_field, registry
+from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 
-AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg")
+# The files a folder is searched for. libsndfile decodes the first eight (`features.decode_audio`); M4A/AAC and WMA go
+# through ffmpeg when it is on the PATH, and without it each such file gets its own error saying to install ffmpeg.
+AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".m4a", ".aac", ".wma")
 
-_jitted_logits_step = jax.jit(inference.logits_step, static_argnames="model")
+_jitted_window_outputs = jax.jit(inference.window_outputs, static_argnames="model")
 
 
 def padded_batch_size(windows: int, batch_size: int) -> int:
@@ -53,8 +58,14 @@ class TrackTags:
     """What a tagger says of one track, averaged over its members."""
 
     probabilities: np.ndarray  # (tags,) of the whole track
-    windows: list[tuple[int, int, int]]  # (start, stop, weight) frames, as `input_pipeline.window_ranges` cuts them
+    windows: list[tuple[int, int, int]]  # (start, stop, weight) frames, as `windowing.window_ranges` cuts them
     window_probabilities: np.ndarray  # (windows, tags): the taggram
+    # (windows, features) float32: each window's pooled features that the classifier reads, the members' side by
+    # side (`inference.window_outputs`; 4 x base_channels values for a CP-ResNet)
+    window_embeddings: np.ndarray
+    # (features,) float32: the window embeddings averaged with the window weights, as the logits are; every model's
+    # head is affine, so a member's track logits are its head applied to its part of this vector
+    embedding: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +73,10 @@ class Tagger:
     """One or several members that share tags, features and normalisation, whose probabilities are averaged.
 
     Windows go through each model in batches of `batch_size`, the last one padded to `padded_batch_size`, so neither
-    memory nor compilation depends on a track's length: at most log2(batch_size) + 1 batch shapes (a track shorter
-    than one window is the only other window shape). The window length and feature setting are the first member's.
+    memory nor compilation depends on a track's length: at most log2(batch_size) + 1 batch shapes. A clip shorter
+    than one window is zero-padded to the window and run with its length (`CPResNet`'s `frames`), which gives its
+    unpadded outputs in one more shape for every clip length; the baselines, whose pools and GRU depend on the input's
+    length, run such a clip in its own shape. The window length and feature setting are the first member's.
     """
 
     members: tuple[Member, ...]
@@ -84,63 +97,101 @@ class Tagger:
         return int(self.meta["window_frames"])
 
     @property
+    def embedding_size(self) -> int:
+        """Values in an embedding: the members' pooled features side by side (e.g. 512 for a CP-ResNet of width
+        128), from the models' output shapes (traced, not run)."""
+        mean = np.asarray(self.meta["normalisation"]["mean"], np.float32)
+        window = jax.ShapeDtypeStruct((1, self.window_frames, *mean.shape), STORED_DTYPE)
+        return sum(
+            jax.eval_shape(
+                functools.partial(inference.window_outputs, model=member.model), member.variables, window, mean, mean
+            )[1].shape[-1]
+            for member in self.members
+        )
+
+    @property
     def seconds_per_frame(self) -> float:
         """The time step of the features, for time axes."""
         return self.meta["features"]["hop_length"] / self.meta["features"]["sample_rate"]
+
+    @property
+    def feature_settings(self) -> features.FeatureSettings:
+        """The audio feature setting of the models (ValueError for a model of other input)."""
+        return track_features.audio_settings(self.meta["features"])
 
     def spectrogram(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
         """The features of a waveform (samples,) or (samples, channels) at any sample rate, computed by data
         preparation's own code, resampled to the model's rate: (n_mels, frames) of any channel count mixed down, or
         for a stereo model (2, n_mels, frames) of one or two channels (`features.waveform_features`)."""
         waveform = np.asarray(waveform, np.float32)
-        return self._features(waveform[:, None] if waveform.ndim == 1 else waveform, sample_rate, "the waveform")
+        waveform = waveform[:, None] if waveform.ndim == 1 else waveform
+        return track_features.waveform_features(waveform, sample_rate, "the waveform", self.feature_settings)
 
     def read_features(self, path: str | Path) -> np.ndarray:
         """`spectrogram` of an audio file; an unreadable file raises OSError or features.AudioError, naming it."""
-        waveform, sample_rate = features.decode_audio(Path(path).read_bytes(), str(path))
-        return self._features(waveform, sample_rate, str(path))
-
-    def _features(self, waveform: np.ndarray, sample_rate: int, name: str) -> np.ndarray:
-        settings = features.FeatureSettings(**self.meta["features"])
-        if settings.source != "audio":
-            raise ValueError(
-                f"this model was trained on {settings.source!r} input, not audio: pass that input to tag_spectrogram"
-            )
-        return features.waveform_features(waveform, sample_rate, name, settings, resample=True)
+        return track_features.file_features(path, self.feature_settings)
 
     def window_logits(
         self, spectrogram: np.ndarray, window_frames: int | None = None
     ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """(members, windows, tags) logits of one track's (n_mels, frames) or stereo (2, n_mels, frames) features,
         and its windows."""
+        logits, _, windows = self.window_outputs(track_features.stored(spectrogram), window_frames)
+        return logits, windows
+
+    def window_outputs(
+        self, stored: np.ndarray, window_frames: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+        """(members, windows, tags) logits and (windows, features) embeddings, the members' side by side, of one
+        track's features in the stored format (`track_features.stored`), and its windows."""
         norm = self.meta["normalisation"]
         mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
-        stored = time_major(np.asarray(spectrogram).astype(STORED_DTYPE))  # as data preparation stores it
-        windows = input_pipeline.window_ranges(stored.shape[0], window_frames or self.window_frames)
-        logits = [
-            np.concatenate(
-                [
-                    np.asarray(_jitted_logits_step(member.variables, batch, mean, std, model=member.model))[:count]
-                    for count, batch in self._batches(stored, windows)
-                ]
-            )
-            for member in self.members
-        ]
-        return np.stack(logits), windows
+        window_frames = window_frames or self.window_frames
+        windows = windowing.window_ranges(stored.shape[0], window_frames)
+        logits, embeddings = [], []
+        for member in self.members:
+            pad_to = window_frames if isinstance(member.model, CPResNet) else None
+            outputs = [
+                (count, _jitted_window_outputs(member.variables, batch, mean, std, frames, model=member.model))
+                for count, batch, frames in self._batches(stored, windows, pad_to)
+            ]
+            logits.append(np.concatenate([np.asarray(out[0])[:count] for count, out in outputs]))
+            embeddings.append(np.concatenate([np.asarray(out[1])[:count] for count, out in outputs]))
+        return np.stack(logits), np.concatenate(embeddings, axis=1), windows
 
-    def _batches(self, stored: np.ndarray, windows: list[tuple[int, int, int]]) -> Iterator[tuple[int, np.ndarray]]:
-        """(windows in it, padded batch) of a track's stored (frames, *frame_shape) features, in window order."""
+    def _batches(
+        self, stored: np.ndarray, windows: list[tuple[int, int, int]], pad_to: int | None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """(windows in it, padded batch, valid frames per window or None) of a track's stored (frames,
+        *frame_shape) features, in window order. With `pad_to`, a clip shorter than that (and not shorter than
+        a CP-ResNet takes, whose own error then names it) is zero-padded to it in time, with its length as frames."""
         for first in range(0, len(windows), self.batch_size):
             group = np.stack([stored[start:stop] for start, stop, _ in windows[first : first + self.batch_size]])
             padding = padded_batch_size(len(group), self.batch_size) - len(group)
-            yield len(group), np.concatenate([group, np.zeros((padding, *group.shape[1:]), group.dtype)])
+            batch = np.concatenate([group, np.zeros((padding, *group.shape[1:]), group.dtype)])
+            frames = None
+            if pad_to is not None and MIN_INPUT_SIZE <= batch.shape[1] < pad_to:
+                frames = np.full(len(batch), batch.shape[1], np.int32)
+                batch = np.pad(batch, [(0, 0), (0, pad_to - batch.shape[1])] + [(0, 0)] * (batch.ndim - 2))
+            yield len(group), batch, frames
 
     def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> TrackTags:
         """The tags of one track's features in the checkpoints' setting (shaped as `spectrogram` returns them)."""
-        logits, windows = self.window_logits(spectrogram, window_frames)
+        return self.tag_stored(track_features.stored(spectrogram), window_frames)
+
+    def tag_stored(self, stored: np.ndarray, window_frames: int | None = None) -> TrackTags:
+        """The tags of one track's features in the stored format (`track_features.stored`)."""
+        logits, window_embeddings, windows = self.window_outputs(stored, window_frames)
         weights = np.array([weight for _, _, weight in windows], np.float64)
         track = [expit((member_logits * weights[:, None]).sum(axis=0) / weights.sum()) for member_logits in logits]
-        return TrackTags(np.mean(track, axis=0), windows, np.mean(expit(logits), axis=0))
+        embedding = (window_embeddings * weights[:, None]).sum(axis=0) / weights.sum()
+        return TrackTags(
+            np.mean(track, axis=0),
+            windows,
+            np.mean(expit(logits), axis=0),
+            window_embeddings,
+            embedding.astype(np.float32),
+        )
 
     def tag_file(self, path: str | Path, window_frames: int | None = None) -> TrackTags:
         """The tags of an audio file (see `read_features` for the errors)."""
@@ -207,5 +258,6 @@ def model_card(path: str) -> str:
     ]
     if "validation" in meta:
         lines.append("validation       " + ", ".join(f"{k} {v:.4f}" for k, v in meta["validation"].items()))
+    lines.append(f"thresholds       {'per tag, from validation' if checkpoints.THRESHOLDS in meta else 'none stored'}")
     lines.append("tags             " + " ".join(short_tag_name(tag) for tag in meta["tags"]))
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from emorf_jax import (
     losses,
     report,
     weight_averaging,
+    windowing,
 )
 from emorf_jax.models import receptive_field, registry
 
@@ -153,7 +154,7 @@ def train_step(
     shift_rng = jax.random.fold_in(mixup_rng, 1)  # the frequency roll: one per block for the whole global batch
     shake_rng = jax.random.fold_in(shake_rng, jax.lax.axis_index("batch"))  # other examples, other α and β
     dropout_rng = jax.random.fold_in(shake_rng, 1)  # the baselines' dropout (models/vggish.py, crnn.py)
-    inputs, targets = input_pipeline.model_input(batch["spectrogram"], *normalisation), batch["labels"]
+    inputs, targets = windowing.model_input(batch["spectrogram"], *normalisation), batch["labels"]
     mixed = None
     if mixup_alpha > 0:
         mixed = losses.mixup(mixup_rng, inputs, targets, mixup_alpha, axis_name="batch")
@@ -201,7 +202,7 @@ def batch_stats_step(
 ) -> Any:
     """This batch's BatchNorm statistics for `params`: `model` has BatchNorm momentum 0, so the incoming
     `batch_stats` only give the structure."""
-    inputs = input_pipeline.model_input(batch["spectrogram"], *normalisation)
+    inputs = windowing.model_input(batch["spectrogram"], *normalisation)
     _, updates = model.apply(
         {"params": params, "batch_stats": batch_stats},
         inputs,
@@ -449,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
             checkpoints.save(latest, step, jax_utils.unreplicate(state), run.meta("latest", step))
     writer.flush()
-    report = final_report(run, state, snapshots, best, swa)
+    report = final_report(run, state, latest, snapshots, best, swa)
     writer.close()
     return report
 
@@ -471,33 +472,51 @@ def _evaluate_and_select(run: _Run, state: TrainState, step: int, writer, best, 
     writer.write_scalars(step, scores)  # its logging writer prints them on the console too
 
 
-def final_report(run: _Run, state: TrainState, snapshots, best, swa) -> dict[str, dict]:
+def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> dict[str, dict]:
     """Test figures of the final, selected, averaged and snapshot-ensemble models, thresholds from validation.
 
     Writes `report/` (`report.write_run_report`): a folder per model and `test_report.json`, the summary that is
-    returned and printed. Every process predicts (the predictions are collective); process 0 alone writes and prints.
+    returned and printed. Each model's thresholds also go into the meta of its checkpoint, and each snapshot's own
+    (from its own validation predictions) into its meta, so that a checkpoint alone can decide tags
+    (`checkpoints.write_thresholds`). Every process predicts (the predictions are collective); process 0 alone
+    writes and prints.
     """
     models = {"final": current_variables(state)}
+    saved = {"final": checkpoints.step_path(latest, latest.latest_step())}  # each model's checkpoint
     if best.best_step() is not None:
         models["selected"] = checkpoints.restore(best, best.best_step())[0]
+        saved["selected"] = checkpoints.step_path(best, best.best_step())
     if swa.latest_step() is not None:
         models["swa"] = checkpoints.restore(swa)[0]
-    predictions = {name: _predict_splits(run, variables) for name, variables in models.items()}
+        saved["swa"] = checkpoints.step_path(swa, swa.latest_step())
+    predictions = {name: _predict_splits(run, variables, report.SPLITS) for name, variables in models.items()}
     members = snapshots.all_steps()[-run.config.snapshots.ensemble_size :]
+    snapshot_predictions = {  # the ensemble's members on both splits, earlier snapshots for their thresholds only
+        step: _predict_splits(
+            run, checkpoints.restore(snapshots, step)[0], report.SPLITS if step in members else ("validation",)
+        )
+        for step in snapshots.all_steps()
+    }
     if members:
         predictions[f"snapshot_ensemble_{len(members)}"] = ensembles.average_members(
-            [_predict_splits(run, checkpoints.restore(snapshots, step)[0]) for step in members]
+            [snapshot_predictions[step] for step in members]
         )
     reports = {
         name: report.model_report(name, run.prepared.tags, by_split["validation"], by_split["test"])
         for name, by_split in predictions.items()
     }
+    thresholds = {path: reports[name].thresholds for name, path in saved.items()} | {
+        checkpoints.step_path(snapshots, step): report.validation_thresholds(by_split["validation"])
+        for step, by_split in snapshot_predictions.items()
+    }
     summary = report.run_summary(reports)
     if distributed.is_primary():
         report.write_run_report(run.workdir, reports, run.prepared.tsv_track_ids["test"])
+        for path, values in thresholds.items():
+            checkpoints.write_thresholds(path, values)
         print(report.format_summary(summary))
     return summary
 
 
-def _predict_splits(run: _Run, variables: dict[str, Any]) -> dict[str, inference.Predictions]:
-    return {split: run.predictor.predict(variables, split) for split in report.SPLITS}
+def _predict_splits(run: _Run, variables: dict[str, Any], splits: tuple[str, ...]) -> dict[str, inference.Predictions]:
+    return {split: run.predictor.predict(variables, split) for split in splits}

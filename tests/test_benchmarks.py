@@ -136,3 +136,12 @@ def test_predict_benchmark_quick_times_decoding_features_and_models(tmp_path):
     assert figures["audio_seconds"] == 6.0 and figures["windows"] >= 1
     for models in ("1_models", "2_models"):
         assert figures[models]["real_time_factor"] > 0
+
+
+def test_onnx_tagging_benchmark_quick_gives_the_same_outputs_in_both_runtimes(tmp_path):
+    pytest.importorskip("onnxruntime", reason="the ONNX benchmark needs the [export] extra (pip install -e '.[test]')")
+    output = _run("benchmarks.onnx_tagging", "--quick", "--out", str(tmp_path))
+    figures = json.loads(output[output.index("{") :])
+    assert figures["same_outputs_rtol_1e-4"] and figures["windows"] == 16 and figures["logit_scale"] > 0.1
+    assert figures["jax"]["windows_per_second"] > 0 and figures["onnxruntime"]["windows_per_second"] > 0
+    assert figures["file_mib"]["model.onnx"] > 0 and figures["onnx_export_seconds"] > 0

@@ -1,6 +1,9 @@
 """The fast float32 features against librosa's reference pipeline, and their input checks."""
 
 import io
+import os
+import shutil
+import subprocess
 
 import librosa
 import numpy as np
@@ -154,3 +157,79 @@ def test_other_rates_and_channel_counts_are_resampled_and_mixed_down_only_when_a
     # The same tone: equal features away from the edges, to a small fraction of their range.
     inner = slice(10, -10)
     assert np.abs(resampled[:, inner] - native[:, inner]).max() < 0.01 * np.ptp(native)
+
+
+@pytest.fixture
+def without_ffmpeg(tmp_path, monkeypatch) -> None:
+    """A PATH on which no ffmpeg is found: only libsndfile decodes."""
+    (tmp_path / "empty_bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty_bin"))
+
+
+@pytest.fixture
+def ffmpeg(tmp_path, monkeypatch) -> str:
+    """An ffmpeg on the PATH: the system's, or the binary the test install brings (imageio-ffmpeg), linked as
+    `ffmpeg` in a folder put first on the PATH."""
+    if shutil.which("ffmpeg"):
+        return shutil.which("ffmpeg")
+    imageio_ffmpeg = pytest.importorskip(
+        "imageio_ffmpeg", reason="no ffmpeg on the PATH and imageio-ffmpeg not installed (pip install -e '.[test]')"
+    )
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ffmpeg").symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return shutil.which("ffmpeg")
+
+
+def _snr_db(decoded: np.ndarray, source: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(source**2) / np.sum((decoded - source) ** 2)))
+
+
+@pytest.mark.parametrize(
+    "file_format, subtype, sample_rate, lossless",
+    [
+        ("WAV", "FLOAT", 44100, True),
+        ("FLAC", "PCM_16", 44100, True),
+        ("AIFF", "PCM_16", 22050, True),
+        ("OGG", "VORBIS", 44100, False),
+        ("OGG", "OPUS", 48000, False),  # Opus runs at 48 kHz (or 8-24 kHz)
+    ],
+)
+def test_each_format_libsndfile_writes_decodes_to_its_source(
+    file_format, subtype, sample_rate, lossless, without_ffmpeg
+):
+    source = _stereo_signal(2.0)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, source, sample_rate, format=file_format, subtype=subtype)
+    decoded, decoded_rate = features.decode_audio(buffer.getvalue(), f"song.{file_format.lower()}")
+    assert decoded_rate == sample_rate and decoded.shape == source.shape and decoded.dtype == np.float32
+    if lossless:  # exact up to the subtype's quantisation: 16-bit steps are 2**-15
+        np.testing.assert_allclose(decoded, source, atol=2**-15 if subtype == "PCM_16" else 0)
+    else:
+        assert _snr_db(decoded[SAMPLE_RATE:], source[SAMPLE_RATE:]) > 10  # the loud second, past the quiet start
+
+
+def test_without_ffmpeg_an_unreadable_file_names_itself_and_says_to_install_ffmpeg(without_ffmpeg):
+    with pytest.raises(features.AudioError, match=r"cannot decode music/song\.m4a: .*install ffmpeg"):
+        features.decode_audio(b"\x00\x00\x00\x20ftypM4A " + bytes(2000), "music/song.m4a")
+
+
+def test_ffmpeg_decodes_what_libsndfile_cannot_read(ffmpeg, tmp_path):
+    source = _stereo_signal(2.0)
+    soundfile.write(tmp_path / "source.flac", source, SAMPLE_RATE, subtype="PCM_16")
+    quantised = soundfile.read(tmp_path / "source.flac", dtype="float32")[0]
+    for name, codec in [("song.mka", "flac"), ("song.m4a", "aac")]:  # Matroska FLAC is lossless, AAC is not
+        encoded = tmp_path / name
+        subprocess.run([ffmpeg, "-v", "error", "-i", tmp_path / "source.flac", "-c:a", codec, encoded], check=True)
+        with pytest.raises(soundfile.LibsndfileError):
+            soundfile.read(encoded)
+        decoded, sample_rate = features.decode_audio(encoded.read_bytes(), name)
+        assert sample_rate == SAMPLE_RATE and decoded.shape[1] == 2 and decoded.dtype == np.float32
+        if codec == "flac":
+            np.testing.assert_array_equal(decoded, quantised)
+        else:  # the encoder's delay is trimmed on decoding: the samples line up with the source's
+            assert abs(len(decoded) - len(source)) < 1024
+            length = min(len(decoded), len(source))
+            assert _snr_db(decoded[SAMPLE_RATE:length], source[SAMPLE_RATE:length]) > 10
+    with pytest.raises(features.AudioError, match=r"cannot decode music/notes\.m4a: libsndfile: .+; ffmpeg: .+"):
+        features.decode_audio(b"not audio at all" * 100, "music/notes.m4a")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_prep.reader import FrameReader, load_prepared
-from emorf_jax import input_pipeline
+from emorf_jax import input_pipeline, windowing
 
 from .conftest import CHUNK_FRAMES
 
@@ -24,7 +24,7 @@ def _whole_track(prepared, track: int) -> np.ndarray:
 
 def test_model_input_normalises_and_transposes_stored_frames_on_the_device(prepared):
     stored = np.stack([FrameReader(prepared).read("train", track, 0, CROP) for track in (0, 1)])
-    inputs = np.asarray(jax.jit(input_pipeline.model_input)(stored, prepared.mean, prepared.std))
+    inputs = np.asarray(jax.jit(windowing.model_input)(stored, prepared.mean, prepared.std))
     assert stored.dtype == np.float16 and inputs.dtype == np.float32 and inputs.shape == (2, 256, CROP, 1)
     expected = (stored.astype(np.float32) - prepared.mean) / prepared.std  # per mel band, in float32
     np.testing.assert_allclose(inputs[..., 0], np.swapaxes(expected, 1, 2), rtol=3e-7, atol=1e-7)  # to 1-2 ulp
@@ -102,7 +102,7 @@ def test_a_resumed_stream_continues_the_batches_of_an_uninterrupted_one(prepared
 
 @pytest.mark.parametrize("frames, window", [(517, 128), (512, 128), (128, 128), (90, 128), (1000, 999)])
 def test_windows_cover_the_track_once_by_weight(frames, window):
-    ranges = input_pipeline.window_ranges(frames, window)
+    ranges = windowing.window_ranges(frames, window)
     assert sum(weight for _, _, weight in ranges) == frames
     covered = np.zeros(frames, int)
     for start, stop, weight in ranges:
@@ -115,9 +115,9 @@ def test_windows_cover_the_track_once_by_weight(frames, window):
 def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
     window = 128
     reader = FrameReader(prepared)
-    schedule = input_pipeline.eval_schedule(prepared.parts["test"].frames, window, global_batch_size=4)
+    schedule = windowing.eval_schedule(prepared.parts["test"].frames, window, global_batch_size=4)
     seen: dict[int, int] = {}
-    for batch in input_pipeline.eval_batches(prepared, "test", schedule):
+    for batch in windowing.eval_batches(prepared, "test", schedule):
         inputs = batch.spectrograms.reshape((-1,) + batch.spectrograms.shape[2:])
         for item, spectrogram in zip(batch.windows, inputs):
             if item.weight == 0:  # padding
@@ -125,12 +125,12 @@ def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
                 continue
             number = seen[item.track_index] = seen.get(item.track_index, -1) + 1  # a track's windows in order
             whole = reader.read("test", item.track_index)
-            start, stop, weight = input_pipeline.window_ranges(whole.shape[0], window)[number]
+            start, stop, weight = windowing.window_ranges(whole.shape[0], window)[number]
             assert (item.start, item.stop, item.weight) == (start, stop, weight)
             np.testing.assert_array_equal(spectrogram, whole[start:stop])
     frames = prepared.parts["test"].frames
     assert all(
-        seen[track] + 1 == len(input_pipeline.window_ranges(int(frames[track]), window)) for track in range(len(frames))
+        seen[track] + 1 == len(windowing.window_ranges(int(frames[track]), window)) for track in range(len(frames))
     )
     assert max(seen.values()) >= 3  # tracks longer than several windows and chunks
 
@@ -138,9 +138,9 @@ def test_evaluation_windows_join_chunks_and_cover_whole_tracks(prepared):
 def test_every_process_makes_the_same_evaluation_calls_and_together_they_cover_every_window(prepared):
     """JAX's multi-process runtime needs the same pmapped calls, with the same shapes, on every process."""
     frames = prepared.parts["validation"].frames
-    schedule = input_pipeline.eval_schedule(frames, 128, global_batch_size=4)
+    schedule = windowing.eval_schedule(frames, 128, global_batch_size=4)
     shares = [
-        list(input_pipeline.eval_batches(prepared, "validation", schedule, process_index=p, process_count=2))
+        list(windowing.eval_batches(prepared, "validation", schedule, process_index=p, process_count=2))
         for p in range(2)
     ]
     assert len(shares[0]) == len(shares[1]) == len(schedule)
@@ -152,5 +152,5 @@ def test_every_process_makes_the_same_evaluation_calls_and_together_they_cover_e
     assert sorted(real) == [
         (track, start, stop)
         for track, length in enumerate(frames)
-        for start, stop, _ in input_pipeline.window_ranges(int(length), 128)
+        for start, stop, _ in windowing.window_ranges(int(length), 128)
     ]

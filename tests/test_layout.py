@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("emorf_jax", "data_prep", "benchmarks", "configs")
-# What emorf_jax may import of data_prep: the read side and the feature code that tagging shares; never a writer.
-READ_SIDE = {"data_prep.reader", "data_prep.layout", "data_prep.metadata", "data_prep.features"}
+# What emorf_jax may import of data_prep: the read side, the feature code that tagging shares and the install check
+# of the commands (`data_prep.extras`); never a writer.
+READ_SIDE = {"data_prep.reader", "data_prep.layout", "data_prep.metadata", "data_prep.features", "data_prep.extras"}
 
 
 def _module_name(path: Path) -> str:
@@ -78,6 +79,7 @@ def test_the_commands_are_found():
         "emorf_jax.ensemble",
         "emorf_jax.evaluate",
         "emorf_jax.ensemble_recipe",
+        "emorf_jax.export.__main__",
         "data_prep.build",
         "benchmarks.paper_table",
     }

@@ -69,7 +69,12 @@ def test_every_format_rate_and_channel_count_is_tagged_and_bad_files_are_named(
     with output.open() as f:
         rows = list(csv.DictReader(f))
     tags = tagger.load_tagger(random_checkpoints[0]).tags
-    assert list(rows[0])[: len(tags) + 1] == ["path", *tags]
+    assert list(rows[0]) == ["path", *tags, "top_tags", "error"]
+    # Each file has its row; the two that cannot be read, with their reason and no scores.
+    failed = {Path(row["path"]).name: row["error"] for row in rows if row["error"]}
+    assert sorted(failed) == ["broken.mp3", "notes.ogg"] and "cannot decode" in failed["broken.mp3"]
+    assert all(row[tags[0]] == "" for row in rows if row["error"])
+    rows = [row for row in rows if not row["error"]]
     assert len(rows) == 8 and all(Path(row["path"]).parent.name == "nested" for row in rows)
     scores = {Path(row["path"]).name: np.array([float(row[tag]) for tag in tags]) for row in rows}
     reference = scores["song_44100_2ch.mp3"]

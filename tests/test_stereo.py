@@ -11,7 +11,7 @@ import soundfile
 from configs import default
 from data_prep import build, features, metadata
 from data_prep.reader import FrameReader, load_prepared, time_major
-from emorf_jax import checkpoints, input_pipeline, train
+from emorf_jax import checkpoints, input_pipeline, train, windowing
 from emorf_jax.tagger import load_tagger
 
 from .conftest import CHUNK_FRAMES
@@ -117,10 +117,10 @@ def test_stereo_crops_loop_whole_frames_and_become_two_channel_model_inputs(ster
     whole = reader.read("train", shortest)
     np.testing.assert_array_equal(crop["spectrogram"], np.concatenate([whole, whole[:50]]))
     batch = crop["spectrogram"][None]
-    model_input = np.asarray(input_pipeline.model_input(batch, prepared.mean, prepared.std))
+    model_input = np.asarray(windowing.model_input(batch, prepared.mean, prepared.std))
     assert model_input.shape == input_pipeline.model_input_shape(prepared, frames + 50) == (1, 256, frames + 50, 2)
     for channel in (0, 1):  # each channel normalised as a mono input of that channel's frames
-        mono = input_pipeline.model_input(batch[:, :, channel], prepared.mean[channel], prepared.std[channel])
+        mono = windowing.model_input(batch[:, :, channel], prepared.mean[channel], prepared.std[channel])
         np.testing.assert_array_equal(model_input[..., channel], np.asarray(mono)[..., 0])
 
 

@@ -1,7 +1,9 @@
 """`emorf_jax.tagger` on real checkpoints: averages of several, audio files against their decoded waveforms, the
 compatibility check, and the few batch shapes that every track length runs in."""
 
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -70,14 +72,33 @@ def test_tracks_of_any_length_run_in_a_few_batch_shapes_without_recompiling(rand
     settings = features.FeatureSettings(**model.meta["features"])
     waveform, rate = track_audio
     long = features.waveform_features(np.tile(waveform, (20, 1)), rate, "long", settings)
-    compiled = tagger._jitted_logits_step._cache_size()
+    compiled = tagger._jitted_window_outputs._cache_size()
     for windows in range(1, 10):  # last groups of 1, 2, 3 and 4 windows
         model.tag_spectrogram(long[:, : windows * model.window_frames])
-    assert tagger._jitted_logits_step._cache_size() <= compiled + 3
-    compiled = tagger._jitted_logits_step._cache_size()
+    assert tagger._jitted_window_outputs._cache_size() <= compiled + 3
+    compiled = tagger._jitted_window_outputs._cache_size()
     logits, windows = model.window_logits(long)
-    assert tagger._jitted_logits_step._cache_size() == compiled  # whatever the length
+    assert tagger._jitted_window_outputs._cache_size() == compiled  # whatever the length
     assert logits.shape == (1, len(windows), len(model.tags)) and len(windows) > 4 * model.batch_size
     assert sum(weight for _, _, weight in windows) == long.shape[1]
     assert [tagger.padded_batch_size(n, 8) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert tagger.padded_batch_size(5, 6) == 6
+
+
+def test_thresholds_added_to_a_saved_checkpoint_are_read_back_and_shown_by_its_model_card(random_checkpoints, tmp_path):
+    copy = shutil.copytree(random_checkpoints[0], tmp_path / "swa")
+    tags = checkpoints.load_checkpoint(str(copy))[1]["tags"]
+    assert checkpoints.read_thresholds(str(copy)) is None  # a checkpoint saved without them
+    assert "thresholds       none stored" in tagger.model_card(str(copy)).splitlines()
+    thresholds = [0.25 + 0.01 * index for index in range(len(tags) - 1)] + [float("inf")]  # inf: no positive track
+    checkpoints.write_thresholds(str(copy), thresholds)
+    step = checkpoints.step_directory(str(copy))
+    assert checkpoints.read_thresholds(str(copy)) == checkpoints.read_thresholds(step) == thresholds
+    assert sorted(os.listdir(os.path.join(step, "meta"))) == ["commit_success.txt", "metadata"]  # no temporary left
+    variables, meta = checkpoints.load_checkpoint(step)  # orbax still restores it, the thresholds in its meta
+    assert meta[checkpoints.THRESHOLDS] == thresholds and meta["tags"] == tags
+    assert "thresholds       per tag, from validation" in tagger.model_card(str(copy)).splitlines()
+    checkpoints.write_thresholds(str(copy), [0.5] * len(tags))  # replaced, not appended
+    assert checkpoints.read_thresholds(str(copy)) == [0.5] * len(tags)
+    with pytest.raises(ValueError, match=f"2 thresholds for the {len(tags)} tags of the checkpoint at"):
+        checkpoints.write_thresholds(str(copy), [0.5, 0.5])

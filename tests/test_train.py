@@ -18,8 +18,8 @@ import pytest
 from configs import faresnet
 from data_prep import build, features, metadata
 from data_prep.reader import load_prepared
-from emorf_jax import checkpoints, demo, ensemble, input_pipeline, submission, train
-from emorf_jax.tagger import load_tagger
+from emorf_jax import checkpoints, demo, ensemble, ensembles, input_pipeline, metrics, report, submission, train
+from emorf_jax.tagger import load_tagger, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,6 +143,29 @@ def test_snapshots_are_where_the_config_puts_them(reference_run):
     expected = train.snapshot_steps(config, steps_per_epoch, total)
     assert len(expected) >= 2
     assert sorted(int(p.name) for p in (workdir / "snapshots").iterdir() if p.name.isdigit()) == expected
+
+
+def test_every_checkpoint_the_report_scores_stores_its_validation_thresholds(reference_run):
+    """final, selected and SWA: the thresholds of their report folders' validation predictions; each snapshot (in the
+    snapshot ensemble or not): those of its own validation predictions, recomputed here from the checkpoint."""
+    data_dir, workdir, _ = reference_run
+    prepared = load_prepared(data_dir, "hop512")
+    labels = prepared.parts["validation"].labels
+    saved = {"final": checkpoints.LATEST, "selected": checkpoints.BEST, "swa": checkpoints.SWA}
+    for model, kind in saved.items():
+        validation = np.load(workdir / "report" / model / "validation_predictions.npy")
+        stored = checkpoints.read_thresholds(str(workdir / kind))
+        np.testing.assert_array_equal(stored, metrics.best_f1_thresholds(labels, validation))
+        assert report.read_thresholds(workdir / "report" / model / "thresholds.tsv")[1].tolist() == stored
+    snapshots = sorted(str(p) for p in (workdir / checkpoints.SNAPSHOTS).iterdir() if p.name.isdigit())
+    assert len(snapshots) >= 2
+    members, _ = ensembles.checkpoint_members(snapshots, str(data_dir), _test_config(data_dir).eval_batch_size)
+    for path, member in zip(snapshots, members):
+        validation = np.asarray(member["validation"].probabilities, np.float32)
+        np.testing.assert_array_equal(
+            checkpoints.read_thresholds(path), metrics.best_f1_thresholds(labels, validation), err_msg=path
+        )
+    assert "thresholds       per tag, from validation" in model_card(str(workdir / checkpoints.SWA)).splitlines()
 
 
 def test_tagging_a_tracks_audio_equals_its_evaluation_on_multi_chunk_tracks(reference_run, synthetic_tree):
@@ -300,6 +323,15 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
             rows,
             [track.track_id for track in official],
         )
+    # A snapshot outside the snapshot ensemble stores the thresholds of its own validation predictions too.
+    snapshots = sorted((workdir / checkpoints.SNAPSHOTS).glob("[0-9]*"), key=lambda path: int(path.name))
+    assert len(snapshots) > config.snapshots.ensemble_size
+    (first,), prepared = ensembles.checkpoint_members(
+        [str(snapshots[0])], str(root / "prepared"), batch_size=config.eval_batch_size
+    )
+    validation = np.asarray(first["validation"].probabilities, np.float32)
+    expected = metrics.best_f1_thresholds(prepared.parts["validation"].labels, validation)
+    np.testing.assert_array_equal(checkpoints.read_thresholds(str(snapshots[0])), expected)
     positive_rate = report["constant_predictor"]["PR-AUC-macro"]
     assert report["final"]["PR-AUC-macro"] > positive_rate + 0.15, report
     assert report["final"]["ROC-AUC-macro"] > 0.6, report  # chance is 0.5; the test split has ~25 tracks

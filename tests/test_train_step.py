@@ -11,7 +11,7 @@ from flax import jax_utils
 
 from configs import faresnet
 from data_prep import features
-from emorf_jax import inference, input_pipeline, losses, train, weight_averaging
+from emorf_jax import inference, losses, train, weight_averaging, windowing
 
 # Large enough that every BatchNorm normalises over many values: tiny maps make its statistics ill-conditioned.
 N_MELS, FRAMES, TAGS, GLOBAL_BATCH = 64, 48, 5, 8
@@ -224,7 +224,7 @@ def test_bfloat16_gradients_equal_float32_within_bfloat16_rounding_with_running_
         model = train.create_model(FIELDS, half_precision=half_precision)
 
         def loss(params, model=model):
-            inputs = input_pipeline.model_input(batch["spectrogram"], *NORMALISATION)
+            inputs = windowing.model_input(batch["spectrogram"], *NORMALISATION)
             logits = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs)
             return optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean()
 

@@ -1,4 +1,6 @@
-"""A PyTorch CP-ResNet / FA-ResNet as the authors built it (docs/fidelity.md, "Model"), to test the Flax port against.
+"""A PyTorch CP-ResNet / FA-ResNet as the authors built it (docs/fidelity.md, "Model"), to test the Flax port and the
+package's PyTorch definition (`emorf_jax/models/torch_cp_resnet.py`, which the ONNX export traces) against; Shake-Shake
+FA-ResNet at evaluation, with the branch names our export writes (the authors published none).
 
 NCHW layout (H = frequency), the authors' parameter names (`in_c.0`, `stage1.block1.conv1`, `feed_forward.1`),
 their padding k//3, floor max-pools, kernel schedule and optional frequency roll. Written in PyTorch idioms on
@@ -47,14 +49,31 @@ def frequency_map(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, kernel1: int, kernel2: int, frequency_aware: bool):
+    """The authors' basic block; with `shake_shake`, two such branches (`branch1`, `branch2`, each conv1-bn1-conv2-bn2)
+    whose outputs are averaged, Shake-Shake's evaluation mix (α = 0.5), before the shortcut is added."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel1: int,
+        kernel2: int,
+        frequency_aware: bool,
+        shake_shake: bool = False,
+    ):
         super().__init__()
         extra = 1 if frequency_aware else 0
         self.frequency_aware = frequency_aware
-        self.conv1 = nn.Conv2d(in_channels + extra, out_channels, kernel1, padding=kernel1 // 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels + extra, out_channels, kernel2, padding=kernel2 // 3, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        if shake_shake:
+            self.branch1, self.branch2 = nn.Module(), nn.Module()
+            self.branches = [self.branch1, self.branch2]
+        else:
+            self.branches = [self]
+        for owner in self.branches:
+            owner.conv1 = nn.Conv2d(in_channels + extra, out_channels, kernel1, padding=kernel1 // 3, bias=False)
+            owner.bn1 = nn.BatchNorm2d(out_channels)
+            owner.conv2 = nn.Conv2d(out_channels + extra, out_channels, kernel2, padding=kernel2 // 3, bias=False)
+            owner.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if in_channels != out_channels:
             self.shortcut = nn.Sequential(
@@ -67,16 +86,26 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, shift: int | None = None) -> torch.Tensor:
         """`shift`: the authors' `features_shift` roll of conv1's input, FA channel included, by that many rows
         along frequency (conv2's input and the shortcut are not rolled)."""
-        y = self._with_frequency(x)
-        if shift is not None:
-            y = y.roll(shift, 2)
-        y = torch.relu(self.bn1(self.conv1(y)))
-        y = self.bn2(self.conv2(self._with_frequency(y)))
-        return torch.relu(y + self.shortcut(x))
+        outputs = []
+        for owner in self.branches:
+            y = self._with_frequency(x)
+            if shift is not None:
+                y = y.roll(shift, 2)
+            y = torch.relu(owner.bn1(owner.conv1(y)))
+            outputs.append(owner.bn2(owner.conv2(self._with_frequency(y))))
+        return torch.relu(torch.stack(outputs).mean(dim=0) + self.shortcut(x))
 
 
 class TorchCPResNet(nn.Module):
-    def __init__(self, num_classes: int, rho: int, base_channels: int, frequency_aware: bool, in_channels: int = 1):
+    def __init__(
+        self,
+        num_classes: int,
+        rho: int,
+        base_channels: int,
+        frequency_aware: bool,
+        in_channels: int = 1,
+        shake_shake: bool = False,
+    ):
         super().__init__()
         self.in_c = nn.Sequential(
             nn.Conv2d(in_channels, base_channels, 5, stride=2, padding=1, bias=False),
@@ -88,7 +117,7 @@ class TorchCPResNet(nn.Module):
             width = base_channels * 2**index
             layers = OrderedDict()
             for block, (kernel1, kernel2) in enumerate(zip(k1s, k2s), start=1):
-                layers[f"block{block}"] = Block(channels, width, kernel1, kernel2, frequency_aware)
+                layers[f"block{block}"] = Block(channels, width, kernel1, kernel2, frequency_aware, shake_shake)
                 channels = width
                 if block in MAXPOOL_AFTER[stage]:
                     layers[f"pool{block}"] = nn.MaxPool2d(2, 2)

@@ -77,6 +77,24 @@ def kernel_schedule(rho: int) -> list[tuple[str, int]]:
     return schedule
 
 
+def mask_time(x: jax.Array, frames: jax.Array | None) -> jax.Array:
+    """An NHWC map with the columns from `frames[i]` on of example i set to zero (none without `frames`): the zeros
+    the next conv would pad a map of `frames[i]` columns with, so that a window padded in time computes what the
+    unpadded window computes in its first `frames[i]` columns."""
+    if frames is None:
+        return x
+    valid = jnp.arange(x.shape[2]) < jnp.asarray(frames)[:, None]
+    return x * valid[:, None, :, None].astype(x.dtype)
+
+
+def mean_over_valid(x: jax.Array, frames: jax.Array | None) -> jax.Array:
+    """The float32 mean over frequency and time of an NHWC map, over each example's first `frames[i]` columns."""
+    x = x.astype(jnp.float32)
+    if frames is None:
+        return jnp.mean(x, axis=(1, 2))
+    return mask_time(x, frames).sum(axis=(1, 2)) / (x.shape[1] * jnp.asarray(frames, jnp.float32))[:, None]
+
+
 def roll_frequency(x: jax.Array, shift: jax.Array) -> jax.Array:
     """An NHWC map rolled circularly by `shift` rows along frequency (row f moves to f + shift, mod F)."""
     return jnp.roll(x, shift, axis=1)
@@ -106,12 +124,12 @@ class FrequencyAwareConv(nn.Module):
     fast_cpu_conv: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, shift: jax.Array | None = None, frames: jax.Array | None = None) -> jax.Array:
         """`shift`: roll x AND its FA channel by that many frequency rows first, as the authors' roll of the
-        concatenated map does."""
+        concatenated map does. `frames`: the FA channel is zero from there on, as x is (`mask_time`)."""
         shape = (self.kernel_size, self.kernel_size, x.shape[-1] + 1, self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-        channel = frequency_channel(x)
+        channel = mask_time(frequency_channel(x), frames)
         if shift is not None:
             x, channel = roll_frequency(x, shift), roll_frequency(channel, shift)
         x, channel, kernel = nn.dtypes.promote_dtype(x, channel, kernel, dtype=self.dtype)
@@ -196,22 +214,31 @@ class BasicBlock(nn.Module):
         )
 
     def _block_conv(
-        self, x: jax.Array, kernel: int, init: nn.initializers.Initializer, name: str, shift: jax.Array | None = None
+        self,
+        x: jax.Array,
+        kernel: int,
+        init: nn.initializers.Initializer,
+        name: str,
+        frames: jax.Array | None,
+        shift: jax.Array | None = None,
     ) -> jax.Array:
-        """A branch conv of x: with the FA channel as its last input when frequency-aware, and its whole input
-        rolled by `shift` frequency rows first when one is given."""
+        """A branch conv of x (zero from `frames` on: `mask_time`): with the FA channel as its last input when
+        frequency-aware, and its whole input rolled by `shift` frequency rows first when one is given."""
+        x = mask_time(x, frames)
         if self.frequency_aware:
             padding = kernel // 3
             return FrequencyAwareConv(self.features, kernel, padding, init, self.dtype, self.fast_cpu_conv, name=name)(
-                x, shift
+                x, shift, frames
             )
         return self._conv(self.features, kernel, init, name)(x if shift is None else roll_frequency(x, shift))
 
-    def _branch(self, x: jax.Array, train: bool, prefix: str, shift: jax.Array | None) -> jax.Array:
+    def _branch(
+        self, x: jax.Array, train: bool, prefix: str, shift: jax.Array | None, frames: jax.Array | None
+    ) -> jax.Array:
         kernel1, kernel2 = self.kernels
-        y = self._block_conv(x, kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1", shift)
+        y = self._block_conv(x, kernel1, fixup_conv1_init(self.num_blocks), f"{prefix}conv1", frames, shift)
         y = nn.relu(batch_norm(self, train, f"{prefix}bn1")(y))
-        y = self._block_conv(y, kernel2, nn.initializers.zeros, f"{prefix}conv2")
+        y = self._block_conv(y, kernel2, nn.initializers.zeros, f"{prefix}conv2", frames)
         return batch_norm(self, train, f"{prefix}bn2")(y)
 
     def _draw_shift(self) -> jax.Array | None:
@@ -224,16 +251,17 @@ class BasicBlock(nn.Module):
         return shift
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, frames: jax.Array | None = None) -> jax.Array:
+        """`frames`: each example's valid columns (`CPResNet`); the output's later columns are not meaningful."""
         shortcut = x
         if x.shape[-1] != self.features:
             shortcut = self._conv(self.features, 1, kaiming_fan_out, "shortcut_conv")(x)
             shortcut = batch_norm(self, train, "shortcut_bn")(shortcut)
         shift = self._draw_shift()
         if not self.shake_shake:
-            return nn.relu(shortcut + self._branch(x, train, "", shift))
-        branch1 = self._branch(x, train, "branch1_", shift)
-        branch2 = self._branch(x, train, "branch2_", shift)
+            return nn.relu(shortcut + self._branch(x, train, "", shift, frames))
+        branch1 = self._branch(x, train, "branch1_", shift, frames)
+        branch2 = self._branch(x, train, "branch2_", shift, frames)
         if train:
             alpha_key, beta_key = jax.random.split(self.make_rng("shake"))
             per_example = (x.shape[0], 1, 1, 1)
@@ -251,7 +279,14 @@ class CPResNet(nn.Module):
     `shake_shake`, the α/β of every block come from the rng stream "shake", one pair per example. With
     `features_shift`, every block rolls its conv1 input along frequency by a shift from the rng stream "shift"
     (`BasicBlock`), in evaluation too, so `apply` then needs that stream in both modes. The head map (before global
-    pooling) is sown as intermediates["feature_map"] for receptive-field analysis.
+    pooling) is sown as intermediates["feature_map"], and the last block's output
+    averaged over frequency and time, what the 1x1 head reads (4 x `base_channels` values), as
+    intermediates["embedding"]; the logits are the head's affine map of it.
+
+    `frames` (batch,): a batch of windows zero-padded in time, example i holding `frames[i]` real frames (at least
+    `MIN_INPUT_SIZE`). Every conv's input is zeroed from the columns those frames reach on (`mask_time`) and the
+    global pooling averages the valid columns only, so a window gives the outputs of its unpadded self (up to float
+    rounding) in the padded batch's shape: clips of any length below a window then share one compiled program.
     """
 
     num_classes: int
@@ -266,9 +301,9 @@ class CPResNet(nn.Module):
     features_shift: bool = False  # the authors' FA-ResNet option: a random frequency roll in every block
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, frames: jax.Array | None = None) -> jax.Array:
         check_input(x)
-        x = x.astype(self.dtype)
+        x = mask_time(x.astype(self.dtype), frames)
         pad = [(STEM_PADDING, STEM_PADDING)] * 2
         make_conv = conv_layer(self.fast_cpu_conv)
         x = make_conv(
@@ -281,6 +316,8 @@ class CPResNet(nn.Module):
             name="in_c_conv",
         )(x)
         x = nn.relu(batch_norm(self, train, "in_c_bn")(x))
+        if frames is not None:  # the stem's output columns that read the valid frames only (or its own padding)
+            frames = (jnp.asarray(frames) + 2 * STEM_PADDING - STEM_KERNEL) // STEM_STRIDE + 1
 
         kernels = dict(kernel_schedule(self.rho))
         blocks = block_names()
@@ -298,16 +335,18 @@ class CPResNet(nn.Module):
                 fast_cpu_conv=self.fast_cpu_conv,
                 features_shift=self.features_shift,
                 name=f"stage{stage}_block{block}",
-            )(x, train)
+            )(x, train, frames)
             if (stage, block) in POOLED_BLOCKS:
                 x = max_pool_2x2(x)
+                frames = None if frames is None else frames // 2
+        self.sow("intermediates", "embedding", mean_over_valid(x, frames))
 
         x = make_conv(
             self.num_classes, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype, name="feed_forward_conv"
         )(x)
         x = batch_norm(self, train, "feed_forward_bn")(x)
         self.sow("intermediates", "feature_map", x)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        return mean_over_valid(x, frames)
 
 
 def check_input(x: jax.Array) -> None:

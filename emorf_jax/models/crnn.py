@@ -25,7 +25,8 @@ WIDTH_FACTORS = (1, 2, 2, 2)  # of `base_channels`: 64, 128, 128, 128
 class CRNN(nn.Module):
     """`apply(variables, x, train)` -> logits (batch, tags) of a (batch, n_mels, frames, 1) spectrogram.
 
-    Dropout draws from the rng stream "dropout" in training.
+    Dropout draws from the rng stream "dropout" in training. The dense layer's input, the second GRU's last state
+    (`gru_units` values), is sown as intermediates["embedding"].
     """
 
     num_classes: int
@@ -48,5 +49,6 @@ class CRNN(nn.Module):
         for index in (1, 2):
             sequence = nn.RNN(nn.GRUCell(self.gru_units, dtype=self.dtype, name=f"gru{index}"))(sequence)
         last = sequence[:, -1]
+        self.sow("intermediates", "embedding", last.astype(jnp.float32))
         last = nn.Dropout(self.dropout, deterministic=not train)(last)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="output")(last).astype(jnp.float32)

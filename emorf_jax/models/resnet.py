@@ -68,7 +68,9 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """`apply(variables, x, train)` -> logits (batch, tags) of a (batch, n_mels, frames, 1) spectrogram.
 
-    Any input of at least one band and frame works: every strided conv and pool pads, so no axis vanishes.
+    Any input of at least one band and frame works: every strided conv and pool pads, so no axis vanishes. The
+    dense head's input, the last stage's channels averaged over frequency and time (8 x `base_channels` values, 32 x
+    for a bottleneck ResNet), is sown as intermediates["embedding"].
     """
 
     num_classes: int
@@ -106,4 +108,5 @@ class ResNet(nn.Module):
                     name=f"stage{stage + 1}_block{block + 1}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "embedding", x.astype(jnp.float32))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)

@@ -3,6 +3,8 @@
 The importer works on numpy arrays, so torch is needed only to read a `.pth` file (`load_torch_checkpoint`).
 PyTorch convs are (out, in, kh, kw) over NCHW with H = frequency; Flax convs are (kh, kw, in, out) over NHWC with
 H = frequency, so a kernel is a transpose. In FA blocks the extra channel is the last input channel in both.
+The authors published no Shake-Shake model; its two branches are named as ours, `stageS.blockB.branch1.conv1`, the
+names `torch_export` writes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ _MODULE_NAMES = {
 }
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _IGNORED_SUFFIX = "num_batches_tracked"
-_TORCH_TO_FLAX_KERNEL = (2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+TORCH_TO_FLAX_KERNEL = (2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
 _STEM_KEY = "in_c.0.weight"
 
 
@@ -50,10 +52,10 @@ def _template(model: CPResNet, in_channels: int) -> dict[str, Any]:
 def _convert(key: str, value: Any, flax_shape: tuple[int, ...]) -> np.ndarray:
     array = np.asarray(value, dtype=np.float32)
     is_kernel = len(flax_shape) == 4
-    expected = tuple(flax_shape[axis] for axis in np.argsort(_TORCH_TO_FLAX_KERNEL)) if is_kernel else flax_shape
+    expected = tuple(flax_shape[axis] for axis in np.argsort(TORCH_TO_FLAX_KERNEL)) if is_kernel else flax_shape
     if array.shape != expected:
         raise ValueError(f"state_dict[{key!r}] has shape {array.shape}, the model expects {expected}")
-    return array.transpose(_TORCH_TO_FLAX_KERNEL) if is_kernel else array
+    return array.transpose(TORCH_TO_FLAX_KERNEL) if is_kernel else array
 
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], model: CPResNet) -> dict[str, Any]:
@@ -62,8 +64,6 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: CPResNet) -> dic
     The input channel count is read from the stem weight. `num_batches_tracked` entries are ignored; a missing,
     unexpected or mis-shaped key raises ValueError naming it.
     """
-    if model.shake_shake:
-        raise ValueError("the authors published no Shake-Shake weights or names; import needs shake_shake=False")
     if _STEM_KEY not in state_dict:
         raise ValueError(f"state_dict has no {_STEM_KEY!r} (the stem conv): is this a CP-ResNet state_dict?")
     stem_shape = np.shape(state_dict[_STEM_KEY])

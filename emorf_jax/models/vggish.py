@@ -28,7 +28,8 @@ WIDTH_FACTORS = (1, 2, 2, 2, 1)
 class VGGish(nn.Module):
     """`apply(variables, x, train)` -> logits (batch, tags) of a (batch, n_mels, frames, 1) spectrogram.
 
-    Dropout (before the dense layer) draws from the rng stream "dropout" in training.
+    Dropout (before the dense layer) draws from the rng stream "dropout" in training. The dense layer's input,
+    the last block's channels max-pooled globally (`base_channels` values), is sown as intermediates["embedding"].
     """
 
     num_classes: int
@@ -43,5 +44,6 @@ class VGGish(nn.Module):
         check_nhwc(x, "VGGish")
         x = conv_elu_blocks(self, x, train, tuple(self.base_channels * f for f in WIDTH_FACTORS), POOLS)
         x = jnp.max(x, axis=(1, 2))
+        self.sow("intermediates", "embedding", x.astype(jnp.float32))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="dense")(x).astype(jnp.float32)

@@ -3,7 +3,8 @@
 The schedule itself lives with the architecture in cp_resnet.py and is re-exported here. ρ decides which block
 convs are 3x3 (the rest are 1x1), and so how far the RF grows (docs/fidelity.md, "Model"). Two RFs are offered: the
 "published" one computed as the authors' code does (the numbers in their slides and papers), and the exact
-layer-by-layer one that counts the stem and each max-pool's own window.
+layer-by-layer one that counts the stem and each max-pool's own window. `input_span` places the exact RF of one
+output unit on the input, and `effective_receptive_field` measures the part of it that really moves the unit.
 
 Command line (__main__.py): `python -m emorf_jax.models.receptive_field --rho 5` or `--max_rf 100` prints the
 per-layer table.
@@ -14,11 +15,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emorf_jax.models.cp_resnet import MAX_RHO, POOLED_BLOCKS, STEM_KERNEL, STEM_STRIDE, block_names, kernel_schedule
+from emorf_jax.models.cp_resnet import (
+    MAX_RHO,
+    POOLED_BLOCKS,
+    STEM_KERNEL,
+    STEM_PADDING,
+    STEM_STRIDE,
+    block_names,
+    kernel_schedule,
+)
 
 __all__ = [
     "Layer",
@@ -29,7 +39,9 @@ __all__ = [
     "effective_receptive_field",
     "exact_rf",
     "format_table",
+    "input_span",
     "kernel_schedule",
+    "last_conv_map",
     "layer_table",
     "published_rf",
     "rho_for_max_rf",
@@ -52,20 +64,21 @@ def _pool_follows(conv_name: str) -> bool:
     return conv == "conv2" and (int(stage.removeprefix("stage")), int(block.removeprefix("block"))) in POOLED_BLOCKS
 
 
-def _layers(rho: int) -> list[tuple[str, int, int]]:
-    """(name, kernel, stride) of every layer that moves the RF: stem, block convs and max-pools."""
-    layers = [("in_c.0", STEM_KERNEL, STEM_STRIDE)]
+def _layers(rho: int) -> list[tuple[str, int, int, int]]:
+    """(name, kernel, stride, padding) of every layer that moves the RF: stem, block convs and max-pools. A block
+    conv pads (kernel - 1) // 2 on each side, "same" as in cp_resnet.py (1 for 3x3, 0 for 1x1); a pool pads none."""
+    layers = [("in_c.0", STEM_KERNEL, STEM_STRIDE, STEM_PADDING)]
     for name, kernel in kernel_schedule(rho):
-        layers.append((name, kernel, 1))
+        layers.append((name, kernel, 1, (kernel - 1) // 2))
         if _pool_follows(name):
-            layers.append((name.removesuffix("conv2") + "pool", 2, 2))
+            layers.append((name.removesuffix("conv2") + "pool", 2, 2, 0))
     return layers
 
 
 def layer_table(rho: int) -> list[Layer]:
     """Every layer with its cumulative stride and exact RF: RF_n = RF_{n-1} + (k_n - 1) * jump_{n-1}."""
     table, jump, rf = [], 1, 1
-    for name, kernel, stride in _layers(rho):
+    for name, kernel, stride, _ in _layers(rho):
         rf += (kernel - 1) * jump
         jump *= stride
         table.append(Layer(name, kernel, stride, jump, rf))
@@ -102,9 +115,42 @@ def rho_for_max_rf(max_rf: int, kind: str = "published") -> int:
     return max(fitting, key=rf_of)
 
 
+def input_span(rho: int, index: int) -> tuple[int, int]:
+    """The first and last input row (or column: kernels are square) that unit `index` of the head map reads, the
+    exact RF placed on the input; indices below 0 or past the input's end fall on zero padding."""
+    first, last = index, index
+    for _, kernel, stride, padding in reversed(_layers(rho)):
+        first, last = first * stride - padding, last * stride - padding + kernel - 1
+    return first, last
+
+
+def last_conv_map(model: nn.Module, variables: Any, x: jax.Array, *, seed: int = 0) -> jax.Array:
+    """The output of the last `nn.Conv` that `model` applies to the NHWC input `x`, in evaluation mode: CP-ResNet's
+    1x1 head (one map per tag), the last 3x3 conv of VGG-ish and the CRNN, the last conv of a ResNet's last block.
+
+    Every model of the registry pools that map globally (or reads it as a sequence), so it is the last place where
+    an output unit has a position on the input. A model with a frequency roll rolls every block by the same shifts
+    for every input (`seed`).
+    """
+    outputs = []
+
+    def keep_conv_outputs(next_fun, args, kwargs, context):
+        output = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            outputs.append(output)
+        return output
+
+    with nn.intercept_methods(keep_conv_outputs):
+        model.apply(variables, x, train=False, rngs={"shift": jax.random.PRNGKey(seed)}, mutable=["intermediates"])
+    if not outputs:
+        raise ValueError(f"{type(model).__name__} applies no nn.Conv: it has no convolutional map to take an ERF of")
+    return outputs[-1]
+
+
 def effective_receptive_field(model: Any, variables: Any, input_shape: Sequence[int], *, seed: int = 0) -> np.ndarray:
-    """|d output / d input| (frequency x time) of the centre unit of the last conv map (Luo et al. 2016), summed
-    over the batch, the input channels and the tags, for random normal inputs of `input_shape` (NHWC).
+    """|d output / d input| (frequency x time) of the centre unit of the last conv map (`last_conv_map`; Luo et al.
+    2016), summed over the batch, the input channels and the map's channels, for random normal inputs of
+    `input_shape` (NHWC).
 
     Max-pools route each gradient to one input of their window, so a batch of several inputs shows the whole
     area that can move the output. Evaluation mode: BatchNorm uses its running statistics.
@@ -112,10 +158,7 @@ def effective_receptive_field(model: Any, variables: Any, input_shape: Sequence[
     inputs = jax.random.normal(jax.random.PRNGKey(seed), tuple(input_shape), jnp.float32)
 
     def centre_of_map(x: jax.Array) -> jax.Array:
-        # A model with a frequency roll rolls every block by the same shifts for every input (`seed`).
-        rngs = {"shift": jax.random.PRNGKey(seed)}
-        _, state = model.apply(variables, x, train=False, rngs=rngs, mutable=["intermediates"])
-        feature_map = state["intermediates"]["feature_map"][0]
+        feature_map = last_conv_map(model, variables, x, seed=seed)
         return feature_map[:, feature_map.shape[1] // 2, feature_map.shape[2] // 2, :].sum()
 
     def per_example_abs_gradient(x: jax.Array) -> jax.Array:

@@ -1,0 +1,368 @@
+"""Tagging folders of any size: features in worker processes overlapped with the model, rows written as each file
+finishes, a rerun that resumes, decisions and embeddings; what `python -m emorf_jax.predict` runs.
+
+- `tag_stream` decodes and computes features in `workers` processes (spawned: they import
+  `emorf_jax.track_features` and data preparation's feature code, no JAX), at most `2 x workers` files in flight,
+  while this process runs the model on the finished ones (`Tagger.tag_stored`, windows in batches): memory does not
+  grow with the number of files, and a track's only in its stored features (float16, a few MB for 5 minutes).
+  Results come in the order of the files; a file that fails gives its reason and the others go on.
+- `OutputFiles` writes one row per file, flushed as each file finishes: CSV (`path`, the tags, `top_tags`,
+  `decisions` with thresholds, `error`) or JSON Lines (`.jsonl`, the same fields); `.json` is one document written
+  at the end (no resume). Beside it: `<stem>.taggram.csv` (each window's probabilities), `<stem>.embeddings.npy`
+  (float32, row i the embedding of the output's row i, NaN for a file that failed) and with the taggram
+  `<stem>.taggram_embeddings.npy` (row j: the window of the taggram's row j). A file's side rows are written
+  before its output row, so the output's complete rows are the files done: reopened, an output keeps those rows
+  (a row cut by a kill is dropped), its side files are cut back to them, and the files in it are not tagged again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from data_prep.features import FeatureSettings
+from data_prep.metadata import short_tag_name
+from emorf_jax import checkpoints, report, track_features
+from emorf_jax.tagger import Tagger, TrackTags
+
+OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+def default_workers() -> int:
+    """Feature processes by default: one per core, at most 4 (beyond that the model is the bottleneck)."""
+    return min(4, os.cpu_count() or 1)
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong with a file, in words: an OSError's own words, a ValueError's message (features.AudioError
+    names the file), or the exception's type and message."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot read: {error.strerror}"
+    if isinstance(error, (OSError, ValueError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _feature_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned processes (a fork would copy this process's JAX threads and memory into every one) that end when
+    this process does, even killed."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=track_features.exit_with_parent,
+        initargs=(os.getpid(),),
+    )
+
+
+def feature_stream(
+    paths: Sequence[str], settings: FeatureSettings, workers: int
+) -> Iterator[tuple[str, np.ndarray | str]]:
+    """(path, stored features or the reason they could not be computed) of each file, in order: computed in
+    `workers` processes with at most 2 x workers files in flight, or in this process for 0 workers. A process that
+    dies (killed, out of memory) fails the file it was given; a new pool takes the others."""
+    if workers == 0:
+        for path in paths:
+            try:
+                yield path, track_features.stored_file_features(path, settings)
+            except Exception as error:  # any failure of one file is that file's row
+                yield path, _reason(error)
+        return
+    todo, pending = iter(paths), deque()
+    pool = _feature_pool(workers)
+    try:
+        while True:
+            while len(pending) < 2 * workers and (path := next(todo, None)) is not None:
+                pending.append((path, pool.submit(track_features.stored_file_features, path, settings)))
+            if not pending:
+                return
+            path, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                result = "its feature process died (killed, or out of memory)"
+                pool.shutdown(cancel_futures=True)
+                pool = _feature_pool(workers)
+                pending = deque((p, pool.submit(track_features.stored_file_features, p, settings)) for p, _ in pending)
+            except Exception as error:  # any failure of one file is that file's row
+                result = _reason(error)
+            yield path, result
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def tag_stream(
+    tagger: Tagger, paths: Sequence[str], *, window_frames: int | None = None, workers: int = 0
+) -> Iterator[tuple[str, TrackTags | str]]:
+    """(path, its tags or why it has none) of each file, in order: features from `feature_stream`, the model here."""
+    for path, stored in feature_stream(paths, tagger.feature_settings, workers):
+        if isinstance(stored, str):
+            yield path, stored
+            continue
+        try:
+            yield path, tagger.tag_stored(stored, window_frames)
+        except ValueError as error:  # a clip the model cannot take (e.g. shorter than its smallest input)
+            yield path, _reason(error)
+
+
+def decision_thresholds(tagger: Tagger, thresholds_path: str | None, checkpoint_paths: Sequence[str]) -> np.ndarray:
+    """Per tag of `tagger`, the threshold above which a tag is decided: from a `tag<TAB>threshold` file (every
+    report folder's thresholds.tsv), else the one checkpoint's meta "thresholds". ValueError saying what to pass
+    where neither is given."""
+    if thresholds_path:
+        names, values = report.read_thresholds(thresholds_path)
+        by_tag = dict(zip(names, values.tolist()))
+        missing = [tag for tag in tagger.tags if tag not in by_tag]
+        if missing:
+            raise ValueError(
+                f"{thresholds_path} has no threshold for {len(missing)} of the model's tags ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): use the thresholds.tsv of a report of a model with these tags"
+            )
+        return np.array([by_tag[tag] for tag in tagger.tags], np.float64)
+    if len(tagger.members) > 1:
+        raise ValueError(
+            "several checkpoints are averaged, and no checkpoint's own thresholds fit their average: pass "
+            "--thresholds FILE.tsv, e.g. the thresholds.tsv of `python -m emorf_jax.ensemble` for these checkpoints"
+        )
+    stored = tagger.meta.get(checkpoints.THRESHOLDS)
+    if stored is None:
+        raise ValueError(
+            f"{checkpoint_paths[0]} holds no decision thresholds (it was saved before checkpoints stored them): pass "
+            "--thresholds with its run's report/<model>/thresholds.tsv, or retrain with the current version"
+        )
+    if len(stored) != len(tagger.tags):
+        raise ValueError(f"{checkpoint_paths[0]} holds {len(stored)} thresholds for {len(tagger.tags)} tags")
+    return np.asarray(stored, np.float64)
+
+
+def decided_tags(probabilities: np.ndarray, thresholds: np.ndarray, tags: Sequence[str]) -> list[str]:
+    """The short names of the tags whose probability is above (strictly) their threshold, in tag order."""
+    return [short_tag_name(tags[i]) for i in np.flatnonzero(probabilities > thresholds)]
+
+
+def top_tags(probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> list[str]:
+    """The short names of the `top_k` most probable tags, most probable first."""
+    return [short_tag_name(tags[i]) for i in np.argsort(-probabilities)[:top_k]]
+
+
+def _cut_after_last_line(path: Path) -> None:
+    """Drop a last line without its newline: the part of a row that a killed run was writing."""
+    with path.open("rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            end = start
+        f.truncate(0)
+
+
+class _RowFile:
+    """A CSV (with a header) or JSON Lines file of rows, each flushed when written. An existing file keeps its
+    complete rows, if its columns are these; `rows` holds each row's path and error."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns, self.jsonl = path, columns, path.suffix == ".jsonl"
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():
+            _cut_after_last_line(path)
+            self.rows = [{"path": row["path"], "error": row.get("error") or None} for row in self._read()]
+        self._open()
+
+    def _open(self) -> None:
+        self._file: IO[str] = self.path.open("a", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file)
+        if not self.jsonl and self.path.stat().st_size == 0:
+            self._csv.writerow(self.columns)
+            self._file.flush()
+
+    def _read(self) -> Iterator[dict[str, Any]]:
+        """The file's rows, after a check that a CSV's header (a JSON row's fields) are these columns."""
+        with self.path.open(newline="", encoding="utf-8") as f:
+            rows = (json.loads(line) for line in f) if self.jsonl else csv.DictReader(f)
+            for number, row in enumerate(rows):
+                if number == 0 and list(row) != self.columns and (not self.jsonl or not row.get("error")):
+                    raise ValueError(
+                        f"{self.path} was written with other columns (another model's tags, or with or without "
+                        "--decisions): give a new --output"
+                    )
+                yield row
+
+    def keep(self, count: int) -> None:
+        """Keep the first `count` rows only (the side rows of the files whose output row was written)."""
+        if count >= len(self.rows):
+            return
+        self._file.close()
+        with self.path.open(newline="", encoding="utf-8") as f:
+            lines = f if self.jsonl else csv.reader(f)
+            temporary = self.path.with_name(self.path.name + ".part")
+            with temporary.open("w", newline="", encoding="utf-8") as out:
+                writer = csv.writer(out)
+                for _, line in zip(range(count + (not self.jsonl)), lines):  # a CSV's header too
+                    if self.jsonl:
+                        out.write(line)
+                    else:
+                        writer.writerow(line)
+        os.replace(temporary, self.path)
+        self.rows = self.rows[:count]
+        self._open()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.jsonl:
+            self._file.write(json.dumps(row) + "\n")
+        else:
+            self._csv.writerow([row.get(column, "") for column in self.columns])
+        self._file.flush()
+        self.rows.append({"path": row["path"], "error": row.get("error") or None})
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _GrowingNpy:
+    """A float32 (rows, width) .npy file that grows by appended rows, its header's row count rewritten after each
+    (numpy leaves room in the header for that); reopened, it keeps the rows asked for."""
+
+    def __init__(self, path: Path, width: int, keep: int):
+        self.path, self.width = path, width
+        if not path.exists():
+            with path.open("wb") as f:
+                self._write_header(f, 0)
+        self._file = path.open("rb+")
+        np.lib.format.read_magic(self._file)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(self._file)
+        self._offset = self._file.tell()
+        if dtype != np.float32 or shape[1:] != (width,) or shape[0] < keep:
+            raise ValueError(
+                f"{path} holds {shape} {dtype} embeddings, not {keep} rows of {width} float32 values: give a new "
+                "--output"
+            )
+        self.rows = keep
+        self._file.truncate(self._offset + keep * width * 4)
+        self._update_header()
+
+    def _write_header(self, f: IO[bytes], rows: int) -> None:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (rows, self.width)}
+        np.lib.format.write_array_header_1_0(f, header)
+
+    def _update_header(self) -> None:
+        self._file.seek(0)
+        self._write_header(self._file, self.rows)
+        if self._file.tell() != self._offset:
+            raise RuntimeError(f"the header of {self.path} changed length")  # numpy's reserved room ran out
+        self._file.flush()
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values, "<f4").reshape(-1, self.width)
+        self._file.seek(0, os.SEEK_END)
+        self._file.write(values.tobytes())
+        self.rows += len(values)
+        self._update_header()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class OutputFiles:
+    """The rows of one run (see the module's docstring): `done` holds the files already in an existing CSV or
+    JSON Lines output, {path: error or None}; `write` adds a file's row and its side rows."""
+
+    def __init__(
+        self,
+        output: Path,
+        tagger: Tagger,
+        *,
+        top_k: int,
+        taggram: bool = False,
+        embeddings: bool = False,
+        thresholds: np.ndarray | None = None,
+    ):
+        if output.suffix not in OUTPUT_SUFFIXES:
+            raise ValueError(f"--output {output}: use a .csv, .jsonl or .json file name")
+        self.output, self.tags, self.top_k, self.thresholds = output, tagger.tags, top_k, thresholds
+        self.seconds_per_frame = tagger.seconds_per_frame
+        self.document: dict[str, dict[str, Any]] | None = {} if output.suffix == ".json" else None
+        columns = ["path", *self.tags, "top_tags", *(["decisions"] if thresholds is not None else []), "error"]
+        rows = _RowFile(output, columns) if self.document is None else None
+        self._rows = rows
+        if self.document is not None:
+            for side in ("taggram.csv", "embeddings.npy", "taggram_embeddings.npy"):
+                output.with_name(f"{output.stem}.{side}").unlink(missing_ok=True)
+        self.done = {row["path"]: row.get("error") or None for row in rows.rows} if rows else {}
+        self._taggram = self._embeddings = self._window_embeddings = None
+        if taggram:
+            self._taggram = _RowFile(
+                output.with_name(f"{output.stem}.taggram.csv"), ["path", "start_s", "end_s"] + [*self.tags]
+            )
+            kept = next((i for i, row in enumerate(self._taggram.rows) if row["path"] not in self.done), None)
+            self._taggram.keep(len(self._taggram.rows) if kept is None else kept)
+        if embeddings:
+            width = tagger.embedding_size
+            self._embeddings = _GrowingNpy(output.with_name(f"{output.stem}.embeddings.npy"), width, len(self.done))
+            if taggram:
+                self._window_embeddings = _GrowingNpy(
+                    output.with_name(f"{output.stem}.taggram_embeddings.npy"), width, len(self._taggram.rows)
+                )
+
+    def write(self, path: str, result: TrackTags | str) -> None:
+        """One file's row (and side rows): its tags, or with a reason its failure."""
+        if isinstance(result, str):
+            row = {"path": path, "error": result}
+            if self._embeddings:
+                self._embeddings.append(np.full(self._embeddings.width, np.nan, np.float32))
+        else:
+            if self._taggram:
+                for (start, stop, _), probabilities in zip(result.windows, result.window_probabilities):
+                    self._taggram.write(
+                        {
+                            "path": path,
+                            "start_s": f"{start * self.seconds_per_frame:.2f}",
+                            "end_s": f"{stop * self.seconds_per_frame:.2f}",
+                            **{tag: f"{p:.6f}" for tag, p in zip(self.tags, probabilities)},
+                        }
+                    )
+                if self._window_embeddings:
+                    self._window_embeddings.append(result.window_embeddings)
+            if self._embeddings:
+                self._embeddings.append(result.embedding)
+            row = self._row(path, result.probabilities)
+        if self._rows:
+            self._rows.write(row)
+        else:
+            self.document[path] = {key: value for key, value in row.items() if key not in ("path", "top_tags")}
+
+    def _row(self, path: str, probabilities: np.ndarray) -> dict[str, Any]:
+        """A tagged file's fields: probabilities as CSV text (6 decimals) or JSON numbers, top and decided tags."""
+        as_text = self._rows is not None and not self._rows.jsonl
+        row: dict[str, Any] = {
+            "path": path,
+            **{tag: f"{p:.6f}" if as_text else float(p) for tag, p in zip(self.tags, probabilities)},
+            "top_tags": top_tags(probabilities, self.tags, self.top_k),
+        }
+        if self.thresholds is not None:
+            row["decisions"] = decided_tags(probabilities, self.thresholds, self.tags)
+        if as_text:
+            row.update({key: ";".join(row[key]) for key in ("top_tags", "decisions") if key in row})
+        if self.document is None:
+            row["error"] = None if not as_text else ""
+        return row
+
+    def close(self) -> None:
+        """Close the files; a `.json` output is written now, in one piece."""
+        for part in (self._rows, self._taggram, self._embeddings, self._window_embeddings):
+            if part:
+                part.close()
+        if self.document is not None:
+            self.output.write_text(json.dumps(self.document, indent=1))

@@ -1,0 +1,162 @@
+"""A checkpoint out of JAX: the authors' PyTorch state_dict with the model's settings beside it, or an ONNX model
+from stored spectrogram windows to logits (`python -m emorf_jax.export` is the command).
+
+Both carry what a checkpoint's meta says (model, tags, feature setting, normalisation, evaluation window), so that a
+PyTorch or ONNX Runtime user tags as `emorf_jax.tagger` does. Only the CP-ResNet family (CP-ResNet, FA-ResNet,
+Shake-Shake FA-ResNet) is exported: the state_dict format is the authors' layout of that family, and the ONNX graph
+is traced from its PyTorch definition (`models/torch_cp_resnet.py`); the baselines (VGG-ish, ResNet-18/34/50,
+CRNN) have no PyTorch definition here. Needs the `[export]` extra (torch, onnx, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from emorf_jax import checkpoints, inference
+from emorf_jax.models import registry
+from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet, block_names
+from emorf_jax.models.torch_export import to_torch_state_dict
+
+if TYPE_CHECKING:  # torch is optional: the [export] extra
+    from emorf_jax.models.torch_cp_resnet import TorchCPResNet
+
+FORMATS = ("torch", "onnx")
+OPSET = 18  # the ONNX operator set of the exported graphs: onnxruntime >= 1.14 runs it
+INPUT_NAME, OUTPUT_NAME = "spectrogram", "logits"
+INPUT_DTYPES = ("float16", "float32")
+SETTINGS_FORMAT = "emorf_jax.export/1"
+_INSTALL_HINT = "the export needs torch, onnx and onnxruntime: pip install -e '.[export]'"
+
+
+class UnsupportedModel(ValueError):
+    """A checkpoint of a model that the formats cannot carry (a baseline)."""
+
+
+def load(checkpoint: str) -> tuple[CPResNet, dict[str, Any], dict[str, Any]]:
+    """(model, variables, meta) of a checkpoint directory, as `tagger.load_tagger` loads it; raises
+    FileNotFoundError for a missing checkpoint and UnsupportedModel, saying why, for a baseline."""
+    variables, meta = checkpoints.load_checkpoint(checkpoint)
+    name = registry.model_name(meta["model"])
+    if name != "cp_resnet":
+        raise UnsupportedModel(
+            f"{checkpoint} holds a {registry.DISPLAY_NAMES[name]}: only CP-ResNet, FA-ResNet and Shake-Shake "
+            "FA-ResNet checkpoints can be exported. The torch format is the authors' CP-ResNet layout, and the ONNX "
+            "graph is traced from the package's PyTorch CP-ResNet; VGG-ish, ResNet-18/34/50 and CRNN have no "
+            "PyTorch definition here (tag with them through `python -m emorf_jax.predict`)"
+        )
+    return registry.build(meta["model"]), variables, meta
+
+
+def evaluation_shifts(model: CPResNet, variables: dict[str, Any], meta: dict[str, Any]) -> list[int] | None:
+    """The per-block frequency rolls that evaluation (`inference.logits_step`) draws for a `features_shift` model,
+    in network order; None without `features_shift`. They depend on the seed alone, not on the input."""
+    if not model.features_shift:
+        return None
+    mean = np.asarray(meta["normalisation"]["mean"], np.float32)
+    channels = 1 if mean.ndim == 1 else mean.shape[0]
+    probe = np.zeros((1, mean.shape[-1], MIN_INPUT_SIZE, channels), np.float32)
+    rngs = {"shift": jax.random.PRNGKey(inference.EVALUATION_SHIFT_SEED)}
+    _, state = model.apply(variables, probe, train=False, rngs=rngs, mutable=["intermediates"])
+    drawn = state["intermediates"]
+    return [int(drawn[f"stage{stage}_block{block}"]["features_shift"][0]) for stage, block in block_names()]
+
+
+def settings(model: CPResNet, variables: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """What the exported files carry beside the weights (JSON): the model (and `torch_model`, the arguments of
+    `models.torch_cp_resnet.TorchCPResNet`), tags, feature setting, normalisation, evaluation window, source."""
+    return {
+        "format": SETTINGS_FORMAT,
+        "model": dict(meta["model"]),
+        "description": registry.describe(meta["model"]),
+        "torch_model": {
+            "num_classes": model.num_classes,
+            "rho": model.rho,
+            "base_channels": model.base_channels,
+            "frequency_aware": model.frequency_aware,
+            "shake_shake": model.shake_shake,
+            "in_channels": int(variables["params"]["in_c_conv"]["kernel"].shape[2]),
+            "shifts": evaluation_shifts(model, variables, meta),
+        },
+        "tags": list(meta["tags"]),
+        "features": dict(meta["features"]),
+        "normalisation": dict(meta["normalisation"]),
+        "window_frames": int(meta["window_frames"]),
+        "checkpoint": {key: meta[key] for key in ("kind", "step") if key in meta},
+    }
+
+
+def _torch(*needed: str):
+    """torch, once it and the other `needed` modules import; an ImportError with the pip line if one does not."""
+    for module in ("torch", *needed):
+        try:
+            importlib.import_module(module)  # optional: the [export] extra
+        except ImportError as error:
+            raise ImportError(f"{module} is not installed; {_INSTALL_HINT}") from error
+    return importlib.import_module("torch")
+
+
+def torch_model(settings: dict[str, Any], state_dict: dict[str, Any]) -> TorchCPResNet:
+    """The package's PyTorch model (`TorchCPResNet`) of exported `settings`, with `state_dict` loaded (strict), in
+    inference mode."""
+    torch = _torch()
+    from emorf_jax.models import torch_cp_resnet
+
+    model = torch_cp_resnet.TorchCPResNet(**settings["torch_model"])
+    model.load_state_dict({key: torch.as_tensor(value) for key, value in state_dict.items()})
+    return model.eval()
+
+
+def export_torch(checkpoint: str, output: str | Path) -> list[Path]:
+    """Writes the checkpoint's state_dict in the authors' names and layout to `output` (`torch.save`) and its
+    settings to `output` with the suffix `.json`; returns both paths."""
+    torch = _torch()
+    model, variables, meta = load(checkpoint)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {key: torch.from_numpy(value) for key, value in to_torch_state_dict(variables).items()}
+    torch.save(state_dict, output)
+    settings_path = output.with_suffix(".json")
+    settings_path.write_text(json.dumps(settings(model, variables, meta), indent=1))
+    return [output, settings_path]
+
+
+def export_onnx(checkpoint: str, output: str | Path, input_dtype: str = "float16") -> Path:
+    """Writes an ONNX model (opset `OPSET`, one file) from stored windows `spectrogram`, time-major (batch, frames,
+    n_mels) or stereo (batch, frames, 2, n_mels) in `input_dtype`, to `logits` (batch, tags), normalisation
+    included, batch and frames dynamic; the settings are in its metadata_props, one JSON value per key."""
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"input dtype {input_dtype!r}: use one of {', '.join(INPUT_DTYPES)}")
+    torch = _torch("onnx", "onnxscript")  # the exporter's own dependencies
+    from emorf_jax.models.torch_cp_resnet import StoredWindows
+
+    model, variables, meta = load(checkpoint)
+    exported = settings(model, variables, meta)
+    norm = exported["normalisation"]
+    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    wrapper = StoredWindows(torch_model(exported, to_torch_state_dict(variables)), mean, std).eval()
+    example = torch.zeros((2, exported["window_frames"], *mean.shape), dtype=getattr(torch, input_dtype))
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("frames", min=MIN_INPUT_SIZE)}
+    program = torch.onnx.export(
+        wrapper,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=OPSET,
+        dynamo=True,
+        dynamic_shapes=(dims,),
+        verbose=False,
+    )
+    layout = "(batch, frames, n_mels)" if mean.ndim == 1 else "(batch, frames, channels, n_mels)"
+    exported["input"] = f"{INPUT_NAME}: {input_dtype} {layout}, as the shards store windows; normalised inside"
+    for key, value in exported.items():
+        program.model.metadata_props[key] = json.dumps(value)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(output), external_data=False)
+    return output

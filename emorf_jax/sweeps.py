@@ -1,0 +1,210 @@
+"""ρ sweeps: one training run per (ρ, seed) through the ordinary loop, then PR-AUC against the receptive field (RF).
+
+The paper's central claim is that a CP-ResNet tags better when it sees less of its input, and ρ sets how far its RF
+grows. A sweep trains every (ρ, seed) of a CP-ResNet config in `<root>/rho<ρ>_seed<s>/` as the ensemble recipe trains
+its members (`ensemble_training.train_unless_finished`): a run whose test report is written is finished and not
+trained again, an unfinished one resumes from its checkpoints, and a run directory that holds another config is
+refused. Without a prepared dataset, a `:demo` config makes its synthetic MTG-Jamendo in `<root>/data`.
+
+The table has a row per ρ: both maximal RFs (`receptive_field`: as published and exact) and, for the SWA model (the
+paper's figures) and the selected model, the validation PR-AUC that the evaluation stored in the checkpoint's meta and
+the test PR-AUC of the run's `report/test_report.json`, as mean and sample standard deviation over the seeds. It is
+written to `<root>/rf_sweep.md` and `rf_sweep.json` (with every run's figures), and plotted in `rf_sweep.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from emorf_jax import checkpoints, ensemble_training, report
+from emorf_jax.models import receptive_field
+
+TABLE_NAME = "rf_sweep"  # <root>/rf_sweep.{md,json,png}
+METRIC = "PR-AUC-macro"
+# The models whose validation figures their checkpoint stores, and that checkpoint's kind.
+MODELS = {"swa": checkpoints.SWA, "selected": checkpoints.BEST}
+SPLITS = ("validation", "test")
+
+
+def run_workdir(root: str, rho: int, seed: int) -> str:
+    return os.path.join(root, f"rho{rho}_seed{seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One finished run's PR-AUC: figures[model][split], None where the run has no such model (no SWA phase)."""
+
+    rho: int
+    seed: int
+    figures: dict[str, dict[str, float | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+    """One ρ: its maximal RFs and, per model and split, the seeds' PR-AUC (mean and sample SD, NaN where unknown)."""
+
+    rho: int
+    published_rf: int
+    exact_rf: int
+    seeds: list[int]
+    figures: dict[str, dict[str, list[float | None]]]
+
+    def mean(self, model: str, split: str) -> float:
+        values = [value for value in self.figures[model][split] if value is not None]
+        return float(np.mean(values)) if values else float("nan")
+
+    def sd(self, model: str, split: str) -> float:
+        values = [value for value in self.figures[model][split] if value is not None]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
+def train_sweep(
+    config: ml_collections.ConfigDict, rhos: Sequence[int], seeds: Sequence[int], root: str, data_dir: str = ""
+) -> None:
+    """Trains every (ρ, seed) run of `config` that is not finished, resuming the unfinished ones."""
+    # absolute, so that a rerun from another directory or spelling of the root meets the configs its runs recorded
+    data_dir = os.path.abspath(data_dir or os.path.join(root, "data"))
+    runs = [(rho, seed) for rho in rhos for seed in seeds]
+    bar = tqdm.tqdm(runs, desc="rho sweep", unit="run")
+    for rho, seed in bar:
+        workdir = run_workdir(root, rho, seed)
+        bar.set_postfix_str(
+            f"rho={rho} seed={seed}" + (" (finished)" if ensemble_training.is_finished(workdir) else "")
+        )
+        run = ensemble_training.run_config(config, rho, seed, data_dir)
+        checkpoints.check_workdir_config(workdir, run)  # a finished run of another config must not enter the table
+        ensemble_training.train_unless_finished(run, workdir, root)
+
+
+def run_result(root: str, rho: int, seed: int) -> RunResult:
+    """The PR-AUC of a finished run's SWA and selected models on validation (checkpoint meta) and test (report)."""
+    workdir = run_workdir(root, rho, seed)
+    if not ensemble_training.is_finished(workdir):
+        raise FileNotFoundError(f"the run in {workdir} is not finished: train the sweep first")
+    with open(os.path.join(workdir, report.RUN_REPORT_DIR, report.RUN_SUMMARY)) as f:
+        summary = json.load(f)
+    figures = {}
+    for model, kind in MODELS.items():
+        if model not in summary:
+            figures[model] = {split: None for split in SPLITS}
+            continue
+        _, meta = checkpoints.load_checkpoint(os.path.join(workdir, kind))
+        figures[model] = {"validation": meta["validation"][METRIC], "test": summary[model][METRIC]}
+    return RunResult(rho, seed, figures)
+
+
+def sweep_rows(results: Sequence[RunResult]) -> list[SweepRow]:
+    """The runs grouped by ρ, in increasing ρ."""
+    rows = []
+    for rho in sorted({result.rho for result in results}):
+        group = sorted((result for result in results if result.rho == rho), key=lambda result: result.seed)
+        figures = {
+            model: {split: [result.figures[model][split] for result in group] for split in SPLITS} for model in MODELS
+        }
+        rows.append(
+            SweepRow(
+                rho, receptive_field.published_rf(rho), receptive_field.exact_rf(rho), [r.seed for r in group], figures
+            )
+        )
+    return rows
+
+
+def _mean_sd(row: SweepRow, model: str, split: str) -> str:
+    mean, sd = row.mean(model, split), row.sd(model, split)
+    if np.isnan(mean):
+        return "n/a"
+    return f"{mean:.4f}" if np.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
+
+
+def format_table(rows: Sequence[SweepRow]) -> str:
+    """The sweep as a Markdown table: mean ± sample SD over the seeds (no SD for one seed)."""
+    columns = [f"{model} {split}" for model in MODELS for split in SPLITS]
+    lines = [
+        f"| ρ | max RF (published) | max RF (exact) | seeds | {' | '.join(columns)} |",
+        "|" + " --- |" * (4 + len(columns)),
+    ]
+    for row in rows:
+        cells = [_mean_sd(row, model, split) for model in MODELS for split in SPLITS]
+        seeds = ",".join(map(str, row.seeds))
+        lines.append(f"| {row.rho} | {row.published_rf} | {row.exact_rf} | {seeds} | {' | '.join(cells)} |")
+    note = (
+        f"{METRIC}, mean ± sample SD over the seeds. swa: the averaged weights, the paper's model; selected: the "
+        "checkpoint chosen on validation. Validation figures are those the evaluation stored in the checkpoint."
+    )
+    return "\n".join([*lines, "", note])
+
+
+def plot(rows: Sequence[SweepRow], path: str) -> None:
+    """PR-AUC of the SWA model against the maximal RF as published: each seed a point, the mean a line, validation
+    and test, each mean point labelled with its ρ (as the slides' "Results with receptive field adaptation")."""
+    pyplot = report.agg_pyplot()
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    rf = np.array([row.published_rf for row in rows])
+    for split, colour in zip(SPLITS, ("tab:blue", "tab:red")):
+        for row in rows:
+            values = [value for value in row.figures["swa"][split] if value is not None]
+            axes.scatter([row.published_rf] * len(values), values, color=colour, alpha=0.45, s=22)
+        means = np.array([row.mean("swa", split) for row in rows])
+        axes.plot(rf, means, "-o", color=colour, label=f"{split} (SWA model)")
+        for row, mean in zip(rows, means):
+            axes.annotate(
+                f"ρ={row.rho}", (row.published_rf, mean), textcoords="offset points", xytext=(4, 5), fontsize=8
+            )
+    axes.set_xlabel("maximal receptive field (frames = mel bins, as published)")
+    axes.set_ylabel(f"{METRIC}")
+    axes.set_title("Results with receptive field adaptation")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an unknown mean or SD (no SWA model, one seed) is null."""
+    return None if np.isnan(value) else value
+
+
+def write_results(rows: Sequence[SweepRow], results: Sequence[RunResult], root: str) -> str:
+    """`<root>/rf_sweep.md`, `.json` and `.png`; returns the table."""
+    table = format_table(rows)
+    with open(os.path.join(root, f"{TABLE_NAME}.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    summary = {
+        "metric": METRIC,
+        "rows": [
+            {
+                "rho": row.rho,
+                "published_rf": row.published_rf,
+                "exact_rf": row.exact_rf,
+                "seeds": row.seeds,
+                **{
+                    f"{model}_{split}": {"mean": _finite(row.mean(model, split)), "sd": _finite(row.sd(model, split))}
+                    for model in MODELS
+                    for split in SPLITS
+                },
+            }
+            for row in rows
+        ],
+        "runs": [dataclasses.asdict(result) for result in results],
+    }
+    with open(os.path.join(root, f"{TABLE_NAME}.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    plot(rows, os.path.join(root, f"{TABLE_NAME}.png"))
+    return table
+
+
+def run(
+    config: ml_collections.ConfigDict, rhos: Sequence[int], seeds: Sequence[int], root: str, data_dir: str = ""
+) -> str:
+    """The whole sweep: trains what is not finished, then writes and returns the table."""
+    train_sweep(config, rhos, seeds, root, data_dir)
+    results = [run_result(root, rho, seed) for rho in rhos for seed in seeds]
+    return write_results(sweep_rows(results), results, root)

@@ -1,0 +1,212 @@
+"""Export of checkpoints (`emorf_jax.export`): the torch state_dict round-trips and gives our logits in the PyTorch
+reference (tests/torch_reference.py, written independently) and in the package's PyTorch definition; the ONNX
+model gives our logits in onnxruntime from stored windows, for two lengths and two batch sizes, and carries the tags;
+the command's usage errors exit 2 with a message."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import features
+from emorf_jax import checkpoints, export, inference
+from emorf_jax.export import __main__ as export_command
+from emorf_jax.models import from_torch_state_dict, registry
+
+torch = pytest.importorskip("torch", reason="the export needs torch (pip install -e '.[test]')")
+onnx = pytest.importorskip("onnx", reason="the export needs onnx (pip install -e '.[test]')")
+ort = pytest.importorskip("onnxruntime", reason="the export needs onnxruntime (pip install -e '.[test]')")
+from tests import torch_reference  # noqa: E402  (imports torch itself)
+
+NUM_TAGS, BASE, RHO = 7, 4, 5
+SETTINGS = features.settings_for("hop512")  # 256 mel bands: real input sizes
+WINDOW = 1722  # the 20-s evaluation window at the paper's settings
+TRACK = 25_840  # a whole 5-minute track in one pass
+MODELS = {
+    "cp_resnet": {"frequency_aware": False, "shake_shake": False, "features_shift": False},
+    "fa_resnet": {"frequency_aware": True, "shake_shake": False, "features_shift": False},
+    "shake_fa_resnet": {"frequency_aware": True, "shake_shake": True, "features_shift": False},
+    "fa_resnet_rolled": {"frequency_aware": True, "shake_shake": False, "features_shift": True},
+}
+_jitted_logits = jax.jit(inference.logits_step, static_argnames="model")
+
+
+def _meta(fields: dict) -> dict:
+    rng = np.random.default_rng(1)
+    return {
+        "kind": "swa",
+        "step": 3,
+        "model": fields,
+        "tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)],
+        "features": dataclasses.asdict(SETTINGS),
+        "normalisation": {
+            "mean": rng.normal(-30.0, 5.0, SETTINGS.n_mels).tolist(),
+            "std": rng.uniform(10.0, 20.0, SETTINGS.n_mels).tolist(),
+        },
+        "window_frames": WINDOW,
+    }
+
+
+def _random_variables(model, seed: int) -> dict:
+    """Random weights AND running statistics (the head is zero-initialised), so no comparison passes through zeros:
+    kernels N(0, 1/fan_in), BatchNorm scales, biases, means and variances uniform around their usual values."""
+    variables = model.init(
+        {"params": jax.random.PRNGKey(seed), "shift": jax.random.PRNGKey(0)},
+        np.zeros((1, SETTINGS.n_mels, 64, 1), np.float32),
+    )
+    rng = np.random.default_rng(seed)
+    ranges = {"scale": (0.5, 1.5), "bias": (-0.5, 0.5), "mean": (-0.5, 0.5), "var": (0.5, 2.0)}
+
+    def randomise(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0.0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape).astype(np.float32)
+        return rng.uniform(*ranges[name], leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(randomise, variables)
+
+
+def _save(directory, fields: dict, seed: int) -> str:
+    model = registry.build(fields)
+    with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
+        checkpoints.save(manager, 3, _random_variables(model, seed), _meta(fields))
+    return str(directory / checkpoints.SWA)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, str]:
+    """{name: a checkpoint directory} of the four CP-ResNet variants at a tiny width."""
+    fields = {"name": "cp_resnet", "num_classes": NUM_TAGS, "rho": RHO, "base_channels": BASE}
+    return {
+        name: _save(tmp_path_factory.mktemp(name), {**fields, **variant}, seed)
+        for seed, (name, variant) in enumerate(MODELS.items())
+    }
+
+
+def _stored_windows(batch: int, frames: int, seed: int) -> np.ndarray:
+    """Windows as the shards store them: time-major float16 dB-like values, content varying along both axes."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(-30.0, 15.0, (batch, frames, SETTINGS.n_mels)) + np.linspace(-10, 10, SETTINGS.n_mels)
+    return values.astype(np.float16)
+
+
+def _our_logits(checkpoint: str, stored: np.ndarray) -> np.ndarray:
+    variables, meta = checkpoints.load_checkpoint(checkpoint)
+    norm = meta["normalisation"]
+    mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
+    return np.asarray(_jitted_logits(variables, stored, mean, std, model=registry.build(meta["model"])))
+
+
+def _nchw(checkpoint: str, stored: np.ndarray) -> torch.Tensor:
+    """The stored windows normalised and in the authors' NCHW layout, computed apart from the package."""
+    _, meta = checkpoints.load_checkpoint(checkpoint)
+    mean, std = np.asarray(meta["normalisation"]["mean"]), np.asarray(meta["normalisation"]["std"])
+    normalised = (stored.astype(np.float32) - mean) / std
+    return torch.from_numpy(normalised.transpose(0, 2, 1)[:, None].astype(np.float32))
+
+
+def _assert_close(logits: np.ndarray, expected: np.ndarray) -> None:
+    assert np.std(expected) > 0.1  # nothing trivially constant
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def _torch_export(checkpoint: str, directory: str) -> tuple[dict, dict]:
+    """(state_dict as torch loads it, settings) of a checkpoint exported through the command."""
+    output = f"{directory}/model.pt"
+    assert export_command.main(["--checkpoint", checkpoint, "--format", "torch", "--output", output]) == 0
+    with open(f"{directory}/model.json") as f:
+        return torch.load(output, weights_only=True), json.load(f)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torch_round_trip_gives_identical_weights_and_the_settings(saved, name, tmp_path):
+    state_dict, settings = _torch_export(saved[name], str(tmp_path))
+    variables, meta = checkpoints.load_checkpoint(saved[name])
+    model = registry.build(meta["model"])
+    imported = from_torch_state_dict({key: value.numpy() for key, value in state_dict.items()}, model)
+    flat, imported_flat = jax.tree_util.tree_leaves_with_path(variables), jax.tree_util.tree_leaves(imported)
+    assert len(flat) == len(imported_flat) and jax.tree.structure(variables) == jax.tree.structure(imported)
+    for (path, leaf), back in zip(flat, imported_flat):
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(leaf), err_msg=jax.tree_util.keystr(path))
+    assert state_dict["in_c.0.weight"].shape == (BASE, 1, 5, 5)  # PyTorch's (out, in, kh, kw)
+    assert settings["tags"] == meta["tags"] and settings["normalisation"] == meta["normalisation"]
+    assert settings["features"] == meta["features"] and settings["window_frames"] == WINDOW
+    assert settings["model"] == meta["model"]
+    shifts = settings["torch_model"]["shifts"]
+    assert (shifts is not None) == MODELS[name]["features_shift"]
+    if shifts is not None:
+        assert len(shifts) == 12 and len(set(shifts)) > 3 and all(-50 <= shift <= 50 for shift in shifts)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_pytorch_reference_and_the_package_model_give_our_logits(saved, name, tmp_path):
+    state_dict, settings = _torch_export(saved[name], str(tmp_path))
+    arguments = settings["torch_model"]
+    reference = torch_reference.TorchCPResNet(
+        NUM_TAGS, RHO, BASE, arguments["frequency_aware"], shake_shake=arguments["shake_shake"]
+    )
+    reference.load_state_dict(state_dict)  # strict: every name and shape the authors' layout has, no other
+    reference.eval()
+    package = export.torch_model(settings, state_dict)
+    stored = _stored_windows(2, 431, seed=3)  # 10 s
+    expected = _our_logits(saved[name], stored)
+    with torch.no_grad():
+        inputs = _nchw(saved[name], stored)
+        _assert_close(reference(inputs, arguments["shifts"]).numpy(), expected)
+        _assert_close(package(inputs).numpy(), expected)
+    if arguments["shifts"] is not None:  # the roll matters: without it the logits differ
+        with torch.no_grad():
+            unrolled = reference(inputs).numpy()
+        assert np.abs(unrolled - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(("name", "input_dtype"), [("fa_resnet", "float16"), ("shake_fa_resnet", "float32")])
+def test_onnxruntime_gives_our_logits_for_a_window_and_a_whole_track(saved, name, input_dtype, tmp_path):
+    output = tmp_path / "model.onnx"
+    arguments = ["--checkpoint", saved[name], "--format", "onnx", "--output", str(output)]
+    assert export_command.main([*arguments, "--input_dtype", input_dtype]) == 0
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (spectrogram,) = session.get_inputs()
+    assert spectrogram.shape == ["batch", "frames", SETTINGS.n_mels]
+    assert spectrogram.type == f"tensor({input_dtype.replace('32', '')})"
+    for batch, frames in ((3, WINDOW), (1, TRACK)):  # two batch sizes, two lengths: both axes dynamic
+        stored = _stored_windows(batch, frames, seed=frames)
+        (logits,) = session.run(None, {export.INPUT_NAME: stored.astype(input_dtype)})
+        assert logits.shape == (batch, NUM_TAGS)
+        _assert_close(logits, _our_logits(saved[name], stored))
+
+
+def test_the_onnx_metadata_holds_the_tags_features_and_window(saved, tmp_path):
+    output = export.export_onnx(saved["fa_resnet_rolled"], tmp_path / "model.onnx")
+    model = onnx.load(str(output))
+    assert [entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")] == [export.OPSET]
+    props = {entry.key: json.loads(entry.value) for entry in model.metadata_props}  # every value is JSON
+    meta = _meta(MODELS["fa_resnet_rolled"])
+    assert props["tags"] == meta["tags"] and props["features"] == meta["features"]
+    assert props["window_frames"] == WINDOW and props["normalisation"] == meta["normalisation"]
+    assert "float16 (batch, frames, n_mels)" in props["input"] and props["description"].startswith("FA-ResNet")
+    assert len(props["torch_model"]["shifts"]) == 12
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["tags"]) == meta["tags"]
+
+
+def _usage_error(capsys, *arguments: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        export_command.main(list(arguments))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_the_command_refuses_an_unknown_format_a_baseline_and_a_missing_checkpoint(saved, capsys, tmp_path):
+    error = _usage_error(capsys, "--checkpoint", saved["fa_resnet"], "--format", "tflite", "--output", "x")
+    assert "invalid choice: 'tflite'" in error and "torch" in error and "onnx" in error
+    vggish = _save(tmp_path / "vggish", {"name": "vggish", "num_classes": NUM_TAGS, "base_channels": 4}, seed=9)
+    for format_ in export.FORMATS:
+        error = _usage_error(capsys, "--checkpoint", vggish, "--format", format_, "--output", str(tmp_path / "x"))
+        assert "holds a VGG-ish" in error and "only CP-ResNet, FA-ResNet and Shake-Shake FA-ResNet" in error
+    missing = str(tmp_path / "no_such_run" / "swa")
+    error = _usage_error(capsys, "--checkpoint", missing, "--format", "torch", "--output", str(tmp_path / "x.pt"))
+    assert f"no checkpoint directory at {missing}" in error
+    assert not list(tmp_path.glob("x*"))  # nothing written

@@ -1,0 +1,111 @@
+"""`python -m emorf_jax.rf_sweep` at tiny sizes: it trains a run per (ρ, seed), writes the table and the plot, and a
+sweep killed for real after its first run continues without training that run again; the table's figures."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from emorf_jax import checkpoints, ensemble_training, report, rf_sweep, sweeps
+from emorf_jax.models import receptive_field
+
+REPO = Path(__file__).resolve().parents[1]
+RHOS = (1, 2)
+
+
+def _command(data_dir: Path, workdir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "emorf_jax.rf_sweep",
+        "--config=configs/faresnet.py:test",
+        f"--rho={','.join(map(str, RHOS))}",
+        "--seeds=1",
+        f"--data_dir={data_dir}",
+        f"--workdir={workdir}",
+    ]
+
+
+def _kill_once_started(command: list[str], started: Path) -> None:
+    """Starts the sweep and SIGKILLs it as soon as `started` (the second run's config.json) appears: the first run
+    is then finished, thresholds and all, and the second has begun."""
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not started.exists():
+        assert process.poll() is None, "the sweep ended before its second run began"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def _modification_times(folder: Path) -> dict[str, int]:
+    return {str(path.relative_to(folder)): path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_killed_sweep_continues_without_retraining_its_finished_run(prepared_data_dir, tmp_path):
+    data_dir, _ = prepared_data_dir
+    workdir = tmp_path / "sweep"
+    first, second = (Path(sweeps.run_workdir(str(workdir), rho, 0)) for rho in RHOS)
+    _kill_once_started(_command(data_dir, workdir), second / "config.json")
+    assert ensemble_training.is_finished(str(first)) and not ensemble_training.is_finished(str(second))
+    finished_files = _modification_times(first)
+
+    result = subprocess.run(_command(data_dir, workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _modification_times(first) == finished_files, "the finished run was touched again"
+    assert ensemble_training.is_finished(str(second))
+
+    table = (workdir / "rf_sweep.md").read_text()
+    assert table in result.stdout
+    summary = json.loads((workdir / "rf_sweep.json").read_text())
+    assert [row["rho"] for row in summary["rows"]] == list(RHOS)
+    for row, run_dir in zip(summary["rows"], (first, second)):
+        rho = row["rho"]
+        assert (row["published_rf"], row["exact_rf"]) == (
+            receptive_field.published_rf(rho),
+            receptive_field.exact_rf(rho),
+        )
+        assert f"| {rho} | {row['published_rf']} | {row['exact_rf']} | 0 |" in table
+        test_report = json.loads((run_dir / report.RUN_REPORT_DIR / report.RUN_SUMMARY).read_text())
+        _, swa_meta = checkpoints.load_checkpoint(str(run_dir / checkpoints.SWA))
+        assert row["swa_test"] == {"mean": test_report["swa"]["PR-AUC-macro"], "sd": None}  # one seed: no SD
+        assert row["swa_validation"]["mean"] == swa_meta["validation"]["PR-AUC-macro"]
+    assert (workdir / "rf_sweep.png").stat().st_size > 10_000
+
+
+def _result(rho: int, seed: int, swa_test: float | None) -> sweeps.RunResult:
+    swa = {"validation": None if swa_test is None else 0.5, "test": swa_test}
+    return sweeps.RunResult(rho, seed, {"swa": swa, "selected": {"validation": 0.4, "test": 0.3}})
+
+
+def test_rows_give_mean_and_sample_sd_over_seeds_and_name_a_missing_model():
+    rows = sweeps.sweep_rows([_result(3, 1, 0.6), _result(1, 0, None), _result(3, 0, 0.4), _result(1, 1, None)])
+    assert [(row.rho, row.seeds) for row in rows] == [(1, [0, 1]), (3, [0, 1])]
+    assert rows[1].mean("swa", "test") == pytest.approx(0.5)
+    assert rows[1].sd("swa", "test") == pytest.approx(math.sqrt(0.02))  # sample SD of 0.4 and 0.6
+    table = sweeps.format_table(rows)
+    assert "| 1 | 17 | 31 | 0,1 | n/a | n/a | 0.4000 ± 0.0000 | 0.3000 ± 0.0000 |" in table
+    assert "| 3 | 49 |" in table and "0.5000 ± 0.1414" in table
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--config=configs/vggish.py:test"], "rho sets the kernels of the CP-ResNet family"),
+        (["--config=configs/faresnet.py:test", "--rho=1,99"], "rho must be"),
+        (["--config=configs/faresnet.py:test", "--rho=1,1"], "distinct values"),
+        (["--config=configs/nothing.py"], "no config file at configs/nothing.py"),
+    ],
+)
+def test_clear_errors_before_any_training(arguments, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        rf_sweep.main([*arguments, f"--workdir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing may be written before the arguments are checked"
