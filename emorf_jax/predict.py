@@ -2,7 +2,7 @@
 or writes all their probabilities to a CSV, JSON Lines or JSON file, one row as each file finishes.
 
     python -m emorf_jax.predict PATH... --checkpoint=CKPT [--checkpoint=CKPT ...] [--output=FILE.csv|.jsonl|.json]
-        [--taggram] [--embeddings] [--decisions [--thresholds=FILE.tsv]] [--workers=N]
+        [--taggram] [--embeddings] [--decisions [--thresholds=FILE.tsv]] [--workers=N] [--backend=jax|onnxruntime]
     python -m emorf_jax.predict --describe=CKPT
 
 PATH: audio files or folders (searched recursively for MP3, WAV, FLAC and OGG), at any sample rate and channel
@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--window_frames", type=int, help="window length (default: the first checkpoint's)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per model call")
     parser.add_argument(
+        "--backend",
+        default="jax",
+        help="what runs the model: jax, or onnxruntime (each checkpoint exported to ONNX once and cached; the "
+        "CP-ResNet family; needs the [export] extra)",
+    )
+    parser.add_argument(
         "--workers", type=int, help="processes computing features (default: one per core, at most 4; 0: none)"
     )
     parser.add_argument("--describe", metavar="CKPT", help="print a checkpoint's model card and exit")
@@ -106,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         parser.error("no audio files among the PATHs" if args.paths else "give at least one PATH")
     try:
-        tagger = load_tagger(args.checkpoint, args.batch_size)
+        tagger = load_tagger(args.checkpoint, args.batch_size, args.backend)
         tagger.feature_settings  # noqa: B018 - a model of other input than audio is a usage error, said now
         thresholds = (
             bulk_tagging.decision_thresholds(tagger, args.thresholds, args.checkpoint) if args.decisions else None
@@ -123,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.output
             else None
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, ImportError) as error:
         parser.error(str(error))
     done = output.done if output else {}
     todo = [path for path in files if path not in done]

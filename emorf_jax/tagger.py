@@ -8,7 +8,9 @@ shards store (`track_features`), cut into the evaluation's windows (`windowing.w
 `inference.window_outputs`, the logits of the step the evaluation pmaps, so a checkpoint tags a track's audio exactly
 as the evaluation scored it. Each checkpoint's window logits are averaged, weighted by the frames each window stands
 for, and turned into probabilities; several checkpoints' probabilities are averaged. The same step gives each
-window's embedding, the pooled features the model's classifier reads (`TrackTags`).
+window's embedding, the pooled features the model's classifier reads (`TrackTags`). With the "onnxruntime" backend,
+the same batches of the same stored windows run through each checkpoint's exported ONNX model instead
+(`export.cached_onnx`: logits and embedding, normalisation inside), a short clip at its own length.
 """
 
 import dataclasses
@@ -26,7 +28,7 @@ from scipy.special import expit
 from data_prep import features
 from data_prep.metadata import short_tag_name
 from data_prep.reader import STORED_DTYPE
-from emorf_jax import checkpoints, inference, track_features, windowing
+from emorf_jax import checkpoints, export, inference, track_features, windowing
 from emorf_jax.models import receptive_field, registry
 from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 
@@ -35,6 +37,8 @@ from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".m4a", ".aac", ".wma")
 
 _jitted_window_outputs = jax.jit(inference.window_outputs, static_argnames="model")
+
+BACKENDS = ("jax", "onnxruntime")
 
 
 def padded_batch_size(windows: int, batch_size: int) -> int:
@@ -46,11 +50,13 @@ def padded_batch_size(windows: int, batch_size: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """One trained model: its module, weights and checkpoint meta."""
+    """One trained model: its module, weights and checkpoint meta, and with the onnxruntime backend the
+    onnxruntime InferenceSession of its exported model, which then runs its windows."""
 
     model: nn.Module
     variables: dict[str, Any]
     meta: dict[str, Any]
+    session: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +154,19 @@ class Tagger:
         mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
         window_frames = window_frames or self.window_frames
         windows = windowing.window_ranges(stored.shape[0], window_frames)
+        if self.members[0].session is not None and stored.shape[0] < MIN_INPUT_SIZE:
+            raise ValueError(f"{stored.shape[0]} frames: the model takes at least {MIN_INPUT_SIZE}")
         logits, embeddings = [], []
         for member in self.members:
-            pad_to = window_frames if isinstance(member.model, CPResNet) else None
+            # An ONNX model takes any length, so a short clip runs unpadded: what the JAX path's `frames` emulates.
+            pad_to = window_frames if isinstance(member.model, CPResNet) and member.session is None else None
             outputs = [
-                (count, _jitted_window_outputs(member.variables, batch, mean, std, frames, model=member.model))
+                (
+                    count,
+                    _jitted_window_outputs(member.variables, batch, mean, std, frames, model=member.model)
+                    if member.session is None
+                    else member.session.run(None, {export.INPUT_NAME: batch}),
+                )
                 for count, batch, frames in self._batches(stored, windows, pad_to)
             ]
             logits.append(np.concatenate([np.asarray(out[0])[:count] for count, out in outputs]))
@@ -203,17 +217,34 @@ class Tagger:
         return dict(zip(self.tags, probabilities.tolist()))
 
 
-def load_tagger(paths: str | Sequence[str], batch_size: int = 8) -> Tagger:
+def load_tagger(paths: str | Sequence[str], batch_size: int = 8, backend: str = "jax") -> Tagger:
     """A Tagger of one checkpoint or the average of several, from any checkpoint of a run (e.g. `runs/demo/swa`,
     `runs/demo/snapshots/120`) of any model; no config needed (each model is rebuilt from `meta["model"]`). Raises
-    ValueError, naming the checkpoint, when they do not share tags, features and normalisation."""
+    ValueError, naming the checkpoint, when they do not share tags, features and normalisation. `backend`
+    "onnxruntime" runs each checkpoint's exported ONNX model (the CP-ResNet family only: `export.UnsupportedModel`,
+    a ValueError, for a baseline; ImportError naming the [export] extra without onnxruntime)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("no checkpoint to load")
     loaded = [(path, *checkpoints.load_checkpoint(path)) for path in paths]
     checkpoints.check_compatible([(path, meta) for path, _, meta in loaded])
-    members = tuple(Member(registry.build(meta["model"]), variables, meta) for _, variables, meta in loaded)
+    sessions = [_onnx_session(path) if backend == "onnxruntime" else None for path in paths]
+    members = tuple(
+        Member(registry.build(meta["model"]), variables, meta, session)
+        for (_, variables, meta), session in zip(loaded, sessions)
+    )
     return Tagger(members, batch_size)
+
+
+def _onnx_session(checkpoint: str) -> Any:
+    """An onnxruntime CPU session of the checkpoint's exported model (`export.cached_onnx`)."""
+    try:
+        import onnxruntime  # optional: the [export] extra
+    except ImportError as error:
+        raise ImportError(f"the onnxruntime backend needs onnxruntime; {export.INSTALL_HINT}") from error
+    return onnxruntime.InferenceSession(str(export.cached_onnx(checkpoint)), providers=["CPUExecutionProvider"])
 
 
 def audio_files(paths: Sequence[str]) -> list[Path]:

@@ -4,10 +4,12 @@ compiled shape, and feature processes without JAX."""
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from scipy.special import expit
 
 from data_prep import metadata
-from emorf_jax import checkpoints, inference, tagger, track_features, windowing
+from emorf_jax import checkpoints, inference, predict, tagger, track_features, windowing
 from emorf_jax.models.layers import BN_EPSILON
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,3 +234,61 @@ def test_the_feature_processes_import_no_jax():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_the_onnxruntime_backend_gives_the_jax_rows_embeddings_and_short_clip_scores(
+    mp3_folder, random_checkpoints, tmp_path, monkeypatch
+):
+    """`--backend onnxruntime` runs each checkpoint's ONNX export (cached in TMPDIR, exported once) on the same
+    windows: two checkpoints averaged give the JAX backend's probabilities, taggram and embeddings (rtol 1e-4), and
+    a clip shorter than a window, run unpadded, the scores JAX gives it padded and masked."""
+    pytest.importorskip("onnxruntime")
+    files = sorted(str(p) for p in mp3_folder.iterdir())[:4]
+    flags = [*files, *(f"--checkpoint={c}" for c in random_checkpoints), "--taggram", "--embeddings"]
+    for backend in ("jax", "onnxruntime"):
+        result = subprocess.run(
+            _command(*flags, f"--output={tmp_path / backend}.jsonl", f"--backend={backend}"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+        )
+        assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "emorf_jax_onnx").glob("*.onnx"))) == len(random_checkpoints)
+    jax_rows, onnx_rows = _jsonl(tmp_path / "jax.jsonl"), _jsonl(tmp_path / "onnxruntime.jsonl")
+    assert [row["path"] for row in onnx_rows] == files and [row["error"] for row in onnx_rows] == [None] * 4
+    tags = [tag for tag in jax_rows[0] if tag.startswith("mood/theme---")]
+    assert tags
+    np.testing.assert_allclose(
+        [[row[tag] for tag in tags] for row in onnx_rows], [[row[tag] for tag in tags] for row in jax_rows], rtol=1e-4
+    )
+    for side in ("embeddings.npy", "taggram_embeddings.npy"):
+        jax_side, onnx_side = (np.load(tmp_path / f"{backend}.{side}") for backend in ("jax", "onnxruntime"))
+        assert onnx_side.shape == jax_side.shape and len(jax_side) >= len(files)
+        np.testing.assert_allclose(onnx_side, jax_side, rtol=1e-4, atol=1e-5)
+    jax_taggram, onnx_taggram = (_taggram(tmp_path / f"{backend}.taggram.csv") for backend in ("jax", "onnxruntime"))
+    assert [row["end_s"] for row in onnx_taggram] == [row["end_s"] for row in jax_taggram]
+    np.testing.assert_allclose(
+        [[float(row[tag]) for tag in tags] for row in onnx_taggram],
+        [[float(row[tag]) for tag in tags] for row in jax_taggram],
+        rtol=1e-4,
+    )
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the cache the command filled
+    with_jax = tagger.load_tagger(random_checkpoints[0])
+    with_onnx = tagger.load_tagger(random_checkpoints[0], backend="onnxruntime")
+    clip = track_features.stored(with_jax.read_features(files[0]))[:41]
+    np.testing.assert_allclose(
+        with_onnx.tag_stored(clip).probabilities, with_jax.tag_stored(clip).probabilities, rtol=1e-4
+    )
+
+
+def test_the_onnxruntime_backend_without_onnxruntime_names_the_extra(
+    random_checkpoints, mp3_folder, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # its import then raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(mp3_folder), f"--checkpoint={random_checkpoints[0]}", "--backend=onnxruntime"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "onnxruntime backend needs onnxruntime" in error and "pip install -e '.[export]'" in error

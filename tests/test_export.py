@@ -171,10 +171,11 @@ def test_onnxruntime_gives_our_logits_for_a_window_and_a_whole_track(saved, name
     (spectrogram,) = session.get_inputs()
     assert spectrogram.shape == ["batch", "frames", SETTINGS.n_mels]
     assert spectrogram.type == f"tensor({input_dtype.replace('32', '')})"
+    assert [output.name for output in session.get_outputs()] == [export.OUTPUT_NAME, export.EMBEDDING_NAME]
     for batch, frames in ((3, WINDOW), (1, TRACK)):  # two batch sizes, two lengths: both axes dynamic
         stored = _stored_windows(batch, frames, seed=frames)
-        (logits,) = session.run(None, {export.INPUT_NAME: stored.astype(input_dtype)})
-        assert logits.shape == (batch, NUM_TAGS)
+        logits, embedding = session.run(None, {export.INPUT_NAME: stored.astype(input_dtype)})
+        assert logits.shape == (batch, NUM_TAGS) and len(embedding) == batch
         _assert_close(logits, _our_logits(saved[name], stored))
 
 

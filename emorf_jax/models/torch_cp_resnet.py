@@ -160,18 +160,23 @@ class TorchCPResNet(nn.Module):
         self.feed_forward = nn.Sequential(nn.Conv2d(channels, num_classes, 1, bias=False), nn.BatchNorm2d(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, embedding): the embedding is the last block's output averaged over frequency and time, what the
+        1x1 head reads, as the Flax model sows it."""
         x = self.in_c(x)
         for block, pooled in self.blocks:
             x = block(x)
             if pooled:
                 x = nn.functional.max_pool2d(x, 2)
-        return self.feed_forward(x).mean(dim=(2, 3))
+        return self.feed_forward(x).mean(dim=(2, 3)), x.mean(dim=(2, 3))
 
 
 class StoredWindows(nn.Module):
     """Windows as the shards store them, time-major (batch, frames, n_mels) or stereo (batch, frames, 2, n_mels),
-    any float dtype -> logits: normalised per mel band with the training statistics in float32 and transposed to
-    the model's NCHW, as `windowing.model_input` does for the Flax model."""
+    any float dtype -> (logits, embedding): normalised per mel band with the training statistics in float32 and
+    transposed to the model's NCHW, as `windowing.model_input` does for the Flax model."""
 
     def __init__(self, model: TorchCPResNet, mean: np.ndarray, std: np.ndarray):
         super().__init__()
@@ -179,8 +184,8 @@ class StoredWindows(nn.Module):
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float32)))
         self.register_buffer("std", torch.as_tensor(np.asarray(std, np.float32)))
 
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+    def forward(self, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normalised = (stored.to(torch.float32) - self.mean) / self.std
         if self.mean.ndim == 1:
             normalised = normalised.unsqueeze(-2)
-        return self.model(normalised.permute(0, 2, 3, 1))
+        return self.model.outputs(normalised.permute(0, 2, 3, 1))
