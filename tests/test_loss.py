@@ -117,7 +117,8 @@ def test_the_cp_resnet_family_takes_the_authors_loss_and_the_baselines_plain_bce
         return importlib.import_module(f"configs.{name}").get_config()
 
     for name in ("default", "cp_resnet", "faresnet", "shake_faresnet"):
-        assert (config(name).loss.pos_weight, config(name).loss.mixup_reduction) == (10.0, "batch_mean"), name
+        loss = config(name).loss
+        assert (loss.pos_weight, loss.mixup_reduction) == (10.0, "batch_mean"), name
     for name in ("vggish", "vggish_essentia96", "crnn", "resnet18", "resnet34", "resnet50"):
         assert config(name).loss.pos_weight == 1.0, name
 

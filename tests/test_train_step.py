@@ -55,16 +55,14 @@ _SWA = weight_averaging.AveragingSchedule("swa", start_step=2, every_steps=2)
 _STEPS = 7
 
 
-def _run_steps(num_devices: int):
-    """(initial state, final state, state after every step) of `_STEPS` pmapped steps on `num_devices`."""
-    model, initial = _model_and_state(_TX)
-    devices = jax.devices()[:num_devices]
-    step = jax.pmap(
+def _pmapped_step(model, devices, *, mixup_alpha: float):
+    """The train step pmapped over `devices` with the tests' optimiser, SWA schedule, loss and normalisation."""
+    return jax.pmap(
         functools.partial(
             train.train_step,
             model=model,
             tx=_TX,
-            mixup_alpha=0.3,
+            mixup_alpha=mixup_alpha,
             pos_weight=10.0,
             mixup_reduction="batch_mean",
             averaging=_SWA,
@@ -74,6 +72,13 @@ def _run_steps(num_devices: int):
         axis_name="batch",
         devices=devices,
     )
+
+
+def _run_steps(num_devices: int):
+    """(initial state, final state, state after every step) of `_STEPS` pmapped steps on `num_devices`."""
+    model, initial = _model_and_state(_TX)
+    devices = jax.devices()[:num_devices]
+    step = _pmapped_step(model, devices, mixup_alpha=0.3)
     state = jax_utils.replicate(initial, devices=devices)
     rng = jax_utils.replicate(jax.random.PRNGKey(3), devices=devices)
     history = []
@@ -183,21 +188,7 @@ def test_bfloat16_compute_steps_like_float32():
     step_losses, finals = {}, {}
     for half_precision in (False, True):
         model = train.create_model(FIELDS, half_precision=half_precision, axis_name="batch")
-        step = jax.pmap(
-            functools.partial(
-                train.train_step,
-                model=model,
-                tx=_TX,
-                mixup_alpha=0.0,
-                pos_weight=10.0,
-                mixup_reduction="batch_mean",
-                averaging=_SWA,
-                learning_rate=optax.constant_schedule(0.02),
-                normalisation=NORMALISATION,
-            ),
-            axis_name="batch",
-            devices=device,
-        )
+        step = _pmapped_step(model, device, mixup_alpha=0.0)
         state, step_metrics = step(jax_utils.replicate(initial, devices=device), batch, rng)
         step_losses[half_precision], finals[half_precision] = float(step_metrics["loss"][0]), _first_replica(state)
     assert {leaf.dtype for leaf in jax.tree.leaves(finals[True].params)} == {np.dtype(np.float32)}
@@ -253,21 +244,7 @@ def test_the_dcase_variant_saves_snapshots_and_averages_weights_after_the_author
 
 def test_a_model_with_the_frequency_roll_trains_and_scores_a_window_whatever_its_batch():
     model, state = _model_and_state(_TX, fields=FIELDS | {"features_shift": True})
-    step = jax.pmap(
-        functools.partial(
-            train.train_step,
-            model=model,
-            tx=_TX,
-            mixup_alpha=0.3,
-            pos_weight=10.0,
-            mixup_reduction="batch_mean",
-            averaging=_SWA,
-            learning_rate=optax.constant_schedule(0.02),
-            normalisation=NORMALISATION,
-        ),
-        axis_name="batch",
-        devices=jax.devices()[:1],
-    )
+    step = _pmapped_step(model, jax.devices()[:1], mixup_alpha=0.3)
     batch = {k: v[None] for k, v in _batch(seed=12).items()}
     trained, step_metrics = step(
         jax_utils.replicate(state, jax.devices()[:1]),
