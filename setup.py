@@ -36,6 +36,7 @@ setuptools.setup(
         "ml-collections>=0.1.1",
         "absl-py>=1.4",
         "numpy>=1.26",
+        "google-crc32c>=1.5",  # TFRecord checksums on the read side (data_prep.verify, config.dataset.verify_checksums)
         "librosa>=0.10.1",
         "soundfile>=0.12.1",
         "scikit-learn>=1.3",

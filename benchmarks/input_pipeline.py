@@ -99,9 +99,11 @@ def examples_per_second(
     batches: int,
     read_threads: int,
     to_device: bool = False,
+    verify_checksums: bool = False,
 ) -> tuple[float, float]:
     """(examples/s, cores used) of the training batches as training reads them; `to_device`: also put on the
-    default device two batches ahead, as the training loop does (flax's `prefetch_to_device`)."""
+    default device two batches ahead, as the training loop does (flax's `prefetch_to_device`); `verify_checksums`:
+    each record's checksum checked on its first read (`config.dataset.verify_checksums`)."""
     stream = input_pipeline.train_batches(
         prepared,
         global_batch_size=batch_size,
@@ -109,6 +111,7 @@ def examples_per_second(
         max_time_shift=50,
         seed=0,
         read_threads=read_threads,
+        verify_checksums=verify_checksums,
     )
     if to_device:
         stream = jax_utils.prefetch_to_device(stream, 2)
@@ -144,6 +147,7 @@ def measure(
     at_scale = with_training_tracks(prepared, as_training_tracks)
     rate, cores_used = examples_per_second(at_scale, **timing)
     to_device, cores_to_device = examples_per_second(at_scale, **timing, to_device=True)
+    verified, _ = examples_per_second(at_scale, **timing, verify_checksums=True)
     examples = batches * batch_size
     # Bytes per example from the same stream read example by example (the threads above read ahead).
     reader = FrameReader(prepared)
@@ -167,6 +171,7 @@ def measure(
         "cores_used_as_prepared": round(cores_as_prepared, 2),
         "as_training_tracks": as_training_tracks,
         "examples_per_s": round(rate, 1),
+        "examples_per_s_verifying_checksums": round(verified, 1),
         "bytes_read_per_example": round(reader.bytes_read / examples),
         "bytes_read_per_crop_byte": round(reader.bytes_read / examples / crop_bytes, 3),
         "cores_used": round(cores_used, 2),

@@ -16,60 +16,21 @@ difference of the outputs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from benchmarks.tagging_inputs import save_checkpoint
 from data_prep import features
 from emorf_jax import checkpoints, export, windowing
 from emorf_jax.models import registry
 from emorf_jax.tagger import Member, Tagger
 
-NUM_TAGS = 56
 BATCH_SIZE = 8
-
-
-def save_checkpoint(directory: Path, base_channels: int, window_frames: int) -> str:
-    """A checkpoint of the paper's FA-ResNet at `base_channels`, random kernels, as `emorf_jax.train` saves one."""
-    settings = features.settings_for("hop512")
-    fields = {
-        "name": "cp_resnet",
-        "num_classes": NUM_TAGS,
-        "rho": 5,
-        "base_channels": base_channels,
-        "frequency_aware": True,
-        "shake_shake": False,
-        "features_shift": False,
-    }
-    model = registry.build(fields)
-    variables = model.init(jax.random.PRNGKey(0), np.zeros((1, settings.n_mels, 64, 1), np.float32))
-    rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: (
-            rng.normal(0.0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape).astype(np.float32)
-            if path[-1].key == "kernel"
-            else leaf
-        ),
-        variables,
-    )
-    meta = {
-        "kind": "swa",
-        "step": 0,
-        "model": fields,
-        "tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)],
-        "features": dataclasses.asdict(settings),
-        "normalisation": {"mean": [-30.0] * settings.n_mels, "std": [20.0] * settings.n_mels},
-        "window_frames": window_frames,
-    }
-    with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
-        checkpoints.save(manager, 1, variables, meta)
-    return str(directory / checkpoints.SWA)
 
 
 def _median_seconds(run, repeats: int) -> float:

@@ -24,19 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from data_prep import features, synthetic
+from benchmarks.tagging_inputs import NUM_TAGS, write_track
+from data_prep import features
 from emorf_jax import windowing
 from emorf_jax.models import CPResNet
 from emorf_jax.tagger import Member, Tagger
-
-NUM_TAGS = 56
-
-
-def write_track(path: Path, seconds: float) -> None:
-    rng = np.random.default_rng(0)
-    samples = int(seconds * synthetic.SAMPLE_RATE)
-    mono = 0.3 * synthetic.melody(samples, False, rng) + 0.2 * synthetic.percussion(samples, False, rng)
-    synthetic.write_mp3(path, np.stack([mono, np.roll(mono, 441)], axis=1).astype(np.float32))
 
 
 def random_tagger(count: int, base_channels: int, window_frames: int) -> Tagger:

@@ -7,7 +7,9 @@ file is looked for again). Workers return only small outcome records, never arra
 only while the estimated memory of the tracks in flight stays under a budget, so memory is bounded
 whatever the dataset and the mix of track lengths. A worker that dies (a decoder crash, the OOM killer, a
 kill) does not end the run nor hang it: the track it held is tried again alone, and a track that kills its
-worker alone goes to the failures report.
+worker alone goes to the failures report; a worker that holds a track past its deadline (a hung decoder, a
+stalled network filesystem) is killed and the track reported as `timeout`. The same worker pool (`run_jobs`,
+`run_all`) runs the other per-track jobs of data preparation (`synthetic`, `essentia_like`).
 
 This module does not import TensorFlow, so that spawned workers start fast and light.
 """
@@ -18,20 +20,26 @@ import bisect
 import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
+import io
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import tqdm
 
 from data_prep import features as features_lib
+from data_prep import layout
 
 JOURNAL_NAME = "journal.jsonl"
 SETTINGS_NAME = "settings.json"
@@ -39,6 +47,10 @@ SETTINGS_NAME = "settings.json"
 # reported as truncated.
 TRUNCATION_TOLERANCE_S = 1.0
 TRUNCATION_TOLERANCE_FRACTION = 0.02
+# A write that fails with one of these stops the build (a full disk or a file-size limit): it is not the track's
+# fault, so the track is not journaled as failed, and a rerun once there is space goes on from the cache.
+# The outcome a worker returns when it cannot write a track's features for want of space; never journaled.
+NO_SPACE = "no_space"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +151,7 @@ def _failure_kind(reason: str) -> str:
         ("sample rate", "sample_rate"),
         ("channel count", "channels"),
         ("has shape", "bad_shape"),
+        ("non-finite", "non_finite"),
     ):
         if marker in reason:
             return kind
@@ -146,10 +159,17 @@ def _failure_kind(reason: str) -> str:
 
 
 def write_atomically(path: Path, array: np.ndarray) -> None:
-    """Saves `array` as `path` (.npy) via a temporary file: a file there is always whole."""
+    """Saves `array` as `path` (.npy) via a temporary file: a file there is always whole. The bytes are written by
+    Python, whose OSError keeps the errno of a full disk (numpy's own short write loses it)."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    encoded = io.BytesIO()
+    np.save(encoded, array)
+    try:
+        tmp.write_bytes(encoded.getbuffer())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def extract_track(
@@ -174,15 +194,22 @@ def extract_track(
     except MemoryError:
         return _failure(job, "out_of_memory", f"{job.path}: out of memory computing its features", sha256)
     frames = values.shape[-1]
-    if frames < settings.min_frames:
-        return _failure(job, "too_short", f"{frames} frames < minimum {settings.min_frames}", sha256)
     seconds = (frames - 1) * settings.hop_length / settings.sample_rate
+    # Much less audio than the TSV says is a damaged or cut file, even when what is left is also too short.
     if seconds < job.duration * (1 - TRUNCATION_TOLERANCE_FRACTION) - TRUNCATION_TOLERANCE_S:
         return _failure(job, "truncated", f"decoded {seconds:.1f} s of the TSV's {job.duration:.1f} s", sha256)
+    if frames < settings.min_frames:
+        return _failure(job, "too_short", f"{frames} frames < minimum {settings.min_frames}", sha256)
     stored = values.astype(np.float16)
     if not np.isfinite(stored).all():
         return _failure(job, "overflow", "features exceed the float16 range", sha256)
-    write_atomically(Path(cache_root) / f"{job.track_id}.npy", stored)
+    target = Path(cache_root) / f"{job.track_id}.npy"
+    try:
+        write_atomically(target, stored)
+    except OSError as error:
+        if error.errno not in layout.DISK_FULL_ERRNOS:
+            raise
+        return _failure(job, NO_SPACE, f"cannot write {target}: {error.strerror}", sha256)
     return Outcome(track_id=job.track_id, kind="ok", path=job.path, frames=frames, sha256=sha256)
 
 
@@ -211,11 +238,57 @@ def job_memory(job: TrackJob, channels: int = 1) -> int:
     return WORKER_BYTES_PER_TRACK + int(per_second * job.duration)
 
 
-def _worker_main(
-    connection, input_root: Path, cache_root: Path, settings: features_lib.FeatureSettings, resample: bool
-) -> None:
-    """A worker: one BLAS/FFT thread; extracts each job it receives and sends back its outcome, until it gets
-    None or its parent is gone (the pipe's end of file), so a killed build leaves no worker behind."""
+@dataclasses.dataclass(frozen=True)
+class TrackDeadline:
+    """How long a worker may hold one track before it is killed and the track reported as `timeout`: a decoder
+    that hangs, or a read from a stalled network filesystem, must not stop a build for good.
+
+    The floor covers a fresh worker's start-up (spawn and imports: about 2.5 s of CPU, several times that on a
+    loaded machine); the part per audio second is 18-30 times the measured cost of decoding plus features (1/310 to
+    1/180 s of CPU per audio second: benchmarks/RESULTS.md, "Data preparation"), so a slow but healthy track is
+    never cut: 81 s for the median 206-s track, 19 min for a three-hour file.
+    """
+
+    floor_s: float = 60.0
+    seconds_per_audio_second: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.floor_s <= 0 or self.seconds_per_audio_second < 0:
+            raise ValueError(
+                f"track deadline floor_s={self.floor_s}, seconds_per_audio_second={self.seconds_per_audio_second}: "
+                "the floor must be positive and the part per audio second not negative"
+            )
+
+    def seconds(self, duration: float) -> float:
+        """The deadline of a track of `duration` seconds (the TSV's)."""
+        return self.floor_s + self.seconds_per_audio_second * duration
+
+
+DEFAULT_TRACK_DEADLINE = TrackDeadline()
+
+
+class Job(Protocol):
+    """What the worker pool schedules: a track with an id and its length in seconds."""
+
+    @property
+    def track_id(self) -> str: ...
+
+    @property
+    def duration(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """A job without a result: its task raised, its worker died twice over it, or it overran its deadline."""
+
+    kind: str  # "error", "worker_crash" or "timeout"
+    reason: str
+
+
+def _worker_main(connection, task: Callable[[Job], object]) -> None:
+    """A worker: one BLAS/FFT thread; runs `task` on each job it receives and sends back its result (a `Failed` if
+    the task raised), until it gets None or its parent is gone (the pipe's end of file), so a killed run leaves no
+    worker behind."""
     import threadpoolctl
 
     threadpoolctl.threadpool_limits(limits=1)
@@ -227,17 +300,18 @@ def _worker_main(
         if job is None:
             return
         try:
-            outcome = extract_track(job, input_root, cache_root, settings, resample)
+            result = task(job)
         except Exception as error:
-            outcome = _failure(job, "error", f"{type(error).__name__}: {error}")
-        connection.send(outcome)
+            result = Failed("error", f"{type(error).__name__}: {error}")
+        connection.send(result)
 
 
 @dataclasses.dataclass
 class _Worker:
     process: multiprocessing.process.BaseProcess
     connection: multiprocessing.connection.Connection
-    job: TrackJob | None = None  # the track it holds, if any
+    job: Job | None = None  # the track it holds, if any
+    deadline: float = math.inf  # time.monotonic() by which it must answer for its job
     done: int = 0  # tracks it has finished
 
 
@@ -245,69 +319,78 @@ class _Pool:
     """Worker processes that the parent drives one job at a time, each over its own pipe.
 
     The parent always knows which track each worker holds, waits on the workers' pipes and process sentinels
-    together, and never waits for a worker that may hang: a dead worker is noticed at once and replaced, a
-    retiring one is asked to stop and killed if it does not. (concurrent.futures' pool can hang for good when a
-    worker dies or retires; see docs/architecture.md, "Prepared data".)
+    together, and never waits for a worker that may hang: a dead worker is noticed at once and replaced, one past
+    its track's deadline is killed and replaced, a retiring one is asked to stop and killed if it does not.
+    (concurrent.futures' pool ends the whole run when a worker dies, and can hang for good when one hangs or
+    retires; see docs/architecture.md, "Prepared data".)
     """
 
-    def __init__(self, size: int, input_root: Path, cache_root: Path, settings, tracks_per_worker: int, resample: bool):
+    def __init__(self, size: int, task: Callable[[Job], object], jobs_per_worker: int):
         self._context = multiprocessing.get_context("spawn")  # the parent may hold threads that fork would copy
-        self._args = (input_root, cache_root, settings, resample)
-        self._tracks_per_worker = tracks_per_worker
+        self._task = task
+        self._jobs_per_worker = jobs_per_worker
         self.workers = [self._start() for _ in range(size)]
 
     def _start(self) -> _Worker:
         parent_end, child_end = self._context.Pipe()
-        process = self._context.Process(target=_worker_main, args=(child_end, *self._args), daemon=True)
+        process = self._context.Process(target=_worker_main, args=(child_end, self._task), daemon=True)
         process.start()
         child_end.close()
         return _Worker(process, parent_end)
 
-    def replace(self, worker: _Worker) -> None:
-        """Stops a worker (killing it if it does not stop at once) and starts a fresh one in its place."""
-        with contextlib.suppress(OSError):
-            worker.connection.send(None)
-        worker.process.join(timeout=5)
+    def replace(self, worker: _Worker, kill: bool = False) -> None:
+        """Stops a worker (killing it if it does not stop at once, or at once with `kill`) and starts a fresh one
+        in its place."""
+        if not kill:
+            with contextlib.suppress(OSError):
+                worker.connection.send(None)
+            worker.process.join(timeout=5)
         if worker.process.is_alive():
             worker.process.kill()
             worker.process.join()
         worker.connection.close()
         self.workers[self.workers.index(worker)] = self._start()
 
-    def submit(self, worker: _Worker, job: TrackJob) -> bool:
-        """Hands `job` to an idle worker; False if the worker turned out to be dead."""
-        worker.job = job
+    def submit(self, worker: _Worker, job: Job, seconds: float) -> bool:
+        """Hands `job` to an idle worker, to be answered within `seconds`; False if the worker turned out dead."""
+        worker.job, worker.deadline = job, time.monotonic() + seconds
         try:
             worker.connection.send(job)
         except OSError:
             return False
         return True
 
-    def wait(self) -> tuple[list[tuple[TrackJob, Outcome]], list[_Worker]]:
-        """Blocks until a busy worker answers or any worker dies: (finished (job, outcome) pairs, dead workers).
+    def wait(self) -> tuple[list[tuple[Job, object]], list[_Worker], list[_Worker]]:
+        """Blocks until a busy worker answers, any worker dies or a busy one passes its deadline: (finished (job,
+        result) pairs, dead workers, overdue workers).
 
-        A dead worker's `job` is the track it held (None if it held none). Finished workers are free again, and
-        replaced here once they have done their share of tracks.
+        A dead or overdue worker's `job` is the track it held (None if it held none). Finished workers are free
+        again, and replaced here once they have done their share of tracks.
         """
         busy = [worker for worker in self.workers if worker.job is not None]
+        timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic()) if busy else None
         ready = set(
-            multiprocessing.connection.wait([w.connection for w in busy] + [w.process.sentinel for w in self.workers])
+            multiprocessing.connection.wait(
+                [w.connection for w in busy] + [w.process.sentinel for w in self.workers], timeout
+            )
         )
-        finished, dead = [], []
+        finished, dead, overdue = [], [], []
         for worker in list(self.workers):
             if worker.job is not None and worker.connection in ready:
                 try:
-                    outcome = worker.connection.recv()
+                    result = worker.connection.recv()
                 except (EOFError, OSError):
                     dead.append(worker)
                     continue
-                finished.append((worker.job, outcome))
+                finished.append((worker.job, result))
                 worker.job, worker.done = None, worker.done + 1
-                if worker.done >= self._tracks_per_worker:
+                if worker.done >= self._jobs_per_worker:
                     self.replace(worker)
             elif worker.process.sentinel in ready:
                 dead.append(worker)
-        return finished, dead
+            elif worker.job is not None and time.monotonic() >= worker.deadline:
+                overdue.append(worker)
+        return finished, dead, overdue
 
     def close(self) -> None:
         for worker in self.workers:
@@ -321,7 +404,7 @@ class _Schedule:
     flight, or the longest of all when none is in flight (so that one larger than the budget runs, alone). Long
     tracks start early, which keeps every worker busy to the end, but never more of them than the budget holds."""
 
-    def __init__(self, jobs: Iterable[TrackJob], memory_budget: int, channels: int = 1):
+    def __init__(self, jobs: Iterable[Job], memory_budget: int, channels: int = 1):
         self.memory = functools.partial(job_memory, channels=channels)  # a job's estimated bytes
         self._jobs = sorted(jobs, key=lambda job: (self.memory(job), job.track_id))
         self._memory = [self.memory(job) for job in self._jobs]
@@ -331,7 +414,7 @@ class _Schedule:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def take(self) -> TrackJob | None:
+    def take(self) -> Job | None:
         if not self._jobs:
             return None
         if self.in_flight:
@@ -345,26 +428,34 @@ class _Schedule:
         self.in_flight += self.memory(job)
         return job
 
-    def finished(self, job: TrackJob) -> None:
+    def finished(self, job: Job) -> None:
         self.in_flight -= self.memory(job)
 
 
-def _outcomes(
-    jobs: list[TrackJob],
+def run_jobs(
+    task: Callable[[Job], object],
+    jobs: Iterable[Job],
     workers: int,
-    input_root: Path,
-    cache_root: Path,
-    settings,
-    memory_budget: int,
-    tracks_per_worker: int,
-    resample: bool,
-) -> Iterator[Outcome]:
-    """Outcomes of `jobs` in completion order. A track whose worker dies is tried once more alone (no other track
-    in flight, in a fresh worker); if that worker dies too, the track is reported as `worker_crash`."""
-    schedule = _Schedule(jobs, memory_budget, settings.channels)
-    suspects: collections.deque[TrackJob] = collections.deque()
+    *,
+    memory_budget: int = sys.maxsize,
+    channels: int = 1,
+    jobs_per_worker: int = DEFAULT_TRACKS_PER_WORKER,
+    deadline: TrackDeadline = DEFAULT_TRACK_DEADLINE,
+) -> Iterator[tuple[Job, object]]:
+    """(job, result) of every job, in completion order: `task(job)` run in worker processes (`task` must be
+    picklable: a module-level function or a `functools.partial` of one), longest tracks first within the memory
+    budget (`_Schedule`, `job_memory`).
+
+    No job can end the run or hang it: a job whose task raises, whose worker dies twice (it is tried once more
+    alone, in a fresh worker), or that overruns its `deadline` (its worker is killed) gets a `Failed` result.
+    """
+    jobs = list(jobs)
+    if not jobs:
+        return
+    schedule = _Schedule(jobs, memory_budget, channels)
+    suspects: collections.deque[Job] = collections.deque()
     retried: set[str] = set()
-    pool = _Pool(min(workers, len(jobs)), input_root, cache_root, settings, tracks_per_worker, resample)
+    pool = _Pool(min(workers, len(jobs)), task, jobs_per_worker)
     try:
         while len(schedule) or suspects or any(worker.job for worker in pool.workers):
             for worker in pool.workers:
@@ -380,12 +471,26 @@ def _outcomes(
                     job = schedule.take()
                 if job is None:
                     break
-                if not pool.submit(worker, job):
+                if not pool.submit(worker, job, deadline.seconds(job.duration)):
                     break  # its death is noticed by wait()
-            finished, dead = pool.wait()
-            for job, outcome in finished:
+            finished, dead, overdue = pool.wait()
+            for job, result in finished:
                 schedule.finished(job)
-                yield outcome
+                yield job, result
+            for worker in overdue:
+                job = worker.job
+                pool.replace(worker, kill=True)
+                schedule.finished(job)
+                yield (
+                    job,
+                    Failed(
+                        "timeout",
+                        f"no result within {deadline.seconds(job.duration):.0f} s, the deadline for the TSV's "
+                        f"{job.duration:.0f} s ({deadline.floor_s:g} s + {deadline.seconds_per_audio_second:g} s per "
+                        "second of audio): its worker hung (a stuck decoder, or a read from a stalled filesystem?) "
+                        "and was killed",
+                    ),
+                )
             for worker in dead:
                 job = worker.job
                 pool.replace(worker)
@@ -393,13 +498,42 @@ def _outcomes(
                     continue
                 schedule.finished(job)
                 if job.track_id in retried:
-                    yield _failure(job, "worker_crash", "the extracting process died (decoder crash or out of memory)")
+                    yield job, Failed("worker_crash", "the process died (decoder crash or out of memory)")
                 else:
                     print(f"a worker died holding {job.track_id}; trying it again alone", file=sys.stderr)
                     retried.add(job.track_id)
                     suspects.append(job)
     finally:
         pool.close()
+
+
+class JobsFailed(RuntimeError):
+    """Some jobs of a run failed while the others were done; the message lists each failed track and why."""
+
+    def __init__(self, failures: dict[str, str], total: int):
+        self.failures = failures
+        listed = "; ".join(f"{track_id}: {reason}" for track_id, reason in sorted(failures.items()))
+        super().__init__(f"{len(failures)} of {total} tracks failed (the others are done): {listed}")
+
+
+def run_all(
+    task: Callable[[Job], object],
+    jobs: Iterable[Job],
+    workers: int,
+    progress: tqdm.tqdm | None = None,
+    deadline: TrackDeadline = DEFAULT_TRACK_DEADLINE,
+) -> None:
+    """Runs `task` on every job in worker processes (`run_jobs`), then raises JobsFailed naming those that failed:
+    one bad track neither stops the others nor hangs the run."""
+    jobs = list(jobs)
+    failures = {}
+    for job, result in run_jobs(task, jobs, workers, deadline=deadline):
+        if isinstance(result, Failed):
+            failures[job.track_id] = f"{result.kind}: {result.reason}"
+        if progress is not None:
+            progress.update()
+    if failures:
+        raise JobsFailed(failures, len(jobs))
 
 
 def extract_all(
@@ -414,13 +548,16 @@ def extract_all(
     memory_budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
     tracks_per_worker: int = DEFAULT_TRACKS_PER_WORKER,
     resample: bool = False,
+    deadline: TrackDeadline = DEFAULT_TRACK_DEADLINE,
 ) -> dict[str, Outcome]:
     """Outcome of every job, extracting the tracks without a journal record, those whose file was missing or
     unreadable last time (looked for again on every run), and failed ones if asked. With `resample`, other sample
     rates and channel counts are resampled and mixed down (tracks that failed for them last time are redone).
 
     Workers' memory stays under `memory_budget_gb` by the tracks' estimated needs (`job_memory`), except for a
-    single track larger than the budget, which runs alone.
+    single track larger than the budget, which runs alone. A track that overruns its `deadline` is a `timeout`
+    failure. OSError(ENOSPC) when a track's features cannot be written for want of space (`layout.DISK_FULL_ERRNOS`):
+    the tracks finished before it stay in the cache.
     """
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
@@ -448,16 +585,24 @@ def extract_all(
     durations = {job.track_id: job.duration for job in todo}
     failed = 0
     with bar:
-        for outcome in _outcomes(
+        task = functools.partial(
+            extract_track, input_root=Path(input_root), cache_root=cache.root, settings=settings, resample=resample
+        )
+        for job, result in run_jobs(
+            task,
             todo,
             workers,
-            Path(input_root),
-            cache.root,
-            settings,
-            int(memory_budget_gb * 2**30),
-            tracks_per_worker,
-            resample,
+            memory_budget=int(memory_budget_gb * 2**30),
+            channels=settings.channels,
+            jobs_per_worker=tracks_per_worker,
+            deadline=deadline,
         ):
+            outcome = result
+            if isinstance(result, Failed):
+                retry = "; --retry_failed tries it again" if result.kind == "timeout" else ""
+                outcome = _failure(job, result.kind, result.reason + retry)
+            if outcome.kind == NO_SPACE:
+                raise OSError(errno.ENOSPC, outcome.reason)
             cache.append(outcome)
             done[outcome.track_id] = outcome
             failed += not outcome.ok

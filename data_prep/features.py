@@ -10,12 +10,16 @@ mean of the channels, or with ``mono=False`` (``hop512_stereo``) of each of two 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +224,15 @@ class AudioError(ValueError):
 
 # What libsndfile reads, said in the error for a file that it cannot read when no ffmpeg is there to try.
 LIBSNDFILE_FORMATS = "MP3, WAV, FLAC, OGG (Vorbis, Opus), AIFF"
+LIBSNDFILE_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aiff", ".aif")
+
+
+# A file that decodes to less than this share of the samples its header announces is named on standard error with both
+# durations (a truncated or damaged file): an MP3's header count may be estimated from its bit rate, so a few per cent
+# are tolerated.
+SHORT_DECODE_FRACTION = 0.9
+# The decoder's messages about one file printed at most (a damaged MP3 can give one per frame), then their count.
+DECODER_MESSAGES_SHOWN = 10
 
 
 def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
@@ -227,18 +240,70 @@ def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
 
     libsndfile decodes what it reads (`LIBSNDFILE_FORMATS` and a few more); any other file (M4A/AAC, WMA, ...) goes
     through `ffmpeg` when it is on the PATH. AudioError, naming the file, when neither can decode it; without ffmpeg
-    the error says to install it.
+    the error says to install it. What the decoder prints (libmpg123's warnings) and a decode much shorter than
+    the header announces (`short_decode_warning`) are lines on standard error that name the file.
     """
     if not data:
         raise AudioError(f"empty file: {name}")
     try:
-        waveform, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with _decoder_messages_named(name), soundfile.SoundFile(io.BytesIO(data)) as audio:
+            header_frames = audio.frames
+            waveform = audio.read(dtype="float32", always_2d=True)
+            sample_rate = audio.samplerate
+        warning = short_decode_warning(name, waveform.shape[0], header_frames, sample_rate)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
         reason = getattr(error, "error_string", None) or error  # libsndfile's own words, without the stream's repr
         waveform, sample_rate = _ffmpeg_decode(data, name, str(reason))
     if waveform.shape[0] == 0:
         raise AudioError(f"no audio samples decoded from {name}")
     return waveform, int(sample_rate)
+
+
+def short_decode_warning(name: str, decoded_frames: int, header_frames: int, sample_rate: int) -> str | None:
+    """The warning for a file that decoded to much less audio than its header says (a truncated download or copy),
+    or None: its features would describe only the start of the track."""
+    if header_frames <= 0 or decoded_frames >= SHORT_DECODE_FRACTION * header_frames:
+        return None
+    decoded, announced = decoded_frames / sample_rate, header_frames / sample_rate
+    return (
+        f"warning: {name}: decoded {decoded:.1f} s of audio, its header says {announced:.1f} s (a truncated or "
+        f"damaged file?); using the {decoded:.1f} s decoded"
+    )
+
+
+@contextlib.contextmanager
+def _decoder_messages_named(name: str) -> Iterator[None]:
+    """libsndfile's MP3 decoder (libmpg123) prints its warnings ("Xing stream size off ...") on the process's
+    standard error without naming the file: they are caught at the file descriptor, in a temporary file (a pipe
+    could fill and block the decoder), and printed again after the decode, each line prefixed with the file's name.
+    Without a standard error to redirect (or a temporary file to catch it in), the decode runs as it is."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(os.close, saved)
+        try:
+            caught = cleanup.enter_context(tempfile.TemporaryFile())
+        except OSError:
+            yield
+            return
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            caught.seek(0)
+            lines = [line.strip() for line in caught.read().decode("utf-8", errors="replace").splitlines()]
+            lines = [line for line in lines if line]
+            for line in lines[:DECODER_MESSAGES_SHOWN]:
+                print(f"{name}: {line}", file=sys.stderr, flush=True)
+            if len(lines) > DECODER_MESSAGES_SHOWN:
+                print(f"{name}: ({len(lines) - DECODER_MESSAGES_SHOWN} more decoder messages)", file=sys.stderr)
 
 
 def _ffmpeg_decode(data: bytes, name: str, libsndfile_reason: str) -> tuple[np.ndarray, int]:
@@ -248,6 +313,11 @@ def _ffmpeg_decode(data: bytes, name: str, libsndfile_reason: str) -> tuple[np.n
     seekable WAV output gets a header that states its length (RF64 past 4 GiB).
     """
     ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None and Path(name).suffix.lower() in LIBSNDFILE_SUFFIXES:
+        raise AudioError(
+            f"cannot decode {name}: {libsndfile_reason}; the file is damaged, or not the {Path(name).suffix} audio "
+            "its name says: replace it (with ffmpeg on the PATH, it would be tried too)"
+        )
     if ffmpeg is None:
         raise AudioError(
             f"cannot decode {name}: {libsndfile_reason}; libsndfile reads {LIBSNDFILE_FORMATS}: for other formats "

@@ -89,6 +89,31 @@ def tag_list_path(metadata_dir: PathLike) -> Path:
     return Path(metadata_dir) / TAG_LIST_NAME
 
 
+def _holds_split(directory: Path, split_index: int) -> bool:
+    return tag_list_path(directory).is_file() and all(
+        split_tsv_path(directory, split_index, part).is_file() for part in SPLIT_PARTS
+    )
+
+
+def check_metadata_dir(metadata_dir: PathLike, split_index: int) -> None:
+    """MetadataError unless ``metadata_dir`` holds the tag list and the TSVs of the split; when they lie one level
+    down (the dataset's repository root given) or up to two levels up (its ``splits/`` or ``tags/`` given), the
+    message names the folder to give instead."""
+    metadata_dir = Path(metadata_dir)
+    if _holds_split(metadata_dir, split_index):
+        return
+    below = sorted(child for child in metadata_dir.glob("*") if child.is_dir()) if metadata_dir.is_dir() else []
+    above = metadata_dir.absolute().parents[:2]
+    candidates = [folder for folder in (*below, *above) if _holds_split(folder, split_index)]
+    wanted = f"{TAG_LIST_NAME} and splits/split-{split_index}/*.tsv"
+    if candidates:
+        advice = f"give --metadata_dir {candidates[0]} instead, which has them"
+    else:
+        advice = "give the MTG-Jamendo repository's data/ folder, which has them"
+    state = "does not exist" if not metadata_dir.exists() else f"holds no {wanted}"
+    raise MetadataError(f"{metadata_dir} {state}; {advice}")
+
+
 def _lines(path: Path) -> list[str]:
     """Lines without their CRLF or LF end; a final line end does not open an empty last line."""
     text = path.read_text(encoding="utf-8")

@@ -54,6 +54,8 @@ class BuildOptions:
     # of failing (a stereo setting still refuses more than two channels); off by default, so that odd files in the
     # dataset are reported.
     resample: bool = False
+    # How long a worker may hold one track before it is killed and the track reported as `timeout`.
+    track_deadline: extract.TrackDeadline = extract.DEFAULT_TRACK_DEADLINE
 
     def __post_init__(self) -> None:
         features_lib.settings_for(self.features)  # an unknown name fails with the list of valid ones
@@ -211,6 +213,7 @@ def _plan(options: BuildOptions, cache: extract.TrackCache) -> shard_writer.Shar
         memory_budget_gb=options.memory_budget_gb,
         tracks_per_worker=options.tracks_per_worker,
         resample=options.resample,
+        deadline=options.track_deadline,
     )
     groups = duplicate_groups(parts, outcomes)
     dropped = duplicates_to_drop(groups, options.drop_duplicates)
@@ -251,8 +254,25 @@ def build_dataset(options: BuildOptions) -> BuildSummary:
 
     A prepared dataset is rewritten only when the tracks it would hold change: a missing or unreadable file that is
     now there, a failed track that ``retry_failed`` mends, or one at another rate that ``resample`` takes in.
-    Raises BuildError when no training track can be prepared.
+    Raises BuildError, whose one line says what to do, when no training track can be prepared, when the metadata
+    is not where it is looked for or is malformed, and when a write fails for want of space (what was written
+    before stays: the feature cache, and complete shards).
     """
+    try:
+        metadata_lib.check_metadata_dir(options.metadata_dir, options.split_index)
+        return _build(options)
+    except metadata_lib.MetadataError as error:
+        raise BuildError(str(error)) from error
+    except OSError as error:
+        if error.errno not in layout.DISK_FULL_ERRNOS:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        raise BuildError(
+            f"out of disk space: {error.strerror}{where}; free space and run the same command again"
+        ) from error
+
+
+def _build(options: BuildOptions) -> BuildSummary:
     cache = extract.TrackCache(options.cache_root)
     directory = options.dataset_dir
     data_dir, features, split_index = options.data_dir, options.features, options.split_index

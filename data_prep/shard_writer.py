@@ -21,7 +21,6 @@ import dataclasses
 import math
 import os
 import shutil
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 from tensorflow.core.example import example_pb2
@@ -40,11 +40,7 @@ from tensorflow_datasets.core import writer as tfds_writer
 from data_prep import extract, layout
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
-from data_prep.reader import PARTS, time_major
-
-# A TFRecord is: uint64 length, uint32 masked CRC of the length, the data, uint32 masked CRC of the data.
-_RECORD_HEADER = 12
-_RECORD_FOOTER = 4
+from data_prep.reader import PARTS, RECORD_FOOTER, RECORD_HEADER, scan_records, time_major
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +207,15 @@ def write_shards(
         shutil.rmtree(stale)
     tfds.display_progress_bar(progress)
     builder = MtgJamendoMoodtheme(plan=plan, progress=progress, data_dir=str(split_dir), config=config_name)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    )
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+        )
+    except (tf.errors.OpError, RuntimeError) as error:  # TFDS re-raises TensorFlow's as RuntimeError
+        disk_full = _disk_full(error)
+        if disk_full is None:
+            raise
+        raise disk_full from error
     directory = Path(builder.data_dir)
     write_record_index(
         directory,
@@ -224,19 +226,26 @@ def write_shards(
     return directory
 
 
+def _disk_full(error: Exception) -> OSError | None:
+    """The OSError of a full disk (or a file-size limit) that TensorFlow's error for a failed write stands for, or
+    None: TensorFlow keeps the system's message, not the errno."""
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    for number in layout.DISK_FULL_ERRNOS:
+        if os.strerror(number) in message:
+            return OSError(number, message)
+    return None
+
+
 def _records(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(file offset of the data, data) of every record of a TFRecord file, in order."""
+    """(file offset of the data, data) of every record of a TFRecord file, in order, each record's checksums
+    checked: the index describes whole records only."""
+    bounds, problems = scan_records(path)
+    if problems:
+        raise ValueError(problems[0])
     with path.open("rb") as shard:
-        offset = 0
-        while header := shard.read(_RECORD_HEADER):
-            if len(header) != _RECORD_HEADER:
-                raise ValueError(f"{path}: truncated record header at byte {offset}")
-            (length,) = struct.unpack("<Q", header[:8])
-            data = shard.read(length)
-            if len(data) != length or len(shard.read(_RECORD_FOOTER)) != _RECORD_FOOTER:
-                raise ValueError(f"{path}: truncated record at byte {offset}")
-            yield offset + _RECORD_HEADER, data
-            offset += _RECORD_HEADER + length + _RECORD_FOOTER
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            shard.seek(start + RECORD_HEADER.size)
+            yield int(start) + RECORD_HEADER.size, shard.read(end - start - RECORD_HEADER.size - RECORD_FOOTER.size)
 
 
 def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_tags: int, frame_values: int) -> None:

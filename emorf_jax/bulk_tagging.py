@@ -13,10 +13,13 @@ finishes, a rerun that resumes, decisions and embeddings; what `python -m emorf_
   `<stem>.taggram_embeddings.npy` (row j: the window of the taggram's row j). A file's side rows are written
   before its output row, so the output's complete rows are the files done: reopened, an output keeps those rows
   (a row cut by a kill is dropped), its side files are cut back to them, and the files in it are not tagged again.
+  A write that fails (a full disk: `layout.DISK_FULL_ERRNOS`) raises `OutputWriteError` naming the file; the rows before
+  it stay as they are, so the same command run again after space is freed resumes after them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -36,21 +39,40 @@ from emorf_jax import checkpoints, report, track_features
 from emorf_jax.tagger import Tagger, TrackTags
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json")
+# What a write fails with when the disk is full or a file-size or disk quota limit is reached.
+
+
+class OutputWriteError(OSError):
+    """A write to one of a run's output files failed; `filename` is that file."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path | str) -> Iterator[None]:
+    """Any OSError of the writes inside becomes an OutputWriteError naming `path` (a file object's write error
+    names no file)."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputWriteError(error.errno, error.strerror or str(error), str(path)) from error
 
 
 def default_workers() -> int:
-    """Feature processes by default: one per core, at most 4 (beyond that the model is the bottleneck)."""
-    return min(4, os.cpu_count() or 1)
+    """Feature processes by default: one per two cores, at least 1 and at most 4. Decoding and features cost a
+    fraction of the model, which runs on every core: on 2 cores one process was faster than two and held 0.16 GiB
+    less (benchmarks/RESULTS.md)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 def _reason(error: BaseException) -> str:
     """What went wrong with a file, in words: an OSError's own words, a ValueError's message (features.AudioError
     names the file), or the exception's type and message."""
     if isinstance(error, OSError) and error.strerror:
-        return f"cannot read: {error.strerror}"
-    if isinstance(error, (OSError, ValueError)):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        reason = f"cannot read: {error.strerror}"
+    elif isinstance(error, (OSError, ValueError)):
+        reason = str(error)
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return " ".join(reason.splitlines())  # one line: a row's error field and the run's message for the file
 
 
 def _feature_pool(workers: int) -> ProcessPoolExecutor:
@@ -185,8 +207,9 @@ class _RowFile:
         self._file: IO[str] = self.path.open("a", newline="", encoding="utf-8")
         self._csv = csv.writer(self._file)
         if not self.jsonl and self.path.stat().st_size == 0:
-            self._csv.writerow(self.columns)
-            self._file.flush()
+            with _writing(self.path):
+                self._csv.writerow(self.columns)
+                self._file.flush()
 
     def _read(self) -> Iterator[dict[str, Any]]:
         """The file's rows, after a check that a CSV's header (a JSON row's fields) are these columns."""
@@ -205,9 +228,9 @@ class _RowFile:
         if count >= len(self.rows):
             return
         self._file.close()
-        with self.path.open(newline="", encoding="utf-8") as f:
+        temporary = self.path.with_name(self.path.name + ".part")
+        with self.path.open(newline="", encoding="utf-8") as f, _writing(temporary):
             lines = f if self.jsonl else csv.reader(f)
-            temporary = self.path.with_name(self.path.name + ".part")
             with temporary.open("w", newline="", encoding="utf-8") as out:
                 writer = csv.writer(out)
                 for _, line in zip(range(count + (not self.jsonl)), lines):  # a CSV's header too
@@ -220,15 +243,17 @@ class _RowFile:
         self._open()
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.jsonl:
-            self._file.write(json.dumps(row) + "\n")
-        else:
-            self._csv.writerow([row.get(column, "") for column in self.columns])
-        self._file.flush()
+        with _writing(self.path):
+            if self.jsonl:
+                self._file.write(json.dumps(row) + "\n")
+            else:
+                self._csv.writerow([row.get(column, "") for column in self.columns])
+            self._file.flush()
         self.rows.append({"path": row["path"], "error": row.get("error") or None})
 
     def close(self) -> None:
-        self._file.close()
+        with _writing(self.path):
+            self._file.close()
 
 
 class _GrowingNpy:
@@ -238,7 +263,7 @@ class _GrowingNpy:
     def __init__(self, path: Path, width: int, keep: int):
         self.path, self.width = path, width
         if not path.exists():
-            with path.open("wb") as f:
+            with _writing(path), path.open("wb") as f:
                 self._write_header(f, 0)
         self._file = path.open("rb+")
         np.lib.format.read_magic(self._file)
@@ -250,8 +275,9 @@ class _GrowingNpy:
                 "--output"
             )
         self.rows = keep
-        self._file.truncate(self._offset + keep * width * 4)
-        self._update_header()
+        with _writing(path):
+            self._file.truncate(self._offset + keep * width * 4)
+            self._update_header()
 
     def _write_header(self, f: IO[bytes], rows: int) -> None:
         header = {"descr": "<f4", "fortran_order": False, "shape": (rows, self.width)}
@@ -266,13 +292,16 @@ class _GrowingNpy:
 
     def append(self, values: np.ndarray) -> None:
         values = np.asarray(values, "<f4").reshape(-1, self.width)
-        self._file.seek(0, os.SEEK_END)
-        self._file.write(values.tobytes())
-        self.rows += len(values)
-        self._update_header()
+        with _writing(self.path):
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(values.tobytes())
+            self._file.flush()
+            self.rows += len(values)
+            self._update_header()
 
     def close(self) -> None:
-        self._file.close()
+        with _writing(self.path):
+            self._file.close()
 
 
 class OutputFiles:
@@ -302,6 +331,7 @@ class OutputFiles:
                 output.with_name(f"{output.stem}.{side}").unlink(missing_ok=True)
         self.done = {row["path"]: row.get("error") or None for row in rows.rows} if rows else {}
         self._taggram = self._embeddings = self._window_embeddings = None
+        self.failed = False
         if taggram:
             self._taggram = _RowFile(
                 output.with_name(f"{output.stem}.taggram.csv"), ["path", "start_s", "end_s"] + [*self.tags]
@@ -317,7 +347,15 @@ class OutputFiles:
                 )
 
     def write(self, path: str, result: TrackTags | str) -> None:
-        """One file's row (and side rows): its tags, or with a reason its failure."""
+        """One file's row (and side rows): its tags, or with a reason its failure. OutputWriteError when a file
+        cannot be written; the rows written before it are complete, and `close` then writes nothing more."""
+        try:
+            self._write(path, result)
+        except OutputWriteError:
+            self.failed = True
+            raise
+
+    def _write(self, path: str, result: TrackTags | str) -> None:
         if isinstance(result, str):
             row = {"path": path, "error": result}
             if self._embeddings:
@@ -360,9 +398,18 @@ class OutputFiles:
         return row
 
     def close(self) -> None:
-        """Close the files; a `.json` output is written now, in one piece."""
+        """Close the files; a `.json` output is written now, in one piece (through a temporary file, so that a
+        failed write leaves no half document). After a failed write, the files are closed and nothing more is
+        written."""
         for part in (self._rows, self._taggram, self._embeddings, self._window_embeddings):
             if part:
-                part.close()
-        if self.document is not None:
-            self.output.write_text(json.dumps(self.document, indent=1))
+                with contextlib.suppress(OutputWriteError) if self.failed else contextlib.nullcontext():
+                    part.close()
+        if self.document is not None and not self.failed:
+            temporary = self.output.with_name(self.output.name + ".part")
+            try:
+                with _writing(self.output):
+                    temporary.write_text(json.dumps(self.document, indent=1))
+                    os.replace(temporary, self.output)
+            finally:
+                temporary.unlink(missing_ok=True)

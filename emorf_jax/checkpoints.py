@@ -6,9 +6,15 @@ adds to the meta of every checkpoint it scores (final, best, SWA, each snapshot)
 thresholds chosen on validation (`THRESHOLDS`: floats in the meta's tag order, inf for a tag without a positive
 validation track; `write_thresholds`, `read_thresholds`); checkpoints of older runs have none.
 
+A resumable checkpoint that cannot be read (a truncated or missing file) is reported in one line and moved to
+`damaged/checkpoints-<step>/`, and the run resumes from the one before it (two are kept). A save that runs out of
+disk space raises `OutOfSpace`, one line naming the step and directory; orbax writes a step into a temporary
+directory and renames it into place when complete, so the checkpoints before it stay intact.
+
 Layout of a workdir:
     config.json            the run's config; another config in the same workdir is refused
-    checkpoints/<step>/    latest TrainState (step, params, batch_stats, opt_state, average), for resuming
+    run.lock               held by the run training there (workdir_lock.py)
+    checkpoints/<step>/    latest TrainState (step, params, batch_stats, opt_state, average), for resuming; two kept
     snapshots/<step>/      snapshot-ensemble members (params, batch_stats), kept for good
     swa/<step>/            the averaged weights with re-estimated BatchNorm statistics
     best/<step>/           the weights chosen by validation (config.selection_metric)
@@ -22,13 +28,41 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+
+from data_prep import layout
 
 LATEST = "checkpoints"
 SNAPSHOTS = "snapshots"
 SWA = "swa"
 BEST = "best"
+KINDS = (LATEST, SNAPSHOTS, SWA, BEST)
 _ITEMS = ("weights", "meta")
 THRESHOLDS = "thresholds"
+DAMAGED = "damaged"  # <workdir>/damaged/<kind>-<step>/: checkpoints that could not be read, moved out of the way
+_OUT_OF_SPACE = {number: os.strerror(number) for number in layout.DISK_FULL_ERRNOS}  # also read in tensorstore's texts
+
+
+class OutOfSpace(OSError):
+    """A write failed for want of disk space (or over a quota or a file size limit)."""
+
+
+def out_of_space(error: BaseException, writing: str) -> OutOfSpace | None:
+    """An `OutOfSpace` error with one line (what failed, what to do) if `error` or one of its causes is a full disk,
+    a quota or a file size limit, whether raised by Python or reported in the text of a tensorstore status."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+            reason = os.strerror(error.errno)
+            break
+        reason = next((text for text in _OUT_OF_SPACE.values() if text in str(error)), None)
+        if reason:
+            break
+        error = error.__cause__ or error.__context__
+    else:
+        return None
+    return OutOfSpace(
+        f"out of disk space ({reason}) while writing {writing}; free space and run the same command again"
+    )
 
 
 def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -41,6 +75,7 @@ def open_manager(workdir: str, kind: str, *, read_only: bool = False) -> ocp.Che
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep[kind],
         create=not read_only,
+        cleanup_tmp_directories=not read_only,  # what a save that failed (a full disk) or was killed left behind
         enable_async_checkpointing=False,
         best_fn=(lambda metrics: metrics["score"]) if kind == BEST else None,
         best_mode="max",
@@ -65,8 +100,14 @@ def save(
     if latest is not None and step <= latest:
         return
     args = ocp.args.Composite(weights=ocp.args.StandardSave(jax.device_get(weights)), meta=ocp.args.JsonSave(meta))
-    manager.save(step, args=args, metrics=None if score is None else {"score": float(score)}, force=True)
-    manager.wait_until_finished()
+    try:
+        manager.save(step, args=args, metrics=None if score is None else {"score": float(score)}, force=True)
+        manager.wait_until_finished()
+    except Exception as error:
+        full = out_of_space(error, f"the checkpoint of step {step} in {manager.directory}")
+        if full is None:
+            raise
+        raise full from error
 
 
 def restore(manager: ocp.CheckpointManager, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
@@ -77,6 +118,40 @@ def restore(manager: ocp.CheckpointManager, step: int | None = None, target: Any
     args = ocp.args.Composite(weights=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
     restored = manager.restore(step, args=args)
     return restored["weights"], restored["meta"]
+
+
+def restore_resumable(workdir: str, target: Any) -> Any | None:
+    """The latest resumable state (of `target`'s structure) that can be read, or None when there is none.
+
+    A checkpoint that cannot be read is reported in one line, by step and path, and moved to `damaged/` by process
+    0, so that the saves of the resumed run (which skip steps not after the latest) replace it.
+    """
+    damaged = []
+    restored = None
+    with open_manager(workdir, LATEST, read_only=True) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored, _ = restore(manager, step, target=target)
+                break
+            except Exception as error:  # whatever orbax or tensorstore raise for a missing or truncated file
+                logging.warning(
+                    "The resumable checkpoint of step %d cannot be read (%s: %s); moving it to %s and trying the "
+                    "one before it",
+                    step,
+                    type(error).__name__,
+                    str(error).splitlines()[0][:200] if str(error) else "",
+                    os.path.join(workdir, DAMAGED),
+                )
+                damaged.append(step)
+    if damaged and jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, DAMAGED), exist_ok=True)
+        for step in damaged:
+            os.replace(os.path.join(workdir, LATEST, str(step)), os.path.join(workdir, DAMAGED, f"{LATEST}-{step}"))
+    if damaged and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("damaged checkpoints moved")
+    return restored
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -160,21 +235,43 @@ def check_compatible(metas: Sequence[tuple[str, dict[str, Any]]]) -> None:
                 raise ValueError(f"{path} has other {key} than {first_path}: their outputs cannot be averaged")
 
 
+def check_run_folder(workdir: str) -> None:
+    """Refuses a checkpoint folder of a run (`runs/x/swa`, `runs/x/snapshots/40`) given as a run's workdir."""
+    path = os.path.abspath(workdir)
+    if os.path.isdir(os.path.join(path, "meta")):  # a step directory: <run>/<kind>/<step>
+        path = os.path.dirname(path)
+    run = os.path.dirname(path)
+    if os.path.basename(path) in KINDS and os.path.exists(os.path.join(run, "config.json")):
+        raise ValueError(
+            f"{workdir} is a checkpoint folder of the run in {run}: give --workdir={run} to resume that run, or a new "
+            "folder for a new one"
+        )
+
+
+def compare_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> bool:
+    """Whether the workdir records a config already; refuses one that records another config (writes nothing)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(config.to_json_best_effort())
+    if previous != current:
+        changed = sorted(config_differences(previous, current))
+        raise ValueError(
+            f"workdir {workdir} holds a run of another config (differences: {', '.join(changed)}); "
+            "use a new --workdir, or the config that run was started with"
+        )
+    return True
+
+
 def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Records the run's config in the workdir, or refuses a workdir that holds a run of another config."""
+    if compare_workdir_config(workdir, config):
+        return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != current:
-            changed = sorted(config_differences(previous, current))
-            raise ValueError(
-                f"workdir {workdir} holds a run of another config (differences: {', '.join(changed)}); "
-                "use a new --workdir, or the config that run was started with"
-            )
-        return
     if jax.process_index() == 0:  # one writer; the other processes compared, or will compare, the same file
         with open(path + ".tmp", "w") as f:
             json.dump(current, f, indent=2, sort_keys=True)

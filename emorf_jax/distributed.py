@@ -3,10 +3,14 @@
 Every process runs the same program on its local devices; `jax.pmap`'s axis then spans the devices of all
 processes, so gradients, BatchNorm statistics and mixup's global batch are those of the whole job. What this
 module adds is what the runtime leaves to the program: starting it, refusing processes that were given different
-configs, and a barrier. See docs/architecture.md, "Multi-host training".
+configs, a barrier, agreeing on the step at which a signalled run stops (`StopSignals`), and the compilation cache
+every command shares. See docs/architecture.md, "Multi-host training".
 """
 
 import json
+import os
+import signal
+import threading
 
 import jax
 import ml_collections
@@ -59,6 +63,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def primary_says(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: a decision that process 0 alone can make (the workdir's lock)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def check_same_config(config: ml_collections.ConfigDict) -> None:
     """Refuses to run when the processes were started with different configs, naming the processes and fields.
 
@@ -86,3 +97,60 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
             f"the {len(configs)} processes were started with different configs: {details}; start "
             "every process with the same --config and overrides"
         )
+
+
+def use_compilation_cache(directory: str, workdir: str) -> None:
+    """Points JAX's persistent compilation cache at `directory`, relative to `workdir` unless absolute ('' off), so
+    that a resumed or repeated run does not compile again. A JAX_COMPILATION_CACHE_DIR in the environment wins."""
+    if directory and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, os.path.expanduser(directory)))
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's preemption notice) or SIGINT (Ctrl-C) asks a run to stop after a step that every
+    process agrees on, so that all of them save the same resumable checkpoint and none waits in a collective.
+
+    One process: a handler notes the signal and `should_stop(step)` is true after the step in progress. Several:
+    JAX's preemption service (`jax.distributed.initialize` starts it; it owns SIGTERM) spreads the notice to every
+    process in the background and picks the step after the furthest any process had reported;
+    `multihost_utils.reached_preemption_sync_point` is true at that step on every process. It reads a flag the
+    service sets, so asking at every step costs no communication in the training loop. SIGINT is passed on to it
+    as a SIGTERM of this process; a second SIGINT interrupts at once. The handlers are in place inside the `with`
+    block only: a signal before the first step or during the final report ends the process as usual, and the rerun
+    resumes from the last save.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _note(self, signal_number: int, frame) -> None:
+        if self.received == signal.SIGINT == signal_number:  # Ctrl-C twice: stop now, without a save
+            raise KeyboardInterrupt
+        self.received = self.received or signal_number
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service's own handler
+
+    def __enter__(self) -> "StopSignals":
+        noted = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGINT, signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread():
+            noted = ()  # Python takes signals in its main thread only: a run in another thread keeps the defaults
+        for signal_number in noted:
+            self._previous[signal_number] = signal.signal(signal_number, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)
+
+    def should_stop(self, step: int) -> bool:
+        """Whether the run stops after `step`; true on every process at the same step."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received is not None
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for death by the signal (143 for SIGTERM, 130 for SIGINT), so that a scheduler sees
+        an interrupted job; a process stopped by another's notice reports SIGTERM's."""
+        return 128 + (self.received or signal.SIGTERM)

@@ -18,7 +18,8 @@ chosen on its averaged validation predictions: the ones to decide its members' a
 member checkpoint's meta holds its own), `metrics.json` (the ten official figures),
 `calibration.json` (the test probabilities' calibration, `metrics.calibration`), `per_tag.tsv` and
 `precision_recall.png`; the figures and the calibration are also printed. An ensemble whose test rows are not exactly
-the official test tracks is refused before anything is written, naming the missing ones.
+the official test tracks is refused before any model runs, naming the missing ones (and, for tracks that data
+preparation could not store, its failures.tsv).
 """
 
 import argparse
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
         )
         ensemble = ensembles.write_ensemble(args.output_dir, members, prepared)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(f"{len(members)} members -> {args.output_dir}")

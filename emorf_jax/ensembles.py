@@ -4,7 +4,7 @@ ensembles).
 A member is any model's {split: Predictions} over the validation and test tracks of one prepared dataset: a
 checkpoint run over that dataset, or the saved predictions of a report's model folder (`report.py`). The average is
 reported as one model (`report.write_model_report`); an ensemble is written only as a MediaEval submission, so a set
-of test rows that is not exactly the official test tracks is refused before anything is written.
+of test rows that is not exactly the official test tracks is refused before any model runs (`collect_members`).
 """
 
 import dataclasses
@@ -70,17 +70,46 @@ def checkpoint_members(
 ) -> tuple[list[MemberPredictions], PreparedDataset]:
     """Each checkpoint's predictions over the prepared dataset in `data_dir` its meta names (features, split), and
     that dataset; checkpoints whose outputs cannot be averaged (`checkpoints.check_compatible`) are refused."""
+    loaded, prepared = _load_checkpoints(paths, data_dir)
+    return _predict(loaded, prepared, batch_size), prepared
+
+
+def _load_checkpoints(paths: Sequence[str], data_dir: str) -> tuple[list[tuple[dict, dict]], PreparedDataset]:
+    """The (variables, meta) of each checkpoint, checked compatible, and the prepared dataset their meta names."""
     loaded = [(path, *checkpoints.load_checkpoint(path)) for path in paths]
     checkpoints.check_compatible([(path, meta) for path, _, meta in loaded])
     dataset = loaded[0][2]["dataset"]
     prepared = load_prepared(data_dir, dataset["config_name"], dataset["split_index"])
+    return [(variables, meta) for _, variables, meta in loaded], prepared
+
+
+def _predict(
+    loaded: Sequence[tuple[dict, dict]], prepared: PreparedDataset, batch_size: int
+) -> list[MemberPredictions]:
+    """Each loaded checkpoint run over the validation and test tracks of `prepared`."""
     members = []
-    for _, variables, meta in loaded:
+    for variables, meta in loaded:
         predictor = inference.Predictor(
             registry.build(meta["model"]), prepared, window_frames=meta["window_frames"], batch_size=batch_size
         )
         members.append({split: predictor.predict(variables, split) for split in report.SPLITS})
-    return members, prepared
+    return members
+
+
+def check_submission_rows(prepared: PreparedDataset) -> None:
+    """Refuses (ValueError) a prepared dataset whose stored test tracks are not the official ones, which no
+    ensemble of it can submit; for tracks that data preparation could not store, the error names its failures
+    report, where their reasons are."""
+    try:
+        submission.check_rows(prepared.parts["test"].track_ids, prepared.tsv_track_ids["test"])
+    except ValueError as error:
+        failed = prepared.missing("test")
+        if not failed:
+            raise
+        raise ValueError(
+            f"{error}; {len(failed)} test tracks failed in data preparation, their reasons are in "
+            f"{prepared.failures_report}: mend or replace those files and prepare the data again"
+        ) from None
 
 
 def report_folder_members(directories: Sequence[str], prepared: PreparedDataset) -> list[MemberPredictions]:
@@ -111,14 +140,18 @@ def collect_members(
     batch_size: int = 8,
 ) -> tuple[list[MemberPredictions], PreparedDataset]:
     """The members of checkpoints and report model folders, and the prepared dataset in `data_dir` they are scored
-    on: the one the checkpoints' meta names, else the one of `features` and `split_index`."""
+    on: the one the checkpoints' meta names, else the one of `features` and `split_index`. Every row is checked
+    before any model runs: the dataset's test tracks must be the official ones (`check_submission_rows`) and
+    each report folder's rows the dataset's."""
     if not checkpoint_paths and not report_folders:
         raise ValueError("an ensemble needs at least one checkpoint or report model folder")
     if checkpoint_paths:
-        members, prepared = checkpoint_members(checkpoint_paths, data_dir, batch_size)
+        loaded, prepared = _load_checkpoints(checkpoint_paths, data_dir)
     else:
-        members, prepared = [], load_prepared(data_dir, features, split_index)
-    return members + report_folder_members(report_folders, prepared), prepared
+        loaded, prepared = [], load_prepared(data_dir, features, split_index)
+    check_submission_rows(prepared)
+    saved = report_folder_members(report_folders, prepared)
+    return _predict(loaded, prepared, batch_size) + saved, prepared
 
 
 def write_ensemble(

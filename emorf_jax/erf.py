@@ -23,6 +23,9 @@ from emorf_jax import effective_fields
 
 PROG = "python -m emorf_jax.erf"
 
+# The tag count of an untrained model (the real MTG-Jamendo's): its ERF does not depend on the head.
+UNTRAINED_TAGS = 56
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -59,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             configs = [ensemble_training.with_rho(config, rho) for rho in rhos] or [config]
-            fields = [train.model_fields(each) for each in configs]
+            fields = [train.model_fields(each, UNTRAINED_TAGS) for each in configs]
         except ValueError as error:
             parser.error(str(error))
         shape = effective_fields.input_shape(

@@ -68,13 +68,14 @@ def _load_matrix(path: str) -> np.ndarray:
         raise ValueError(f"{path} is not a .npy matrix ({error})") from None
 
 
-def _tag_names(args: argparse.Namespace, threshold_tags: list[str] | None, n_tags: int) -> list[str]:
+def _tag_names(args: argparse.Namespace, threshold_tags: list[str] | None, n_tags: int) -> list[str] | None:
+    """The columns' tags, from --metadata_dir or --thresholds, for warnings and the plot; None when neither is given."""
     if args.metadata_dir:
         names = list(metadata.read_tag_list(args.metadata_dir))
     elif threshold_tags is not None:
         names = threshold_tags
     else:
-        return [f"tag {index}" for index in range(n_tags)]
+        return None
     if len(names) != n_tags:
         raise ValueError(f"{len(names)} tag names but the matrices have {n_tags} tags")
     return names
@@ -100,12 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.thresholds:
             threshold_tags, thresholds = report.read_thresholds(args.thresholds)
             decisions = metrics.decide(predictions, thresholds)
-        figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions)
-        calibration = metrics.calibration(groundtruth, predictions) if args.calibration else None
+        metrics.as_label_matrix(groundtruth, "groundtruth")  # a (tracks, tags) matrix, before its tags are named
+        names = _tag_names(args, threshold_tags, groundtruth.shape[1])
+        figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions, names)
+        calibration = metrics.calibration(groundtruth, predictions, names) if args.calibration else None
         if args.plot:
-            report.plot_per_tag_pr_auc(
-                groundtruth, predictions, _tag_names(args, threshold_tags, groundtruth.shape[1]), args.plot
-            )
+            numbered = [f"tag {index}" for index in range(groundtruth.shape[1])]
+            report.plot_per_tag_pr_auc(groundtruth, predictions, names or numbered, args.plot)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     if args.json:

@@ -110,7 +110,7 @@ class Predictor:
         its `pos_weight`: the authors selected on their criterion's validation loss), for validation and selection."""
         logits = self._track_logits(variables, split)
         labels = self.prepared.parts[split].labels
-        figures = metrics.mediaeval_metrics(labels, expit(logits))
+        figures = metrics.mediaeval_metrics(labels, expit(logits), tag_names=self.prepared.tags)
         loss = losses.bce_with_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(labels, jnp.float32), pos_weight)
         return {
             "loss": float(loss.mean()),

@@ -71,11 +71,22 @@ class TrainingCrop(grain.transforms.RandomMap):
 
 
 def training_examples(
-    prepared: PreparedDataset, *, crop_frames: int, max_time_shift: int, seed: int, reader: FrameReader | None = None
+    prepared: PreparedDataset,
+    *,
+    crop_frames: int,
+    max_time_shift: int,
+    seed: int,
+    reader: FrameReader | None = None,
+    verify_checksums: bool = False,
 ) -> grain.MapDataset:
-    """The endless example stream: example k is a crop of track permutation_e[k mod N] with epoch e = k // N."""
+    """The endless example stream: example k is a crop of track permutation_e[k mod N] with epoch e = k // N.
+    `verify_checksums`: each record's checksums are checked on its first read (`FrameReader`), so a damaged shard
+    stops training with an error naming it instead of feeding it garbage (`reader`, if given, keeps its own
+    setting)."""
     num_tracks = len(prepared.parts[TRAIN])
-    crops = TrainingCrop(reader or FrameReader(prepared), prepared, crop_frames, max_time_shift)
+    crops = TrainingCrop(
+        reader or FrameReader(prepared, verify_checksums=verify_checksums), prepared, crop_frames, max_time_shift
+    )
     return grain.MapDataset.range(num_tracks).seed(seed).shuffle().repeat(None).random_map(crops)
 
 
@@ -95,16 +106,22 @@ def train_batches(
     start_step: int = 0,
     read_threads: int = 2,
     reader: FrameReader | None = None,
+    verify_checksums: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless training batches from `start_step`: stored float16 crops shaped (local_devices, per_device_batch,
     crop_frames, *frame_shape) and labels.
 
     Step s uses examples [s * B, (s + 1) * B) of the stream (B the global batch); process p reads the p-th
-    contiguous share of them.
+    contiguous share of them. `verify_checksums`: see `training_examples`.
     """
     processes, local_batch = jax.process_count(), global_batch_size // jax.process_count()
     examples = training_examples(
-        prepared, crop_frames=crop_frames, max_time_shift=max_time_shift, seed=seed, reader=reader
+        prepared,
+        crop_frames=crop_frames,
+        max_time_shift=max_time_shift,
+        seed=seed,
+        reader=reader,
+        verify_checksums=verify_checksums,
     )
     batches = examples.batch(local_batch)[start_step * processes + jax.process_index() :: processes]
     options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)

@@ -6,11 +6,14 @@ functions, so it reproduces the published results tables to 6 decimals. Rows are
 """
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 from sklearn import metrics as sk_metrics
 from sklearn.linear_model import LogisticRegression
+
+from data_prep.metadata import short_tag_name
 
 # The official names, in the column order of the published results tables.
 OFFICIAL_METRIC_NAMES: tuple[str, ...] = (
@@ -76,7 +79,14 @@ def _check_same_shape(groundtruth: np.ndarray, other: np.ndarray, name: str) -> 
         raise ValueError(f"{name} shape {other.shape} does not match groundtruth shape {groundtruth.shape}")
 
 
-def _tags_with_both_classes(groundtruth: np.ndarray) -> np.ndarray:
+def _listed(tags: np.ndarray, tag_names: Sequence[str] | None) -> str:
+    """The tags a warning is about: their short names when the caller gave the names, else their column numbers."""
+    if tag_names is None:
+        return str(tags.tolist())
+    return ", ".join(short_tag_name(tag_names[tag]) for tag in tags)
+
+
+def _tags_with_both_classes(groundtruth: np.ndarray, tag_names: Sequence[str] | None = None) -> np.ndarray:
     """Indices of the tags whose macro figures are defined: at least one positive and one negative.
 
     A tag whose ground truth is constant has no ROC-AUC (and no PR-AUC or recall when it has no
@@ -88,9 +98,9 @@ def _tags_with_both_classes(groundtruth: np.ndarray) -> np.ndarray:
     if not np.any(defined):
         raise ValueError("groundtruth has no tag with both positive and negative tracks: nothing to evaluate")
     if not np.all(defined):
-        left_out = np.flatnonzero(~defined).tolist()
         warnings.warn(
-            f"tags {left_out} have only positive or only negative tracks in groundtruth; "
+            f"tags {_listed(np.flatnonzero(~defined), tag_names)} have only positive or only negative tracks in "
+            "groundtruth; "
             "they are left out of the macro averages",
             stacklevel=3,
         )
@@ -98,13 +108,17 @@ def _tags_with_both_classes(groundtruth: np.ndarray) -> np.ndarray:
 
 
 def mediaeval_metrics(
-    groundtruth: ArrayLike, predictions: ArrayLike, decisions: ArrayLike | None = None
+    groundtruth: ArrayLike,
+    predictions: ArrayLike,
+    decisions: ArrayLike | None = None,
+    tag_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """The official MediaEval 2019 figures under their official names.
 
     groundtruth: bool (tracks, tags); predictions: scores (tracks, tags), e.g. probabilities; decisions:
     bool (tracks, tags). Without decisions only the four AUC figures are returned. The ranking metric of the
-    task is `PR-AUC-macro` (average precision per tag, then the mean over tags).
+    task is `PR-AUC-macro` (average precision per tag, then the mean over tags). `tag_names` (the columns' tags)
+    name the tags a warning is about; without them, their column numbers.
     """
     truth = as_label_matrix(groundtruth, "groundtruth")
     scores = as_score_matrix(predictions, "predictions")
@@ -114,7 +128,7 @@ def mediaeval_metrics(
         decided = as_label_matrix(decisions, "decisions")
         _check_same_shape(truth, decided, "decisions")
 
-    tags = _tags_with_both_classes(truth)
+    tags = _tags_with_both_classes(truth, tag_names)
     results = {
         "PR-AUC-macro": sk_metrics.average_precision_score(truth[:, tags], scores[:, tags], average="macro"),
         "ROC-AUC-macro": sk_metrics.roc_auc_score(truth[:, tags], scores[:, tags], average="macro"),
@@ -170,12 +184,15 @@ def _best_f1_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
     return midpoint if midpoint < upper else lower
 
 
-def best_f1_thresholds(groundtruth: ArrayLike, predictions: ArrayLike) -> np.ndarray:
+def best_f1_thresholds(
+    groundtruth: ArrayLike, predictions: ArrayLike, tag_names: Sequence[str] | None = None
+) -> np.ndarray:
     """Per tag, the threshold that maximises F1 on a labelled set (e.g. validation), for `decide`'s strict `>`.
 
     The organisers chose the baseline's thresholds as the best-F1 score itself and then applied `>`, which
     drops the track at that score; here the threshold sits below it, so `decide` gives the best set itself.
-    A tag without positive tracks gets +inf (never decided positive), with one warning naming such tags.
+    A tag without positive tracks gets +inf (never decided positive), with one warning naming such tags
+    (`tag_names`, else their column numbers).
     """
     truth = as_label_matrix(groundtruth, "groundtruth")
     scores = as_score_matrix(predictions, "predictions")
@@ -183,7 +200,7 @@ def best_f1_thresholds(groundtruth: ArrayLike, predictions: ArrayLike) -> np.nda
     has_positives = truth.any(axis=0)
     if not np.all(has_positives):
         warnings.warn(
-            f"tags {np.flatnonzero(~has_positives).tolist()} have no positive track; "
+            f"tags {_listed(np.flatnonzero(~has_positives), tag_names)} have no positive track; "
             "their threshold is +inf (never positive)",
             stacklevel=2,
         )
@@ -227,7 +244,9 @@ def _logistic_fit(y: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     return float(fit.intercept_[0]), float(fit.coef_[0, 0])
 
 
-def calibration(groundtruth: ArrayLike, predictions: ArrayLike) -> dict[str, float]:
+def calibration(
+    groundtruth: ArrayLike, predictions: ArrayLike, tag_names: Sequence[str] | None = None
+) -> dict[str, float]:
     """How far the probabilities are from the frequencies they predict, which no ranking figure shows.
 
     With y the 0/1 ground truth and p the probabilities, both (tracks, tags):
@@ -252,7 +271,7 @@ def calibration(groundtruth: ArrayLike, predictions: ArrayLike) -> dict[str, flo
             f"predictions have values in [{scores.min():.4g}, {scores.max():.4g}], outside the probabilities' "
             "[0, 1] (logits? apply a sigmoid first)"
         )
-    tags = _tags_with_both_classes(truth)
+    tags = _tags_with_both_classes(truth, tag_names)
     odds_ratio = _odds(scores[:, tags].mean(axis=0)) / _odds(truth[:, tags].mean(axis=0))
     clipped = np.clip(scores, CALIBRATION_EPS, 1 - CALIBRATION_EPS).ravel()
     y = truth.ravel().astype(np.float64)

@@ -3,23 +3,30 @@ or writes all their probabilities to a CSV, JSON Lines or JSON file, one row as 
 
     python -m emorf_jax.predict PATH... --checkpoint=CKPT [--checkpoint=CKPT ...] [--output=FILE.csv|.jsonl|.json]
         [--taggram] [--embeddings] [--decisions [--thresholds=FILE.tsv]] [--workers=N] [--backend=jax|onnxruntime]
+        [--precision=float32|int8 [--calibration_audio=PATH]]
     python -m emorf_jax.predict --describe=CKPT
 
-PATH: audio files or folders (searched recursively for MP3, WAV, FLAC and OGG), at any sample rate and channel
+PATH: audio files or folders (searched recursively for MP3, WAV, FLAC, OGG, Opus, AIFF, M4A, AAC and WMA; the last
+three through ffmpeg when it is on the PATH), at any sample rate and channel
 count: mixed down and resampled by data preparation's own feature code. CKPT: any checkpoint a run writes
 (`runs/demo/swa`, `runs/demo/best`, `runs/demo/snapshots/242`, ...); several are averaged (their probabilities).
 Each whole track is cut into the evaluation's windows, run in batches of a fixed size, while --workers processes
 decode and compute the features of the next files (`emorf_jax.bulk_tagging`). A .csv or .jsonl output gets each
 file's row as it finishes; run again with the same PATHs and --output, it tags only the files not yet in it and
 appends. A file that cannot be read gets a row with its reason (`error`) and one line on standard error, and the
-others go on. Exit status: 0 when every input was tagged, 1 when some could not be, 2 for a usage error.
+others go on. An output that cannot be written (a full disk) ends the run with one line naming the file; its rows
+so far stay, and the same command run again after space is freed tags the rest. A reader of standard output that
+stops reading (`| head -1`) ends the run quietly. Exit status: 0 when every input was tagged, 1 when some could
+not be (or the output could not be written), 2 for a usage error.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,6 +34,9 @@ import numpy as np
 import tqdm
 
 from data_prep.metadata import short_tag_name
+
+if TYPE_CHECKING:  # the feature processes import this module and need neither JAX nor the model
+    from emorf_jax.tagger import TrackTags
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         help="tag<TAB>threshold lines for --decisions, e.g. a run's report/<model>/thresholds.tsv",
     )
     parser.add_argument("--window_frames", type=int, help="window length (default: the first checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per model call")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help="windows per model call (default: 2 on a CPU, where it is faster than 8 and holds 2.5x less memory "
+        "(benchmarks/RESULTS.md); 8 on a GPU or TPU)",
+    )
     parser.add_argument(
         "--backend",
         default="jax",
@@ -77,26 +92,100 @@ def _parser() -> argparse.ArgumentParser:
         "CP-ResNet family; needs the [export] extra)",
     )
     parser.add_argument(
-        "--workers", type=int, help="processes computing features (default: one per core, at most 4; 0: none)"
+        "--precision",
+        default="float32",
+        help="float32, or int8 with --backend=onnxruntime: an int8 copy of each exported model, 2.5-3x faster on "
+        "CPUs with AVX-512 VNNI or AMX, with slightly different probabilities (benchmarks/RESULTS.md); it is "
+        "calibrated on --calibration_audio and cached",
+    )
+    parser.add_argument(
+        "--calibration_audio",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="audio files or folders whose first windows (64, at most 4 per file) set an int8 model's activation "
+        "ranges; default: the files being tagged, in order. Repeatable",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="processes computing features (default: one per two cores, 1 to 4; 0: none)"
     )
     parser.add_argument("--describe", metavar="CKPT", help="print a checkpoint's model card and exit")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
 
+class _ReaderGone(Exception):
+    """The reader of standard output has stopped reading (e.g. `| head -1`)."""
+
+
+class _StandardOutputError(OSError):
+    """Standard output cannot be written (e.g. redirected to a full disk)."""
+
+
+def _show(text: str) -> None:
+    """A line on standard output; a closed pipe raises _ReaderGone, a failed write a _StandardOutputError."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError as error:
+        raise _ReaderGone from error
+    except OSError as error:
+        raise _StandardOutputError(error.errno, error.strerror or str(error), "standard output") from error
+
+
+def _checkpoint_hint(paths: Sequence[str]) -> str:
+    """What to pass instead of a run's folder given as a checkpoint, or nothing."""
+    from emorf_jax import checkpoints
+
+    for path in paths:
+        kinds = [
+            kind for kind in (checkpoints.SWA, checkpoints.BEST, checkpoints.SNAPSHOTS) if (Path(path) / kind).is_dir()
+        ]
+        if kinds and not Path(path, "meta").is_dir():
+            example = Path(path, kinds[0])
+            return f": {path} is a run's folder; pass one of its checkpoints, e.g. --checkpoint={example}"
+    return ""
+
+
+def _write_error_line(error: OSError, output: str | None, written: int, left: int) -> str:
+    """The one line for an output that could not be written: which file, why, and what to do."""
+    from data_prep.layout import DISK_FULL_ERRNOS
+
+    line = f"python -m emorf_jax.predict: error: cannot write {error.filename}: {error.strerror}"
+    if error.errno not in DISK_FULL_ERRNOS:
+        return line
+    line += "; free space and run the same command again"
+    if output and not output.endswith(".json"):
+        line += f": it keeps the {written} files written and tags the other {left}"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except (_ReaderGone, _StandardOutputError) as error:
+        # Nothing more can be written there: what is still buffered goes nowhere (not even at exit). A reader that
+        # has gone ends the run quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(error, _ReaderGone):
+            return 0
+        print(_write_error_line(error, None, 0, 0), file=sys.stderr)
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     # Imported here, not at the top: the feature processes start by importing this module again (multiprocessing's
     # spawn) and need neither JAX nor the model.
     from emorf_jax import bulk_tagging
-    from emorf_jax.tagger import audio_files, load_tagger, model_card, top_tags_line
+    from emorf_jax.tagger import audio_files, default_batch_size, load_tagger, model_card
 
     if args.describe:
         try:
-            print(model_card(args.describe))
+            card = model_card(args.describe)
         except FileNotFoundError as error:
-            parser.error(str(error))
+            parser.error(f"{error}{_checkpoint_hint([args.describe])}")
+        _show(card)
         return 0
     if not args.checkpoint:
         parser.error("give at least one --checkpoint")
@@ -112,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         parser.error("no audio files among the PATHs" if args.paths else "give at least one PATH")
     try:
-        tagger = load_tagger(args.checkpoint, args.batch_size, args.backend)
+        calibration_files = audio_files(args.calibration_audio) if args.calibration_audio else files
+        batch_size = args.batch_size or default_batch_size(args.backend)
+        tagger = load_tagger(args.checkpoint, batch_size, args.backend, args.precision, calibration_files)
         tagger.feature_settings  # noqa: B018 - a model of other input than audio is a usage error, said now
         thresholds = (
             bulk_tagging.decision_thresholds(tagger, args.thresholds, args.checkpoint) if args.decisions else None
@@ -129,7 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.output
             else None
         )
-    except (FileNotFoundError, ValueError, ImportError) as error:
+    except bulk_tagging.OutputWriteError as error:
+        print(_write_error_line(error, args.output, 0, len(files)), file=sys.stderr)
+        return 1
+    except FileNotFoundError as error:
+        parser.error(f"{error}{_checkpoint_hint(args.checkpoint)}")
+    except (OSError, ValueError, ImportError) as error:
         parser.error(str(error))
     done = output.done if output else {}
     todo = [path for path in files if path not in done]
@@ -142,32 +238,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     tags, frame_seconds = tagger.tags, tagger.seconds_per_frame
     workers = bulk_tagging.default_workers() if args.workers is None else args.workers
     stream = bulk_tagging.tag_stream(tagger, todo, window_frames=args.window_frames, workers=workers)
+    written = 0
     try:
-        for path, result in tqdm.tqdm(
-            stream, total=len(todo), desc="tagging", unit="file", disable=args.no_progress, file=sys.stderr
-        ):
-            if isinstance(result, str):
-                print(result if path in result else f"{path}: {result}", file=sys.stderr)
-                failed += 1
+        try:
+            with contextlib.closing(stream):
+                for path, result in tqdm.tqdm(
+                    stream, total=len(todo), desc="tagging", unit="file", disable=args.no_progress, file=sys.stderr
+                ):
+                    if isinstance(result, str):
+                        print(result if path in result else f"{path}: {result}", file=sys.stderr)
+                        failed += 1
+                    if output:
+                        output.write(path, result)
+                    elif not isinstance(result, str):
+                        _show_tags(path, result, tags, thresholds, args.top_k, frame_seconds if args.taggram else None)
+                    written += 1
+        finally:
             if output:
-                output.write(path, result)
-            elif not isinstance(result, str):
-                line = top_tags_line(path, result.probabilities, tags, args.top_k)
-                if thresholds is not None:
-                    decided = bulk_tagging.decided_tags(result.probabilities, thresholds, tags)
-                    line += "\tabove threshold: " + (" ".join(decided) or "-")
-                print(line, flush=True)
-                if args.taggram:
-                    for (start, stop, _), row in zip(result.windows, result.window_probabilities):
-                        best = np.argsort(-row)[: args.top_k]
-                        print(
-                            f"  {start * frame_seconds:7.1f}-{stop * frame_seconds:7.1f} s  "
-                            + "  ".join(f"{short_tag_name(tags[i])} {row[i]:.3f}" for i in best)
-                        )
-    finally:
-        if output:
-            output.close()
+                output.close()  # after a failed write, it closes the files and writes nothing more
+    except bulk_tagging.OutputWriteError as error:
+        print(_write_error_line(error, args.output, len(done) + written, len(todo) - written), file=sys.stderr)
+        return 1
     return 1 if failed else 0
+
+
+def _show_tags(
+    path: str,
+    result: "TrackTags",
+    tags: Sequence[str],
+    thresholds: np.ndarray | None,
+    top_k: int,
+    taggram_frame_seconds: float | None,
+) -> None:
+    """A tagged file's line on standard output: its top tags, the decided ones, and with the taggram a line per
+    window."""
+    from emorf_jax import bulk_tagging
+    from emorf_jax.tagger import top_tags_line
+
+    line = top_tags_line(path, result.probabilities, tags, top_k)
+    if thresholds is not None:
+        decided = bulk_tagging.decided_tags(result.probabilities, thresholds, tags)
+        line += "\tabove threshold: " + (" ".join(decided) or "-")
+    _show(line)
+    if taggram_frame_seconds is not None:
+        for (start, stop, _), row in zip(result.windows, result.window_probabilities):
+            best = np.argsort(-row)[:top_k]
+            _show(
+                f"  {start * taggram_frame_seconds:7.1f}-{stop * taggram_frame_seconds:7.1f} s  "
+                + "  ".join(f"{short_tag_name(tags[i])} {row[i]:.3f}" for i in best)
+            )
 
 
 if __name__ == "__main__":

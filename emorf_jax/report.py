@@ -45,9 +45,18 @@ RUN_SUMMARY = "test_report.json"  # in RUN_REPORT_DIR
 
 
 def read_thresholds(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Tag names and thresholds from a `tag<TAB>threshold` file (the organisers' thresholds.txt format)."""
+    """Tag names and thresholds from a `tag<TAB>threshold` file (the organisers' thresholds.txt format); ValueError
+    saying what to give for a file that cannot be read or is not one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a text file"
+        raise ValueError(
+            f"cannot read the thresholds file {path}: {reason}; give a tag<TAB>threshold file such as a run's "
+            "report/<model>/thresholds.tsv"
+        ) from None
     tags, thresholds = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rstrip("\r").split("\t")
@@ -95,17 +104,17 @@ def model_report(name: str, tags: Sequence[str], validation: Predictions, test: 
         dataclasses.replace(split, probabilities=np.asarray(split.probabilities, np.float32))
         for split in (validation, test)
     )
-    thresholds = validation_thresholds(validation)
+    thresholds = validation_thresholds(validation, tags)
     decisions = metrics.decide(test.probabilities, thresholds)
-    figures = metrics.mediaeval_metrics(test.labels, test.probabilities, decisions)
-    calibration = metrics.calibration(test.labels, test.probabilities)
+    figures = metrics.mediaeval_metrics(test.labels, test.probabilities, decisions, tags)
+    calibration = metrics.calibration(test.labels, test.probabilities, tags)
     return ModelReport(name, tuple(tags), validation, test, thresholds, decisions, figures, calibration)
 
 
-def validation_thresholds(validation: Predictions) -> np.ndarray:
+def validation_thresholds(validation: Predictions, tags: Sequence[str] | None = None) -> np.ndarray:
     """Per-tag thresholds chosen on validation predictions (F1-maximising), from their float32 probabilities as a
-    report saves them; inf for a tag without a positive track."""
-    return metrics.best_f1_thresholds(validation.labels, np.asarray(validation.probabilities, np.float32))
+    report saves them; inf for a tag without a positive track (named in the warning by `tags`)."""
+    return metrics.best_f1_thresholds(validation.labels, np.asarray(validation.probabilities, np.float32), tags)
 
 
 def write_model_report(directory: str | Path, report: ModelReport, official_test_ids: Sequence[str]) -> None:

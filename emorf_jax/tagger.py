@@ -15,6 +15,7 @@ the same batches of the same stored windows run through each checkpoint's export
 
 import dataclasses
 import functools
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,11 +35,21 @@ from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 
 # The files a folder is searched for. libsndfile decodes the first eight (`features.decode_audio`); M4A/AAC and WMA go
 # through ffmpeg when it is on the PATH, and without it each such file gets its own error saying to install ffmpeg.
-AUDIO_SUFFIXES = (".mp3", ".wav", ".flac", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".m4a", ".aac", ".wma")
+AUDIO_SUFFIXES = (*features.LIBSNDFILE_SUFFIXES, ".m4a", ".aac", ".wma")
 
 _jitted_window_outputs = jax.jit(inference.window_outputs, static_argnames="model")
 
 BACKENDS = ("jax", "onnxruntime")
+# An int8 model's activation ranges come from this many windows of audio, at most a few per file so that one long
+# track does not set them alone (`calibration_windows`).
+CALIBRATION_WINDOWS = 64
+CALIBRATION_WINDOWS_PER_FILE = 4
+
+
+def default_batch_size(backend: str) -> int:
+    """Windows per model call: 2 where the model runs on a CPU (onnxruntime, or JAX without an accelerator), where
+    2 is faster than 8 and holds 2.5x less memory (benchmarks/RESULTS.md); 8 on a GPU or TPU."""
+    return 2 if backend == "onnxruntime" or jax.default_backend() == "cpu" else 8
 
 
 def padded_batch_size(windows: int, batch_size: int) -> int:
@@ -217,20 +228,39 @@ class Tagger:
         return dict(zip(self.tags, probabilities.tolist()))
 
 
-def load_tagger(paths: str | Sequence[str], batch_size: int = 8, backend: str = "jax") -> Tagger:
+def load_tagger(
+    paths: str | Sequence[str],
+    batch_size: int = 8,
+    backend: str = "jax",
+    precision: str = "float32",
+    calibration_files: Sequence[str] = (),
+) -> Tagger:
     """A Tagger of one checkpoint or the average of several, from any checkpoint of a run (e.g. `runs/demo/swa`,
     `runs/demo/snapshots/120`) of any model; no config needed (each model is rebuilt from `meta["model"]`). Raises
     ValueError, naming the checkpoint, when they do not share tags, features and normalisation. `backend`
     "onnxruntime" runs each checkpoint's exported ONNX model (the CP-ResNet family only: `export.UnsupportedModel`,
-    a ValueError, for a baseline; ImportError naming the [export] extra without onnxruntime)."""
+    a ValueError, for a baseline; ImportError naming the [export] extra without onnxruntime); with `precision`
+    "int8" its int8 copy, calibrated on windows of `calibration_files` (`calibration_windows`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if precision not in export.PRECISIONS:
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(export.PRECISIONS)}")
+    if precision != "float32" and backend != "onnxruntime":
+        raise ValueError(f"precision {precision}: only the onnxruntime backend runs it (add --backend=onnxruntime)")
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("no checkpoint to load")
     loaded = [(path, *checkpoints.load_checkpoint(path)) for path in paths]
     checkpoints.check_compatible([(path, meta) for path, _, meta in loaded])
-    sessions = [_onnx_session(path) if backend == "onnxruntime" else None for path in paths]
+    calibration = None
+    if precision == "int8":
+        meta = loaded[0][2]
+        settings = track_features.audio_settings(meta["features"])
+        calibration = export.Calibration(
+            files_key(calibration_files),
+            functools.partial(calibration_windows, calibration_files, settings, int(meta["window_frames"])),
+        )
+    sessions = [_onnx_session(path, calibration) if backend == "onnxruntime" else None for path in paths]
     members = tuple(
         Member(registry.build(meta["model"]), variables, meta, session)
         for (_, variables, meta), session in zip(loaded, sessions)
@@ -238,13 +268,56 @@ def load_tagger(paths: str | Sequence[str], batch_size: int = 8, backend: str = 
     return Tagger(members, batch_size)
 
 
-def _onnx_session(checkpoint: str) -> Any:
-    """An onnxruntime CPU session of the checkpoint's exported model (`export.cached_onnx`)."""
+def calibration_windows(
+    files: Sequence[str],
+    settings: features.FeatureSettings,
+    window_frames: int,
+    count: int = CALIBRATION_WINDOWS,
+    per_file: int = CALIBRATION_WINDOWS_PER_FILE,
+) -> list[np.ndarray]:
+    """Up to `count` stored windows, at most `per_file` from each of `files` in order (a file that cannot be read is
+    passed over): the inputs whose activation ranges set an int8 model's scales. ValueError if none can be read."""
+    windows, unreadable = [], []
+    for path in files:
+        if len(windows) == count:
+            break
+        try:
+            stored = track_features.stored_file_features(str(path), settings)
+        except (OSError, ValueError) as error:
+            unreadable.append(f"{path}: {error}")
+            continue
+        ranges = windowing.window_ranges(stored.shape[0], window_frames)[: min(per_file, count - len(windows))]
+        windows += [stored[start:stop] for start, stop, _ in ranges if stop - start >= MIN_INPUT_SIZE]
+    if not windows:
+        raise ValueError(
+            "int8 needs audio to calibrate its activation ranges: none of the calibration files could be read"
+            + "".join(f"\n  {line}" for line in unreadable[:3])
+        )
+    return windows
+
+
+def files_key(files: Sequence[str]) -> str:
+    """A name of the calibration files that changes when any of them does: each path with its size and modification
+    time (what `make` trusts), read without decoding anything."""
+    digest = hashlib.sha256()
+    for path in map(str, files):
+        try:
+            status = os.stat(path)
+            digest.update(f"{path}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0unreadable\n".encode())
+    return digest.hexdigest()
+
+
+def _onnx_session(checkpoint: str, calibration: export.Calibration | None = None) -> Any:
+    """An onnxruntime CPU session of the checkpoint's exported model (`export.cached_onnx`), its int8 copy with a
+    `calibration`."""
     try:
         import onnxruntime  # optional: the [export] extra
     except ImportError as error:
         raise ImportError(f"the onnxruntime backend needs onnxruntime; {export.INSTALL_HINT}") from error
-    return onnxruntime.InferenceSession(str(export.cached_onnx(checkpoint)), providers=["CPUExecutionProvider"])
+    model = export.cached_onnx(checkpoint, calibration=calibration)
+    return onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
 
 
 def audio_files(paths: Sequence[str]) -> list[Path]:

@@ -9,6 +9,7 @@ saved for ensembles, and a final test report (`report.py`) in the MediaEval metr
 score.
 """
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from emorf_jax import (
     report,
     weight_averaging,
     windowing,
+    workdir_lock,
 )
 from emorf_jax.models import receptive_field, registry
 
@@ -48,8 +50,22 @@ class TrainState(flax.struct.PyTreeNode):
     average_count: jax.Array  # weights taken into the average so far
 
 
-def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The model a config asks for, as the registry's name and constructor fields (models/registry.py).
+def num_classes(config: ml_collections.ConfigDict, num_tags: int | None = None) -> int:
+    """The model's outputs: the prepared data's `num_tags` when the config's `num_classes` is 0 (the tags come from
+    the data, so one config serves the 56 real tags and the synthetic data's 9); a nonzero value must equal it."""
+    if config.num_classes and num_tags is not None and config.num_classes != num_tags:
+        raise ValueError(
+            f"the prepared dataset has {num_tags} tags but the config asks for num_classes={config.num_classes}; "
+            "set --config.num_classes=0 to follow the data, or prepare the dataset with the config's tag set"
+        )
+    if not (config.num_classes or num_tags):
+        raise ValueError("num_classes is 0 (the prepared data's tag count): give the number of tags")
+    return config.num_classes or num_tags
+
+
+def model_fields(config: ml_collections.ConfigDict, num_tags: int | None = None) -> dict[str, Any]:
+    """The model a config asks for, as the registry's name and constructor fields (models/registry.py), with
+    `num_classes(config, num_tags)` outputs.
 
     A CP-ResNet (`model.name` "cp_resnet", the default) reads `max_rf` > 0 as the largest published RF not above
     it; every other model takes the fields of `config.model` besides its name as they are.
@@ -58,7 +74,7 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if name != "cp_resnet":
         return {
             "name": name,
-            "num_classes": config.num_classes,
+            "num_classes": num_classes(config, num_tags),
             **{key: value for key, value in config.model.items() if key != "name"},
         }
     rho = config.model.rho
@@ -66,7 +82,7 @@ def model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         rho = receptive_field.rho_for_max_rf(config.model.max_rf)
     return {
         "name": name,
-        "num_classes": config.num_classes,
+        "num_classes": num_classes(config, num_tags),
         "rho": rho,
         "base_channels": config.model.base_channels,
         "frequency_aware": config.model.frequency_aware,
@@ -242,13 +258,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"loss.pos_weight must be positive, not {config.loss.pos_weight}")
 
 
-def check_dataset(config: ml_collections.ConfigDict, prepared: PreparedDataset) -> None:
-    if len(prepared.tags) != config.num_classes:
-        raise ValueError(
-            f"the prepared dataset has {len(prepared.tags)} tags ({', '.join(prepared.tags[:5])}, ...) but the "
-            f"config asks for num_classes={config.num_classes}; prepare the dataset with the config's tag set or "
-            "set num_classes to match"
-        )
+def check_run(config: ml_collections.ConfigDict, workdir: str) -> PreparedDataset:
+    """Every check a run makes before it writes anything in its workdir (a mistaken command leaves nothing behind,
+    so the corrected one can use the same --workdir); returns the prepared dataset."""
+    distributed.check_same_config(config)
+    check_config(config)
+    checkpoints.check_run_folder(workdir)
+    checkpoints.compare_workdir_config(workdir, config)
+    prepared = load_dataset(config, workdir)
+    num_classes(config, len(prepared.tags))
+    return prepared
 
 
 def warn_about_missing_tracks(prepared: PreparedDataset) -> None:
@@ -306,7 +325,7 @@ class _Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDataset):
         self.config, self.workdir, self.prepared = config, workdir, prepared
-        self.fields = model_fields(config)
+        self.fields = model_fields(config, len(prepared.tags))
         self.model = create_model(self.fields, half_precision=config.half_precision, axis_name="batch")
         self.steps_per_epoch = input_pipeline.steps_per_epoch(prepared, config.batch_size)
         self.total_steps = epochs_to_steps(config.num_epochs, self.steps_per_epoch)
@@ -352,6 +371,7 @@ class _Run:
             seed=seed,
             start_step=start_step,
             read_threads=self.config.input.read_threads,
+            verify_checksums=self.config.dataset.verify_checksums,
         )
         return jax_utils.prefetch_to_device(batches, 2)
 
@@ -375,17 +395,50 @@ def current_variables(state: TrainState) -> dict[str, Any]:
     return {"params": jax_utils.unreplicate(state.params), "batch_stats": jax_utils.unreplicate(state.batch_stats)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+class TrainingStopped(Exception):
+    """SIGTERM or SIGINT stopped the run after `step`, which is saved as its latest resumable checkpoint: the same
+    command resumes there. `exit_status` is the shell's for death by that signal (143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, step: int, exit_status: int):
+        super().__init__(f"stopped by a signal after step {step}, saved to resume")
+        self.step, self.exit_status = step, exit_status
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDataset | None = None
+) -> dict[str, dict]:
     """Trains (or resumes) the run in `workdir` to its last step and returns the final test report.
 
-    In a multi-process job (main.py's --distributed) every process calls this with the same config and workdir;
-    each reads its share of every batch, and process 0 alone writes the config, the logs and the report.
+    `prepared` is what `check_run` returned, if the caller already ran it; nothing is written in the workdir before
+    those checks pass. The workdir is then locked (`workdir_lock`: a second live run there is refused with
+    `WorkdirLocked`). SIGTERM or SIGINT during training ends the step in progress, saves it as a resumable
+    checkpoint and raises `TrainingStopped`: a rerun loses no step. In a multi-process job (main.py's
+    --distributed) every process calls this with the same config and workdir; each reads its share of every batch,
+    process 0 alone writes the config, the logs and the report, and all stop at the same step.
     """
-    distributed.check_same_config(config)
-    check_config(config)
-    checkpoints.check_workdir_config(workdir, config)
-    prepared = load_dataset(config, workdir)
-    check_dataset(config, prepared)
+    if prepared is None:
+        prepared = check_run(config, workdir)
+    with _locked(workdir):
+        checkpoints.check_workdir_config(workdir, config)
+        return _train(config, workdir, prepared)
+
+
+@contextlib.contextmanager
+def _locked(workdir: str) -> Iterator[None]:
+    """The workdir's lock, held by process 0 for the job; every process learns whether it got it."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if distributed.is_primary():
+            try:
+                stack.enter_context(workdir_lock.hold(workdir))
+            except workdir_lock.WorkdirLocked as error:
+                refusal = error
+        if not distributed.primary_says(refusal is None):
+            raise refusal or workdir_lock.WorkdirLocked(f"process 0 found the workdir {workdir} in use by another run")
+        yield
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDataset) -> dict[str, dict]:
     warn_about_missing_tracks(prepared)
     run = _Run(config, workdir, prepared)
 
@@ -395,12 +448,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.random.PRNGKey(config.seed),
         input_pipeline.model_input_shape(prepared, config.input.crop_frames),
     )
-    latest = checkpoints.open_manager(workdir, checkpoints.LATEST)
-    if latest.latest_step() is not None:
-        state, _ = checkpoints.restore(latest, target=state)
+    restored = checkpoints.restore_resumable(workdir, target=state)
+    if restored is not None:
+        state = restored
         logging.info("Resuming from step %d", int(state.step))
     start_step = int(state.step)
     state = jax_utils.replicate(state)
+    latest = checkpoints.open_manager(workdir, checkpoints.LATEST)
 
     # clu's writers bring TensorFlow (for TensorBoard's event files): only a run loads them, so that the step and
     # model functions above import without it (the step benchmark runs where TensorFlow is not installed).
@@ -426,29 +480,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     batches = run.train_batches(start_step, config.seed)
     train_losses = []
-    for step in range(start_step + 1, run.total_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, step_metrics = run.p_train_step(state, next(batches), rng)
-        report_progress(step)
-        train_losses.append(step_metrics["loss"])
-        if step % config.log_every_steps == 0 or step == run.total_steps:
-            values = jax.device_get(jax_utils.unreplicate(step_metrics))
-            losses = jax.device_get(train_losses)
-            writer.write_scalars(
-                step,
-                {
-                    "train_loss": float(np.mean([loss[0] for loss in losses])),
-                    "learning_rate": float(values["learning_rate"]),
-                    "epoch": step / run.steps_per_epoch,
-                },
-            )
-            train_losses = []
-        if step in snapshot_at:
-            checkpoints.save(snapshots, step, current_variables(state), run.meta("snapshot", step))
-        if step % eval_every == 0 or step == run.total_steps:
-            _evaluate_and_select(run, state, step, writer, best, swa)
-        if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
-            checkpoints.save(latest, step, jax_utils.unreplicate(state), run.meta("latest", step))
+    with distributed.StopSignals() as signals:
+        for step in range(start_step + 1, run.total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, step_metrics = run.p_train_step(state, next(batches), rng)
+            report_progress(step)
+            train_losses.append(step_metrics["loss"])
+            if step % config.log_every_steps == 0 or step == run.total_steps:
+                values = jax.device_get(jax_utils.unreplicate(step_metrics))
+                losses = jax.device_get(train_losses)
+                writer.write_scalars(
+                    step,
+                    {
+                        "train_loss": float(np.mean([loss[0] for loss in losses])),
+                        "learning_rate": float(values["learning_rate"]),
+                        "epoch": step / run.steps_per_epoch,
+                    },
+                )
+                train_losses = []
+            if step in snapshot_at:
+                checkpoints.save(snapshots, step, current_variables(state), run.meta("snapshot", step))
+            if step % eval_every == 0 or step == run.total_steps:
+                _evaluate_and_select(run, state, step, writer, best, swa)
+            stopping = signals.should_stop(step)
+            if stopping or step % config.checkpoint_every_steps == 0 or step == run.total_steps:
+                checkpoints.save(latest, step, jax_utils.unreplicate(state), run.meta("latest", step))
+            if stopping:
+                writer.close()
+                logging.warning(
+                    "Stopped by a signal after step %d of %d, saved in %s; the same command resumes from there",
+                    step,
+                    run.total_steps,
+                    checkpoints.step_path(latest, step),
+                )
+                raise TrainingStopped(step, signals.exit_status)
     writer.flush()
     report = final_report(run, state, latest, snapshots, best, swa)
     writer.close()
@@ -506,7 +571,7 @@ def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> 
         for name, by_split in predictions.items()
     }
     thresholds = {path: reports[name].thresholds for name, path in saved.items()} | {
-        checkpoints.step_path(snapshots, step): report.validation_thresholds(by_split["validation"])
+        checkpoints.step_path(snapshots, step): report.validation_thresholds(by_split["validation"], run.prepared.tags)
         for step, by_split in snapshot_predictions.items()
     }
     summary = report.run_summary(reports)

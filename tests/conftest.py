@@ -60,7 +60,7 @@ def prepared_data_dir(synthetic_tree, tmp_path_factory) -> tuple[Path, str]:
 def _random_checkpoint(directory: Path, prepared, seed: int) -> Path:
     """A real orbax checkpoint of the test config's FA-ResNet with random weights, as a run writes it."""
     config = faresnet.get_config("test")
-    fields = train.model_fields(config)
+    fields = train.model_fields(config, len(prepared.tags))
     variables = train.create_model(fields).init(jax.random.PRNGKey(seed), np.zeros((1, 256, 64, 1), np.float32))
     leaves, treedef = jax.tree.flatten(variables["params"])
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))

@@ -40,7 +40,7 @@ def _count(tree) -> int:
 
 
 def _fields(config_name: str, variant: str | None) -> dict:
-    return train.model_fields(importlib.import_module(f"configs.{config_name}").get_config(variant))
+    return train.model_fields(importlib.import_module(f"configs.{config_name}").get_config(variant), 56)
 
 
 # (config, input at paper size, parameters at 56 tags): torchvision's ResNet counts less the 2 extra input channels
@@ -91,7 +91,7 @@ def prepared(prepared_data_dir):
 @pytest.mark.parametrize("config_name", sorted(TEST_SIZES))
 def test_each_model_trains_saves_loads_and_tags_through_the_same_tools(config_name, prepared, tmp_path):
     config = importlib.import_module(f"configs.{config_name}").get_config("test")
-    fields = train.model_fields(config)
+    fields = train.model_fields(config, len(prepared.tags))
     model = train.create_model(fields, axis_name="batch")
     tx = optax.adam(1e-2)
     state = train.initial_state(model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0), (1, N_MELS, FRAMES, 1))

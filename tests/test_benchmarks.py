@@ -23,6 +23,7 @@ def test_input_pipeline_benchmark_reads_exactly_its_crops(tmp_path):
     output = _run("benchmarks.input_pipeline", "--quick", "--out", str(tmp_path))
     figures = json.loads(output[output.index("{") :])
     assert figures["examples_per_s"] > 0 and figures["examples_per_s_as_prepared"] > 0
+    assert figures["examples_per_s_verifying_checksums"] > 0
     assert figures["examples_per_s_to_device"] > 0 and figures["step_normalisation_ms_per_example"] > 0
     assert figures["as_training_tracks"] == 9949 and figures["training_tracks"] < 9949
     assert 0.5 < figures["bytes_read_per_crop_byte"] <= 1.0  # below 1 only for tracks shorter than the crop
@@ -145,3 +146,12 @@ def test_onnx_tagging_benchmark_quick_gives_the_same_outputs_in_both_runtimes(tm
     assert figures["same_outputs_rtol_1e-4"] and figures["windows"] == 16 and figures["logit_scale"] > 0.1
     assert figures["jax"]["windows_per_second"] > 0 and figures["onnxruntime"]["windows_per_second"] > 0
     assert figures["file_mib"]["model.onnx"] > 0 and figures["onnx_export_seconds"] > 0
+
+
+def test_tagging_command_benchmark_quick_times_the_command_and_its_int8_variant():
+    pytest.importorskip("onnxruntime", reason="the int8 variant needs the [export] extra (pip install -e '.[test]')")
+    output = _run("benchmarks.tagging_command", "--quick")
+    figures = json.loads(output[output.index("{") :])
+    assert figures["files"] == 3 and figures["audio_seconds"] == pytest.approx(15.0, abs=0.2)
+    for variant in ("(defaults)", "--backend=onnxruntime --precision=int8"):
+        assert figures["variants"][variant]["wall_s"] > 0 and figures["variants"][variant]["peak_gib"] > 0.1

@@ -77,9 +77,11 @@ def test_a_saved_model_folder_stands_in_for_its_checkpoint(prepared_data_dir, ra
         assert (again / name).read_bytes() == (first / name).read_bytes(), name
 
 
-def test_a_submission_without_every_official_test_track_is_refused(
-    synthetic_tree, random_checkpoints, tmp_path, capsys
+def test_a_submission_without_every_official_test_track_is_refused_before_any_model_runs(
+    synthetic_tree, random_checkpoints, tmp_path, capsys, monkeypatch
 ):
+    """A test track that data preparation could not store: the error names it and the prepared data's failures.tsv,
+    and comes before any checkpoint is run over the dataset (`Predictor.predict` is watched, not replaced)."""
     lost = metadata.read_split(synthetic_tree / "data", 0, "test")[2]
     audio = tmp_path / "audio"
     shutil.copytree(synthetic_tree / "audio", audio)
@@ -89,12 +91,21 @@ def test_a_submission_without_every_official_test_track_is_refused(
             audio, synthetic_tree / "data", tmp_path / "data", workers=2, progress=False, chunk_frames=CHUNK_FRAMES
         )
     )
+    predicted = []
+    real_predict = inference.Predictor.predict
+    monkeypatch.setattr(
+        inference.Predictor, "predict", lambda self, *a, **k: predicted.append(a) or real_predict(self, *a, **k)
+    )
     output = tmp_path / "out"
     status = ensemble.main(
         [f"--checkpoint={random_checkpoints[0]}", f"--data_dir={tmp_path / 'data'}", f"--output_dir={output}"]
     )
     assert status == 2
-    assert f"1 official test tracks are missing ({lost.track_id})" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"1 official test tracks are missing ({lost.track_id})" in error
+    failures = load_prepared(tmp_path / "data").failures_report
+    assert f"1 test tracks failed in data preparation, their reasons are in {failures}" in error
+    assert error.count("\n") == 1 and predicted == []
     assert not output.exists()
 
 

@@ -41,7 +41,7 @@ def test_the_erf_of_one_convolution_is_exactly_its_kernels_support(kernel):
 
 
 def _untrained(rho: int, shape) -> effective_fields.ErfMap:
-    fields = train.model_fields(ensemble_training.with_rho(faresnet.get_config("test"), rho))
+    fields = train.model_fields(ensemble_training.with_rho(faresnet.get_config("test"), rho), 9)
     return effective_fields.untrained_erf(fields, shape)
 
 

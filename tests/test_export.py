@@ -211,3 +211,37 @@ def test_the_command_refuses_an_unknown_format_a_baseline_and_a_missing_checkpoi
     error = _usage_error(capsys, "--checkpoint", missing, "--format", "torch", "--output", str(tmp_path / "x.pt"))
     assert f"no checkpoint directory at {missing}" in error
     assert not list(tmp_path.glob("x*"))  # nothing written
+
+
+def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calibration(saved, tmp_path):
+    """int8 weights per channel and uint8 activations (QDQ), logits within a few percent of the float model's on
+    windows it was not calibrated on; one quantisation per (checkpoint, calibration key), whose windows are computed
+    only when it is not cached."""
+    computed = []
+
+    def windows(count: int):
+        computed.append(count)
+        return list(_stored_windows(count, 400, seed=5))
+
+    quantised = export.cached_onnx(saved["fa_resnet"], tmp_path, export.Calibration("four", lambda: windows(4)))
+    assert quantised.name.endswith(".int8.onnx") and quantised.parent == tmp_path and computed == [4]
+    graph = onnx.load(str(quantised)).graph
+    operators = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= operators
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) >= 20  # every convolution's kernel
+    stored = _stored_windows(2, 500, seed=6)
+    float_session, int8_session = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for path in (export.cached_onnx(saved["fa_resnet"], tmp_path), quantised)
+    )
+    expected = float_session.run(None, {export.INPUT_NAME: stored})[0]
+    logits = int8_session.run(None, {export.INPUT_NAME: stored})[0]
+    assert np.std(expected) > 0.1 and not np.array_equal(logits, expected)
+    assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()
+    again = export.cached_onnx(saved["fa_resnet"], tmp_path, export.Calibration("four", lambda: windows(4)))
+    assert again == quantised and computed == [4]  # read from the cache: no windows computed, nothing quantised
+    other = export.cached_onnx(saved["fa_resnet"], tmp_path, export.Calibration("two", lambda: windows(2)))
+    assert other != quantised and other.exists() and computed == [4, 2]
+    with pytest.raises(ValueError, match="at least one calibration window"):
+        export.quantize_onnx(quantised, [], tmp_path / "none.onnx")

@@ -3,6 +3,7 @@ process with two devices does: `python -m emorf_jax.main --coordinator_address=.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -161,6 +162,26 @@ def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(si
     assert "snapshot_ensemble_1" in stdout_0 and "test set" not in stdout_1
     assert "JAX process 1/2" in stderr_1 and "step 3:" not in stderr_1
     assert json.loads((workdir / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+
+
+def test_a_sigterm_to_one_process_stops_every_process_after_the_same_saved_step(prepared_data_dir, tmp_path):
+    """JAX's preemption service carries the notice to the other process; both save the step they agree on."""
+    data_dir, _ = prepared_data_dir
+    workdir = tmp_path / "preempted"
+    longer = ("--config.num_epochs=2", "--config.log_every_steps=1")  # steps 1-7, each logged by process 0
+    processes = _start_two_processes(data_dir, workdir, (longer, longer))
+    deadline = time.time() + TIMEOUT
+    log_0 = Path(f"{workdir}.0.err")
+    while "] [2] " not in log_0.read_text() and time.time() < deadline and processes[0].poll() is None:
+        time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = _finish(processes, workdir)
+    stops = []
+    for index, (returncode, _, stderr) in enumerate(outputs):
+        assert returncode == 128 + signal.SIGTERM, f"process {index}: {stderr[-3000:]}"
+        stops += [int(step) for step in re.findall(r"Stopped by a signal after step (\d+) of \d+", stderr)]
+    assert len(stops) == 2 and stops[0] == stops[1] and 2 <= stops[0] < 7, stops
+    assert _latest(workdir)[0] == stops[0]
 
 
 def test_processes_started_with_different_configs_are_refused(prepared_data_dir, tmp_path):

@@ -109,3 +109,33 @@ def test_clear_errors_before_any_training(arguments, message, capsys, tmp_path):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing may be written before the arguments are checked"
+
+
+def test_baseline_rows_follow_the_rho_rows_with_their_exact_rf(tmp_path):
+    figures = {"swa": {"validation": 0.5, "test": 0.45}, "selected": {"validation": 0.4, "test": 0.3}}
+    results = [
+        sweeps.RunResult(None, 0, figures, "resnet50"),
+        _result(3, 0, 0.4),
+        sweeps.RunResult(None, 0, figures, "resnet18"),
+        sweeps.RunResult(None, 1, figures, "resnet18"),
+    ]
+    rows = sweeps.sweep_rows(results)
+    assert [row.label for row in rows] == ["3", "ResNet-18", "ResNet-50"]
+    assert (rows[1].published_rf, rows[1].exact_rf, rows[1].seeds) == (None, 435, [0, 1])
+    table = sweeps.format_table(rows)
+    assert "| ResNet-18 | - | 435 | 0,1 | 0.5000 ± 0.0000 | 0.4500 ± 0.0000 |" in table
+    assert "| ResNet-50 | - | 427 | 0 |" in table
+    sweeps.write_results(rows, results, str(tmp_path))
+    summary = json.loads((tmp_path / "rf_sweep.json").read_text())
+    assert [row["baseline"] for row in summary["rows"]] == [None, "resnet18", "resnet50"]
+    assert (tmp_path / "rf_sweep.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="use one of resnet18, resnet34, resnet50"):
+        sweeps.baseline_config("vgg19", "test", 0, str(tmp_path))
+
+
+def test_the_command_refuses_an_unknown_baseline_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        rf_sweep.main(["--config=configs/faresnet.py:test", "--baselines=resnet18,resnet101", f"--workdir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert "--baselines resnet101: use some of resnet18,resnet34,resnet50" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

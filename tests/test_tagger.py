@@ -102,3 +102,43 @@ def test_thresholds_added_to_a_saved_checkpoint_are_read_back_and_shown_by_its_m
     assert checkpoints.read_thresholds(str(copy)) == [0.5] * len(tags)
     with pytest.raises(ValueError, match=f"2 thresholds for the {len(tags)} tags of the checkpoint at"):
         checkpoints.write_thresholds(str(copy), [0.5, 0.5])
+
+
+def test_int8_calibration_takes_a_few_windows_per_file_and_passes_over_unreadable_ones(
+    random_checkpoints, synthetic_tree, tmp_path
+):
+    pytest.importorskip("onnxruntime", reason="int8 tagging needs the [export] extra (pip install -e '.[test]')")
+    model = tagger.load_tagger(random_checkpoints[0])
+    tracks = metadata.read_split(synthetic_tree / "data", 0, "train")
+    longest = max(tracks, key=lambda track: track.duration)  # the tree's long track: several windows
+    broken = tmp_path / "broken.mp3"
+    broken.write_bytes(b"not audio at all")
+    files = [str(broken), str(synthetic_tree / "audio" / longest.path)]
+    settings, window = model.feature_settings, model.window_frames
+    stored = model.read_features(files[1])
+    assert len(stored.shape) == 2 and stored.shape[1] > 3 * window  # at least four windows in the long track
+    windows = tagger.calibration_windows(files, settings, window, count=10, per_file=3)
+    assert len(windows) == 3 and all(w.shape == (window, settings.n_mels) for w in windows)
+    np.testing.assert_array_equal(windows[1], model.read_features(files[1]).T[window : 2 * window].astype(np.float16))
+    assert len(tagger.calibration_windows(files, settings, window, count=2, per_file=3)) == 2
+    with pytest.raises(ValueError, match="none of the calibration files could be read") as error:
+        tagger.calibration_windows([str(broken)], settings, window)
+    assert "broken.mp3" in str(error.value)
+    key = tagger.files_key(files)
+    assert tagger.files_key(files) == key and tagger.files_key(files[1:]) != key
+    broken.write_bytes(b"not audio, and longer")  # another size: another key
+    assert tagger.files_key(files) != key
+
+
+def test_int8_tagging_is_close_to_float_and_only_with_onnxruntime(random_checkpoints, synthetic_tree):
+    pytest.importorskip("onnxruntime", reason="int8 tagging needs the [export] extra (pip install -e '.[test]')")
+    with pytest.raises(ValueError, match="only the onnxruntime backend"):
+        tagger.load_tagger(random_checkpoints[0], precision="int8")
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        tagger.load_tagger(random_checkpoints[0], backend="onnxruntime", precision="int4")
+    files = [str(synthetic_tree / "audio" / t.path) for t in metadata.read_split(synthetic_tree / "data", 0, "test")]
+    exact = tagger.load_tagger(random_checkpoints[0], backend="onnxruntime")
+    int8 = tagger.load_tagger(random_checkpoints[0], backend="onnxruntime", precision="int8", calibration_files=files)
+    for path in files[:3]:
+        expected, tags = exact.tag_file(path).probabilities, int8.tag_file(path).probabilities
+        assert np.abs(tags - expected).max() < 0.05 and not np.array_equal(tags, expected)

@@ -340,8 +340,8 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
 def test_compilation_cache_keeps_compiled_programs_in_the_workdir(tmp_path):
     """--compilation_cache_dir (relative: in the workdir) is where a run's compiled programs go."""
     program = (
-        "import sys, jax, jax.numpy as jnp; from emorf_jax import main; "
-        "main.use_compilation_cache('xla_cache', sys.argv[1]); jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))"
+        "import sys, jax, jax.numpy as jnp; from emorf_jax import distributed; "
+        "distributed.use_compilation_cache('xla_cache', sys.argv[1]); jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))"
     )
     environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     environment["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -6,13 +6,14 @@
 Writes OUT/NN/ID.npy, float32 (96, frames): the format of the organisers' precomputed features (12 kHz, frame 512,
 hop 256, 96 mel bands, dB). The values are librosa's mel power in dB, not Essentia's own mel bands: the same shape,
 rate and scale, not the same numbers (docs/fidelity.md, "Features"). Every track of the split-0 TSVs is written;
-a file that exists is kept, so an interrupted run resumes.
+a file that exists is kept, so an interrupted run resumes. Each file is made in a worker process of
+`extract.run_all`: a file that cannot be read or decoded, hangs, or crashes its worker is named at the end
+(`extract.JobsFailed`) and does not stop the others.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
+import functools
 from pathlib import Path
 
 import librosa
@@ -34,30 +35,24 @@ def essentia_like_mels(audio_file: str | Path) -> np.ndarray:
     return librosa.power_to_db(mels).astype(np.float32)
 
 
-def _write(audio_file: Path, target: Path) -> None:
+def _write(job: extract.TrackJob, audio_dir: Path, out_dir: Path) -> None:
+    target = out_dir / features.source_path(job.path, SETTINGS)
     target.parent.mkdir(parents=True, exist_ok=True)
-    extract.write_atomically(target, essentia_like_mels(audio_file))
+    extract.write_atomically(target, essentia_like_mels(audio_dir / job.path))
 
 
 def write_essentia_like_tree(
     audio_dir: str | Path, metadata_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True
 ) -> int:
-    """Writes the `.npy` of every split-0 track not written yet; the number written."""
+    """Writes the `.npy` of every split-0 track not written yet; the number written. Raises extract.JobsFailed,
+    once the others are written, if some could not be."""
     audio_dir, out_dir = Path(audio_dir), Path(out_dir)
     tracks = [track for part in metadata.SPLIT_PARTS for track in metadata.read_split(metadata_dir, 0, part)]
-    paths = sorted({track.path for track in tracks})
-    jobs = [(audio_dir / path, out_dir / features.source_path(path, SETTINGS)) for path in paths]
-    jobs = [(audio, target) for audio, target in jobs if not target.is_file()]
-    bar = tqdm.tqdm(total=len(jobs), desc="essentia-like .npy", unit="track", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            _write(*job)
-            bar.update()
-    else:
-        context = multiprocessing.get_context("spawn")  # safe in a multi-threaded parent (JAX, TF)
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for future in concurrent.futures.as_completed([pool.submit(_write, *job) for job in jobs]):
-                future.result()
-                bar.update()
-    bar.close()
+    jobs = [
+        extract.TrackJob(track.track_id, track.path, track.duration)
+        for track in sorted(tracks, key=lambda track: track.path)
+        if not (out_dir / features.source_path(track.path, SETTINGS)).is_file()
+    ]
+    with tqdm.tqdm(total=len(jobs), desc="essentia-like .npy", unit="track", disable=not progress) as bar:
+        extract.run_all(functools.partial(_write, audio_dir=audio_dir, out_dir=out_dir), jobs, workers, bar)
     return len(jobs)

@@ -14,8 +14,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
+from data_prep import extract
 from data_prep.essentia_like import write_essentia_like_tree
 
 
@@ -30,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output root: NN/ID.npy")
     parser.add_argument("--workers", type=int, default=1, help="processes")
     args = parser.parse_args(argv)
-    count = write_essentia_like_tree(args.audio_dir, args.metadata_dir, args.out, args.workers)
+    try:
+        count = write_essentia_like_tree(args.audio_dir, args.metadata_dir, args.out, args.workers)
+    except extract.JobsFailed as error:
+        sys.exit(f"error: {error}; the command run again makes only the missing files")
     print(f"{count} .npy files written under {args.out}")
 
 

@@ -54,9 +54,8 @@ tracks (``long_tracks``) last 30-50 s.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
+import functools
 import os
 import shutil
 from collections.abc import Sequence
@@ -65,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from data_prep import metadata
+from data_prep import extract, metadata
 
 SAMPLE_RATE = 44100
 TAG_PREFIX = "mood/theme" + metadata.TAG_SEPARATOR
@@ -521,17 +520,10 @@ def _write_tsv(path: Path, plans: Sequence[TrackPlan]) -> None:
 
 
 def _write_audio(plans: Sequence[TrackPlan], seed: int, audio_dir: Path, workers: int) -> None:
+    """Renders every original track in worker processes (`extract.run_all`, longest first, so that a long track
+    does not finish alone at the end), then copies the duplicates; extract.JobsFailed names tracks that failed."""
     originals = [plan for plan in plans if plan.copy_of is None]
-    if workers <= 1:
-        for plan in originals:
-            _render_and_write(plan, seed, audio_dir)
-    else:
-        context = multiprocessing.get_context("spawn")  # safe in a multi-threaded parent (JAX, TF)
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            # Longest first, so that a long track does not finish alone at the end.
-            by_length = sorted(originals, key=lambda plan: -plan.duration)
-            count = len(by_length)
-            list(pool.map(_render_and_write, by_length, [seed] * count, [audio_dir] * count, chunksize=4))
+    extract.run_all(functools.partial(_render_and_write, seed=seed, audio_dir=audio_dir), originals, workers)
     by_number = {plan.number: plan for plan in plans}
     for plan in plans:
         if plan.copy_of is not None:

@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
+from data_prep import extract
 from data_prep.synthetic import LENGTH_LOG_STD, make_synthetic
 
 
@@ -35,16 +37,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--duplicate_groups", type=int, default=2, help="pairs of byte-identical MP3s")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
     args = parser.parse_args(argv)
-    make_synthetic(
-        args.out,
-        num_tracks=args.tracks,
-        seed=args.seed,
-        duration=args.duration,
-        long_tracks=args.long_tracks,
-        duplicate_groups=args.duplicate_groups,
-        workers=args.workers,
-        length_log_std=args.length_log_std,
-    )
+    try:
+        make_synthetic(
+            args.out,
+            num_tracks=args.tracks,
+            seed=args.seed,
+            duration=args.duration,
+            long_tracks=args.long_tracks,
+            duplicate_groups=args.duplicate_groups,
+            workers=args.workers,
+            length_log_std=args.length_log_std,
+        )
+    except extract.JobsFailed as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,19 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "embedding", x.astype(jnp.float32))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def max_rf(name: str) -> int:
+    """The maximal RF of one output unit in input bins (kernels are square): RF_n = RF_{n-1} + (k_n - 1) * jump_{n-1}
+    over the stem, its pool and each block's 3x3 conv (1x1 convs add nothing; a stage's first 3x3 strides by 2):
+    ResNet-18 435, ResNet-34 899, ResNet-50 427, all larger than any CP-ResNet's."""
+    layers = [(7, 2), (3, 2)]  # the stem conv and max-pool: (kernel, stride)
+    for stage, num_blocks in enumerate(STAGE_SIZES[name]):
+        for block in range(num_blocks):
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers += [(3, stride)] if BOTTLENECK[name] else [(3, stride), (3, 1)]
+    rf, jump = 1, 1
+    for kernel, stride in layers:
+        rf += (kernel - 1) * jump
+        jump *= stride
+    return rf
