@@ -188,7 +188,13 @@ def step_directory(path: str) -> str:
     with _reader(path) as manager:
         step = manager.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {path}")
+        kinds = [kind for kind in (SWA, BEST, SNAPSHOTS) if os.path.isdir(os.path.join(path, kind))]
+        hint = (
+            f": {path} is a run's folder; pass one of its checkpoints, e.g. --checkpoint={os.path.join(path, kinds[0])}"
+            if kinds
+            else ""
+        )
+        raise FileNotFoundError(f"no checkpoint in {path}{hint}")
     return os.path.join(path, str(step))
 
 

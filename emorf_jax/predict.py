@@ -132,20 +132,6 @@ def _show(text: str) -> None:
         raise _StandardOutputError(error.errno, error.strerror or str(error), "standard output") from error
 
 
-def _checkpoint_hint(paths: Sequence[str]) -> str:
-    """What to pass instead of a run's folder given as a checkpoint, or nothing."""
-    from emorf_jax import checkpoints
-
-    for path in paths:
-        kinds = [
-            kind for kind in (checkpoints.SWA, checkpoints.BEST, checkpoints.SNAPSHOTS) if (Path(path) / kind).is_dir()
-        ]
-        if kinds and not Path(path, "meta").is_dir():
-            example = Path(path, kinds[0])
-            return f": {path} is a run's folder; pass one of its checkpoints, e.g. --checkpoint={example}"
-    return ""
-
-
 def _write_error_line(error: OSError, output: str | None, written: int, left: int) -> str:
     """The one line for an output that could not be written: which file, why, and what to do."""
     from data_prep.layout import DISK_FULL_ERRNOS
@@ -184,7 +170,7 @@ def _run(argv: Sequence[str] | None) -> int:
         try:
             card = model_card(args.describe)
         except FileNotFoundError as error:
-            parser.error(f"{error}{_checkpoint_hint([args.describe])}")
+            parser.error(str(error))
         _show(card)
         return 0
     if not args.checkpoint:
@@ -223,8 +209,6 @@ def _run(argv: Sequence[str] | None) -> int:
     except bulk_tagging.OutputWriteError as error:
         print(_write_error_line(error, args.output, 0, len(files)), file=sys.stderr)
         return 1
-    except FileNotFoundError as error:
-        parser.error(f"{error}{_checkpoint_hint(args.checkpoint)}")
     except (OSError, ValueError, ImportError) as error:
         parser.error(str(error))
     done = output.done if output else {}
