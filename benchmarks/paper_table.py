@@ -10,7 +10,7 @@ with `--quick`): VGG-ish on the organisers' essentia96 format (`.npy` files made
 `data_prep.essentia_like`, librosa's mels in Essentia's format) and on our hop512 features, ResNet-34 and CRNN
 (hop1536), ResNet-18 and ResNet-50 (hop512, the slides' "deeper = better?" baselines), CP-ResNet, FA-ResNet,
 Shake-Shake FA-ResNet; the average ensemble is the recipe of `configs/avg_ensemble.py`
-(`emorf_jax/ensemble_training.py`), whose FA and Shake-Shake members include those two rows; the popularity baseline
+(`emorf_jax/ensemble_recipe/`), whose FA and Shake-Shake members include those two rows; the popularity baseline
 predicts the most frequent synthetic training tag. Each row reports its SWA model's
 whole-track test PR-AUC and ROC-AUC (macro), scored like the published ones (`metrics.mediaeval_metrics`, macro
 figures over the tags with both classes). The published test figures are the official results on the REAL test set
@@ -39,7 +39,7 @@ from benchmarks import reference_data
 from configs import avg_ensemble, default
 from data_prep import metadata
 from data_prep.reader import load_prepared
-from emorf_jax import baselines, demo, ensemble_training, metrics, report
+from emorf_jax import baselines, demo, ensemble_recipe, metrics, report, training_run
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = reference_data.MEDIAEVAL2019
@@ -107,7 +107,7 @@ def row_config(name: str, variant: str, data_dir: str, quick: bool) -> ml_collec
 
 def trained_row(config: ml_collections.ConfigDict, workdir: str, out: str) -> dict[str, float]:
     """Trains one row unless it is finished; its SWA model's test figures."""
-    ensemble_training.train_unless_finished(config, workdir, out)
+    training_run.train_unless_finished(config, workdir, out)
     with open(os.path.join(workdir, report.RUN_REPORT_DIR, report.RUN_SUMMARY)) as f:
         summary = json.load(f)
     return summary["swa"] if "swa" in summary else summary["final"]
@@ -129,7 +129,8 @@ def run_table(out: str, quick: bool, rows: tuple[Row, ...] = ROWS) -> list[dict]
     variant = "test" if quick else "demo"
     data_dir = os.path.join(out, "data")
     recipe = avg_ensemble.get_config(variant)
-    members = {name: (rho, seed) for name, rho, seed in reversed(recipe.members)}  # each kind's first member
+    recipe.dataset.data_dir = data_dir
+    members = {name: (rho, seed) for name, rho, seed in reversed(recipe.ensemble.members)}  # each kind's first member
     start = time.monotonic()
     demo.prepare_synthetic_data(row_config("cp_resnet", variant, data_dir, quick), out)  # the hop512 shards
     print(f"synthetic data and hop512 shards: {time.monotonic() - start:.0f} s", flush=True)
@@ -137,7 +138,7 @@ def run_table(out: str, quick: bool, rows: tuple[Row, ...] = ROWS) -> list[dict]
     for row in rows:
         start = time.monotonic()
         if row.config == "avg_ensemble":
-            ours = ensemble_training.run(recipe, out, data_dir)
+            ours = ensemble_recipe.run(recipe, out)
         elif row.config == "popularity":
             ours = popularity_row(out, data_dir)
         else:
@@ -145,7 +146,7 @@ def run_table(out: str, quick: bool, rows: tuple[Row, ...] = ROWS) -> list[dict]
             workdir = os.path.join(out, "rows", row.config)
             if row.config in members:  # the ensemble's member of this kind: trained once for both
                 config.model.rho, config.seed = members[row.config]
-                workdir = ensemble_training.member_workdir(out, row.config, *members[row.config])
+                workdir = ensemble_recipe.member_workdir(out, row.config, *members[row.config])
             ours = trained_row(config, workdir, out)
         results.append(
             {

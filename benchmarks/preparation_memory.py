@@ -3,9 +3,9 @@
     python -m benchmarks.preparation_memory [--workers 16] [--memory_budget_gb 8]
 
 Replays stage 1 on the durations of every track of split-0's TSVs (no audio needed): a worker extracting a track
-holds `extract.job_memory(track)` bytes (measured per second of audio, see `extract.WORKER_BYTES_PER_SECOND`) for a
-time proportional to its length. Old: every track sorted longest first, as many running as there are workers.
-New: `extract._Schedule`, the order and memory budget the build uses. Prints the peak of the workers' summed
+holds `worker_pool.job_memory(track)` bytes (measured per second of audio, see `worker_pool.WORKER_BYTES_PER_SECOND`)
+for a time proportional to its length. Old: every track sorted longest first, as many running as there are workers.
+New: `worker_pool._Schedule`, the order and memory budget the build uses. Prints the peak of the workers' summed
 memory and how long the whole stage takes relative to a perfect split of the work over the workers.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import reference_data
-from data_prep import extract, metadata
+from data_prep import extract, metadata, worker_pool
 
 METADATA_DIR = reference_data.MTG_JAMENDO_METADATA
 
@@ -37,10 +37,10 @@ def replay(
         while len(running) < workers and (job := take()) is not None:
             heapq.heappush(running, (now + job.duration, counter, job))
             counter += 1
-            held += extract.job_memory(job)
+            held += worker_pool.job_memory(job)
             peak = max(peak, held)
         now, _, job = heapq.heappop(running)
-        held -= extract.job_memory(job)
+        held -= worker_pool.job_memory(job)
         remaining -= 1
         finished(job)
     return peak, now
@@ -54,7 +54,7 @@ def main() -> None:
     )
     parser.add_argument("--metadata_dir", type=Path, default=METADATA_DIR)
     parser.add_argument("--workers", type=int, default=16)
-    parser.add_argument("--memory_budget_gb", type=float, default=extract.DEFAULT_MEMORY_BUDGET_GB)
+    parser.add_argument("--memory_budget_gb", type=float, default=worker_pool.DEFAULT_MEMORY_BUDGET_GB)
     args = parser.parse_args()
     if not args.metadata_dir.is_dir():
         raise SystemExit(
@@ -68,7 +68,7 @@ def main() -> None:
     old_peak, old_end = replay(
         jobs, args.workers, lambda: longest_first.pop(0) if longest_first else None, lambda job: None
     )
-    schedule = extract._Schedule(jobs, int(args.memory_budget_gb * 2**30))
+    schedule = worker_pool._Schedule(jobs, int(args.memory_budget_gb * 2**30))
     new_peak, new_end = replay(jobs, args.workers, schedule.take, schedule.finished)
 
     gib = 2**30
@@ -76,8 +76,8 @@ def main() -> None:
     print(
         f"split-0: {len(jobs)} tracks, {sum(j.duration for j in jobs) / 3600:.0f} h; the {args.workers} longest: "
         f"{longest[0] / 60:.0f}-{longest[-1] / 60:.0f} min; {args.workers} workers; "
-        f"{extract.WORKER_BYTES_PER_SECOND / 1e6:.2f} MB per second of audio + "
-        f"{extract.WORKER_BYTES_PER_TRACK / 2**20:.0f} MiB per track"
+        f"{worker_pool.WORKER_BYTES_PER_SECOND / 1e6:.2f} MB per second of audio + "
+        f"{worker_pool.WORKER_BYTES_PER_TRACK / 2**20:.0f} MiB per track"
     )
     print("| order | peak of the workers' memory | stage 1 time / perfect split |")
     print("| --- | --- | --- |")

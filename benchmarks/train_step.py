@@ -10,7 +10,7 @@ BatchNorm update (emorf_jax's step also normalises its float16 stored-format cro
 SWA average; mixup is off). emorf_jax is timed through `train.train_step` under `jax.pmap(axis_name="batch")` on one
 device, compiled ahead of time so that compile seconds are reported apart, with the model built the default way
 (`--convs fast`: on CPU, convolution gradients as matrix products, models/conv.py) and/or with XLA's own
-convolutions (`--convs xla`, the earlier code); on a GPU both are XLA's. PyTorch is
+convolutions (`--convs xla`); on a GPU both are XLA's. PyTorch is
 `tests/torch_reference.TorchCPResNet` (the authors' architecture) in float32 with `torch.optim.Adam` and
 `BCEWithLogitsLoss` in train mode, on as many threads as this process may use (XLA's CPU thread pool uses them all).
 Repetitions of all contenders alternate, so that the load of a shared machine falls on all alike; the medians are

@@ -9,6 +9,12 @@ other rows' seconds (`default.use_hop1536`).
 UNVERIFIED: the authors' CRNN code is not public (widths, dropout and GRU sizes follow Choi et al.'s published
 model); the crop and window lengths.
 Published (CP-JKU run 4_crnn): PR-AUC-macro 0.117181.
+
+Run: `python -m emorf_jax.main --config=configs/crnn.py[:demo|:test] --workdir=runs/crnn`. Cost: (none) ESTIMATED under
+1 h on one H200 GPU: 10.3 GFLOP forward per example (XLA's count), 0.31x the FA-ResNet's, ~13 min of configs/
+default.py's ~41 min of steps, near the input pipeline's ~19 min for 256 x 861 crops (as configs/vggish.py); ~3 weeks
+on 2 CPU cores, scaled the same way. `:demo` MEASURED 220 s on 2 idle CPU cores (2026-12-01,
+`benchmarks.paper_table`, data made before) plus ~1 min making the data; `:test` ESTIMATED 1-2 min on 2 cores.
 """
 
 from configs import default

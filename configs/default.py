@@ -2,11 +2,22 @@
 
 Values the paper or the authors' code do not confirm for MediaEval are marked UNVERIFIED. An epoch is one pass
 over the training TRACKS (one crop each), as in the authors' trainer: 9,949 tracks on split-0.
-Variants (`--config=configs/faresnet.py:demo`):
-    (none)  the paper: 200 epochs on the prepared MTG-Jamendo split-0 shards (`dataset.data_dir`).
-    demo    the embedded default: a synthetic MTG-Jamendo made in the workdir, a small net, 3-6 min on 2 CPU cores.
-    test    tiny and fast, for the unit tests.
+Run: `python -m emorf_jax.main --config=configs/default.py[:variant] --workdir=runs/default` (the CP-ResNet, as
+configs/cp_resnet.py). Variants (`--config=configs/faresnet.py:demo`), and their cost with this file's model:
+    (none)  the paper: 200 epochs on the prepared MTG-Jamendo split-0 shards (`dataset.data_dir`), 994.9 steps of 10
+            an epoch, ~199,000 steps. ESTIMATED ~1.5 h on one H200 GPU: ~41 min of steps at 1.25 ms per 861-frame
+            example (the 0.62 ms per 431-frame example MEASURED for the paper-width FA-ResNet on an H200, float32,
+            batch 16, 2026-12-04, times 2.02 by XLA's FLOP count), about doubled by validation (`eval_every_epochs`).
+            ESTIMATED ~2 months on 2 CPU cores (1.3 s per example from the 0.65 s MEASURED at batch 8 on 2 vCPU AMD
+            EPYC, idle, 2026-12-01): impractical. Step figures: benchmarks/RESULTS.md.
+    demo    the embedded default: a synthetic MTG-Jamendo made in the workdir, a small net. MEASURED 252 s on 2 idle
+            CPU cores (2026-12-01, `benchmarks.paper_table`'s CP_ResNet row, data made before), plus ~1 min making
+            the data (57 s MEASURED in the FA-ResNet demo, 2 CPU cores, 2026-12-05).
+    test    tiny and fast, for the unit tests. ESTIMATED 1-2 min on 2 CPU cores, data included (`benchmarks.paper_table
+            --quick` trained every row's `:test` config in 22 min 28 s, MEASURED 2026-12-01, 2 cores at load ~10).
     dcase   the paper's, with the authors' DCASE values where the MediaEval ones are unknown (timing, stereo input).
+            ESTIMATED ~6.5 h on one H200 (400 epochs: ~398,000 steps, ~83 min; validation every epoch makes it
+            ~4.7x that) and ~9 months on 2 CPU cores, from the same figures.
 """
 
 import ml_collections
@@ -38,9 +49,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.chunk_frames = 0  # stored chunk length of that data; 0 = the feature setting's 20 s
     config.dataset.workers = 2  # processes that make and prepare that data
     # True: each stored record's TFRecord checksums are checked on its first read (data_prep.reader.FrameReader), so
-    # a damaged shard stops training with an error naming it and its byte offset. Measured (2026-12-05, 2 busy
-    # cores): no change in training examples/s once read (2,122 -> 2,139 and 2,114 -> 1,990, noise), and 1.6 ms per
-    # MB of shards for the one check of each record, about 80 s over split-0's first epoch on two read threads.
+    # a damaged shard stops training with an error naming it and its byte offset. Cost: one checksum pass over each
+    # record's bytes, on its first read only, so it slows the first epoch's reading and not the later epochs'.
+    # Figures: benchmarks/RESULTS.md, section "Checksums".
     config.dataset.verify_checksums = False
 
     # 0: the prepared dataset's tag count (56 on the real MTG-Jamendo, the paper's; 9 on the synthetic one), so every

@@ -7,6 +7,13 @@ tags. Crops of 1,366 frames (29.1 s), the organisers' input length, on which the
 UNVERIFIED: whole-track windows of 1,366 frames (the organisers scored the central 1,366 frames only).
 The synthetic MTG-Jamendo of `:demo` has MP3s only: for it, `python -m emorf_jax.main` first writes `.npy` files in
 the organisers' format from them (`data_prep.essentia_like`: librosa's mels, not Essentia's) and prepares those.
+
+Run: `python -m emorf_jax.main --config=configs/vggish_essentia96.py[:demo|:test] --workdir=runs/vggish_essentia96`.
+Cost: (none) ESTIMATED under 1 h on one H200 GPU: 3.3 GFLOP forward per example (XLA's count), 0.10x the
+FA-ResNet's, ~4 min of configs/default.py's ~41 min of steps, so reading the crops, not the GPU, sets the pace (as
+configs/vggish.py); ~6 days on 2 CPU cores, scaled the same way. `:demo` MEASURED 210 s on 2 idle CPU cores, the
+`.npy` files and their shards included (2026-12-01, `benchmarks.paper_table`), plus ~1 min making the MP3s; `:test`
+ESTIMATED 1-2 min on 2 cores.
 """
 
 from configs import default

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from data_prep import extract, extras, preparation
+from data_prep import extras, preparation, worker_pool
 from data_prep import features as features_lib
 
 
@@ -58,25 +58,25 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
     parser.add_argument(
         "--memory_budget_gb",
         type=float,
-        default=extract.DEFAULT_MEMORY_BUDGET_GB,
+        default=worker_pool.DEFAULT_MEMORY_BUDGET_GB,
         help="bound on the workers' estimated memory; a longer track than it allows runs alone",
     )
     parser.add_argument(
         "--tracks_per_worker",
         type=int,
-        default=extract.DEFAULT_TRACKS_PER_WORKER,
+        default=worker_pool.DEFAULT_TRACKS_PER_WORKER,
         help="a worker is replaced after this many tracks, so that no process accumulates memory",
     )
     parser.add_argument(
         "--deadline_floor_s",
         type=float,
-        default=extract.DEFAULT_TRACK_DEADLINE.floor_s,
+        default=worker_pool.DEFAULT_TRACK_DEADLINE.floor_s,
         help="a track's deadline: this floor, plus --deadline_s_per_audio_s per second of its TSV duration",
     )
     parser.add_argument(
         "--deadline_s_per_audio_s",
         type=float,
-        default=extract.DEFAULT_TRACK_DEADLINE.seconds_per_audio_second,
+        default=worker_pool.DEFAULT_TRACK_DEADLINE.seconds_per_audio_second,
         help="a worker still holding a track past its deadline is killed and the track reported as timeout",
     )
     args = parser.parse_args(argv)
@@ -97,7 +97,7 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
             memory_budget_gb=args.memory_budget_gb,
             tracks_per_worker=args.tracks_per_worker,
             resample=args.resample,
-            track_deadline=extract.TrackDeadline(args.deadline_floor_s, args.deadline_s_per_audio_s),
+            track_deadline=worker_pool.TrackDeadline(args.deadline_floor_s, args.deadline_s_per_audio_s),
         )
     except ValueError as error:
         parser.error(str(error))

@@ -8,11 +8,7 @@ DATA_DIR/split-<k>/mtg_jamendo_moodtheme/<config>/2.0.0/  TFRecord shards, datas
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
-
-# What a write that fails for want of space raises, wherever it writes: a full disk, a quota, a file size limit.
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 DATASET_NAME = "mtg_jamendo_moodtheme"
 # 2.0.0: spectrograms stored time-major (frames, n_mels), so that a crop is one contiguous byte range, and a

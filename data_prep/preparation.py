@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep import extract, layout, reader
+from data_prep import extract, files, layout, reader, worker_pool
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
 
@@ -48,14 +48,14 @@ class BuildOptions:
     # Frames per stored chunk instead of the setting's 20 s: the tests and the demo use short chunks to exercise
     # multi-chunk tracks cheaply.
     chunk_frames: int | None = None
-    memory_budget_gb: float = extract.DEFAULT_MEMORY_BUDGET_GB  # bound on the workers' estimated memory
-    tracks_per_worker: int = extract.DEFAULT_TRACKS_PER_WORKER  # a worker is replaced after this many tracks
+    memory_budget_gb: float = worker_pool.DEFAULT_MEMORY_BUDGET_GB  # bound on the workers' estimated memory
+    tracks_per_worker: int = worker_pool.DEFAULT_TRACKS_PER_WORKER  # a worker is replaced after this many tracks
     # A file at another sample rate or with more channels is resampled and mixed down (as the tagger does) instead
     # of failing (a stereo setting still refuses more than two channels); off by default, so that odd files in the
     # dataset are reported.
     resample: bool = False
     # How long a worker may hold one track before it is killed and the track reported as `timeout`.
-    track_deadline: extract.TrackDeadline = extract.DEFAULT_TRACK_DEADLINE
+    track_deadline: worker_pool.TrackDeadline = worker_pool.DEFAULT_TRACK_DEADLINE
 
     def __post_init__(self) -> None:
         features_lib.settings_for(self.features)  # an unknown name fails with the list of valid ones
@@ -264,7 +264,7 @@ def build_dataset(options: BuildOptions) -> BuildSummary:
     except metadata_lib.MetadataError as error:
         raise BuildError(str(error)) from error
     except OSError as error:
-        if error.errno not in layout.DISK_FULL_ERRNOS:
+        if error.errno not in files.DISK_FULL_ERRNOS:
             raise
         where = f" ({error.filename})" if error.filename else ""
         raise BuildError(

@@ -159,13 +159,8 @@ def load_prepared(data_dir: str | Path, config_name: str = "hop512", split_index
     """A prepared dataset, read from its directory alone (no audio, no rebuild, no TensorFlow)."""
     directory = layout.dataset_dir(data_dir, config_name, split_index)
     if not layout.is_prepared(data_dir, config_name, split_index):
-        older = sorted(p.name for p in directory.parent.glob("*.*.*") if p.is_dir() and p.name != layout.VERSION)
         reason = (
-            f"only an older layout ({', '.join(older)}) is there; "
-            if older
-            else "its shards have no record index yet; "
-            if layout.has_shards(data_dir, config_name, split_index)
-            else ""
+            "its shards have no record index yet; " if layout.has_shards(data_dir, config_name, split_index) else ""
         )
         raise FileNotFoundError(
             f"no prepared dataset {config_name!r} of split {split_index} at {directory}; {reason}prepare it with: "

@@ -37,7 +37,7 @@ import tqdm
 from tensorflow.core.example import example_pb2
 from tensorflow_datasets.core import writer as tfds_writer
 
-from data_prep import extract, layout
+from data_prep import extract, files, layout
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
 from data_prep.reader import PARTS, RECORD_FOOTER, RECORD_HEADER, scan_records, time_major
@@ -230,7 +230,7 @@ def _disk_full(error: Exception) -> OSError | None:
     """The OSError of a full disk (or a file-size limit) that TensorFlow's error for a failed write stands for, or
     None: TensorFlow keeps the system's message, not the errno."""
     message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
-    for number in layout.DISK_FULL_ERRNOS:
+    for number in files.DISK_FULL_ERRNOS:
         if os.strerror(number) in message:
             return OSError(number, message)
     return None

@@ -4,7 +4,7 @@ Every checkpoint holds two items: `weights` (a pytree) and `meta` (JSON: model f
 normalisation statistics), so a checkpoint can be loaded and used without the training config. A run's final report
 adds to the meta of every checkpoint it scores (final, best, SWA, each snapshot) that model's per-tag decision
 thresholds chosen on validation (`THRESHOLDS`: floats in the meta's tag order, inf for a tag without a positive
-validation track; `write_thresholds`, `read_thresholds`); checkpoints of older runs have none.
+validation track; read and written by `thresholds.py`); the resumable checkpoints have none.
 
 A resumable checkpoint that cannot be read (a truncated or missing file) is reported in one line and moved to
 `damaged/checkpoints-<step>/`, and the run resumes from the one before it (two are kept). A save that runs out of
@@ -20,17 +20,15 @@ Layout of a workdir:
     best/<step>/           the weights chosen by validation (config.selection_metric)
 """
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from data_prep import layout
+from data_prep import files
 
 LATEST = "checkpoints"
 SNAPSHOTS = "snapshots"
@@ -40,7 +38,7 @@ KINDS = (LATEST, SNAPSHOTS, SWA, BEST)
 _ITEMS = ("weights", "meta")
 THRESHOLDS = "thresholds"
 DAMAGED = "damaged"  # <workdir>/damaged/<kind>-<step>/: checkpoints that could not be read, moved out of the way
-_OUT_OF_SPACE = {number: os.strerror(number) for number in layout.DISK_FULL_ERRNOS}  # also read in tensorstore's texts
+_OUT_OF_SPACE = {number: os.strerror(number) for number in files.DISK_FULL_ERRNOS}  # also read in tensorstore's texts
 
 
 class OutOfSpace(OSError):
@@ -198,33 +196,9 @@ def step_directory(path: str) -> str:
     return os.path.join(path, str(step))
 
 
-def _meta_file(path: str) -> str:
+def meta_file(path: str) -> str:
     """The JSON file of a checkpoint's meta item, as orbax's JsonSave writes it."""
     return os.path.join(step_directory(path), "meta", "metadata")
-
-
-def write_thresholds(path: str, thresholds: Sequence[float]) -> None:
-    """Stores per-tag decision thresholds (the meta's tag order) in a saved checkpoint's meta, replacing any.
-
-    The new meta is written beside the old one and renamed over it, so a reader meets the old meta or the new, never
-    a part of one.
-    """
-    meta_file = _meta_file(path)
-    with open(meta_file, encoding="utf-8") as f:
-        meta = json.load(f)
-    values = [float(value) for value in thresholds]
-    if len(values) != len(meta["tags"]):
-        raise ValueError(f"{len(values)} thresholds for the {len(meta['tags'])} tags of the checkpoint at {path}")
-    meta[THRESHOLDS] = values
-    with open(meta_file + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(meta, f)
-    os.replace(meta_file + ".tmp", meta_file)
-
-
-def read_thresholds(path: str) -> list[float] | None:
-    """A checkpoint's per-tag decision thresholds in its meta's tag order, or None when it stores none."""
-    with open(_meta_file(path), encoding="utf-8") as f:
-        return json.load(f).get(THRESHOLDS)
 
 
 # What every member of an average must share: averaged outputs of other tags, features or input statistics would be
@@ -239,54 +213,3 @@ def check_compatible(metas: Sequence[tuple[str, dict[str, Any]]]) -> None:
         for key in SHARED_META_KEYS:
             if meta[key] != first[key]:
                 raise ValueError(f"{path} has other {key} than {first_path}: their outputs cannot be averaged")
-
-
-def check_run_folder(workdir: str) -> None:
-    """Refuses a checkpoint folder of a run (`runs/x/swa`, `runs/x/snapshots/40`) given as a run's workdir."""
-    path = os.path.abspath(workdir)
-    if os.path.isdir(os.path.join(path, "meta")):  # a step directory: <run>/<kind>/<step>
-        path = os.path.dirname(path)
-    run = os.path.dirname(path)
-    if os.path.basename(path) in KINDS and os.path.exists(os.path.join(run, "config.json")):
-        raise ValueError(
-            f"{workdir} is a checkpoint folder of the run in {run}: give --workdir={run} to resume that run, or a new "
-            "folder for a new one"
-        )
-
-
-def compare_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> bool:
-    """Whether the workdir records a config already; refuses one that records another config (writes nothing)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        previous = json.load(f)
-    current = json.loads(config.to_json_best_effort())
-    if previous != current:
-        changed = sorted(config_differences(previous, current))
-        raise ValueError(
-            f"workdir {workdir} holds a run of another config (differences: {', '.join(changed)}); "
-            "use a new --workdir, or the config that run was started with"
-        )
-    return True
-
-
-def check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Records the run's config in the workdir, or refuses a workdir that holds a run of another config."""
-    if compare_workdir_config(workdir, config):
-        return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    current = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:  # one writer; the other processes compared, or will compare, the same file
-        with open(path + ".tmp", "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
-
-
-def config_differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """The dotted names of the fields in which two config dicts differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = set(a) | set(b)
-        return [d for k in keys for d in config_differences(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]

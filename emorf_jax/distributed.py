@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from emorf_jax import checkpoints
+from emorf_jax import run_folder
 
 
 def initialize(
@@ -85,7 +85,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
     texts = multihost_utils.process_allgather(padded)
     configs = [json.loads(bytes(row[:length]).decode()) for row, length in zip(texts, lengths)]
     differing = {
-        process: sorted(checkpoints.config_differences(configs[0], other))
+        process: sorted(run_folder.config_differences(configs[0], other))
         for process, other in enumerate(configs)
         if other != configs[0]
     }

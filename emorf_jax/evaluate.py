@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_prep import metadata
-from emorf_jax import baselines, metrics, report
+from emorf_jax import baselines, metrics, report, thresholds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.decisions:
             decisions = _load_matrix(args.decisions)
         elif args.thresholds:
-            threshold_tags, thresholds = report.read_thresholds(args.thresholds)
-            decisions = metrics.decide(predictions, thresholds)
+            threshold_tags, values = thresholds.read(args.thresholds)
+            decisions = metrics.decide(predictions, values)
         metrics.as_label_matrix(groundtruth, "groundtruth")  # a (tracks, tags) matrix, before its tags are named
         names = _tag_names(args, threshold_tags, groundtruth.shape[1])
         figures = metrics.mediaeval_metrics(groundtruth, predictions, decisions, names)

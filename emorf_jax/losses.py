@@ -1,8 +1,8 @@
 """The training objective: mixup of the global batch and the authors' positive-weighted BCE on logits.
 
 The one home of the loss: the train step (`train.py`) minimises `training_loss`, and the validation loss that selects
-a model (`inference.Predictor.evaluate`) is `bce_with_logits` with the same positive weight. The evidence for each
-choice (`config.loss`) is in docs/fidelity.md, "Training".
+a model (`split_predictions.Predictor.evaluate`) is `bce_with_logits` with the same positive weight. The evidence for
+each choice (`config.loss`) is in docs/fidelity.md, "Training".
 """
 
 from typing import NamedTuple

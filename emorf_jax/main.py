@@ -8,7 +8,7 @@ training only ever reads prepared data.
 
 Several hosts train one model on JAX's multi-controller runtime: start the same command on every host with
 `--distributed` (SLURM, Open MPI, Cloud TPU and Kubernetes are detected) or with `--coordinator_address=HOST:PORT
---num_processes=N --process_id=I`; README.md, "Training on several hosts", shows the launchers.
+--num_processes=N --process_id=I`; docs/training.md, "Training on several hosts", shows the launchers.
 
 Exit status: 0 when the run has written its test report. 2, with one line on stderr, for a mistake found before
 anything is written in the workdir (a flag or config field, a missing prepared dataset, a tag count that is not the
@@ -20,7 +20,6 @@ exits with 143 (SIGTERM) or 130 (SIGINT), as death by that signal would: the sam
 several hosts every process stops at the same step (JAX's preemption service).
 """
 
-import logging as python_logging
 import os
 import sys
 
@@ -31,9 +30,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from data_prep import extras
+from emorf_jax import command_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -42,7 +41,6 @@ flags.DEFINE_string(
     "Directory for checkpoints, TensorBoard logs and the test report; one run at a time (a lock file). SIGTERM or "
     "SIGINT saves the step in progress and exits with 143 or 130; the same command resumes.",
 )
-flags.DEFINE_bool("verbose_libraries", False, "Also show the INFO logs of orbax, TFDS and other libraries.")
 flags.DEFINE_string(
     "compilation_cache_dir",
     "xla_cache",
@@ -64,65 +62,16 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run, from 0.", lower_bound=0)
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
-
-_OWN_CODE = (f"{os.sep}emorf_jax{os.sep}", f"{os.sep}data_prep{os.sep}", f"{os.sep}clu{os.sep}")
-
-
-class _OwnInfoOnly(python_logging.Filter):
-    """Passes our own INFO lines (and clu's metric lines) and every library's warnings and errors, the latter
-    without their tracebacks: an error that ends the run reaches our code, which names it in one line (orbax logs
-    the traceback of a failed write in its own thread before it raises it to us)."""
-
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        own = any(part in record.pathname for part in _OWN_CODE)
-        if record.levelno >= python_logging.WARNING:
-            if not own:
-                record.exc_info, record.exc_text = None, None
-            return "is an ordered dataset" not in record.getMessage()  # expected: training shuffles ordered shards
-        return own
-
-
-def _refuse(message: object, status: int = 2, *, abandon_threads: bool = False) -> None:
-    """Ends the command with one line: a user's mistake or a fault the user can mend, no traceback. With
-    `abandon_threads` (a failed checkpoint write) the process ends at once, after flushing the logs: orbax's writer
-    threads, still failing, would otherwise print their own traceback while the interpreter shuts down."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    if abandon_threads:
-        sys.stdout.flush()
-        python_logging.shutdown()
-        os._exit(status)
-    sys.exit(status)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with the config file loaded here, so that a wrong flag, config file or --config.field
-    ends in one line."""
-    try:
-        args = FLAGS(argv)
-        FLAGS.config  # noqa: B018 (loads the config file and applies the overrides)
-    except flags.Error as error:
-        _refuse(f"{error}; see --helpshort")
-    except (AttributeError, KeyError) as error:  # ml_collections: an override of a field the config does not have
-        while error.args and isinstance(error.args[0], BaseException):  # the KeyError inside the AttributeError
-            error = error.args[0]
-        detail = "; ".join(line.strip() for line in str(error.args[0] if error.args else error).splitlines())
-        _refuse(f"a --config.<field> override names a field the config does not have: {detail}")
-    except (OSError, ValueError, TypeError) as error:  # the config file is missing, or failed to load
-        _refuse(f"cannot load --config: {str(error).strip().splitlines()[-1].strip()}")
-    return args
+command_line.define_flags("Training configuration file[:variant]; fields are overridden with --config.field=value.")
+flags.mark_flag_as_required("workdir")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     extras.exit_unless_installed(extras.TRAIN, "python -m emorf_jax.main")
     # imported after the check: training needs the [train] extra
     from emorf_jax import checkpoints, demo, distributed, train, workdir_lock
 
-    if not FLAGS.verbose_libraries:
-        logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    command_line.quiet_libraries()
     distributed.initialize(
         auto_detect=FLAGS.distributed,
         coordinator_address=FLAGS.coordinator_address,
@@ -136,19 +85,19 @@ def main(argv: list[str]) -> None:
     try:
         prepared = train.check_run(FLAGS.config, FLAGS.workdir)
     except (FileNotFoundError, ValueError) as error:
-        _refuse(error)
+        command_line.refuse(error)
     distributed.use_compilation_cache(FLAGS.compilation_cache_dir, FLAGS.workdir)  # after the checks: in the workdir
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir, prepared)
     except workdir_lock.WorkdirLocked as error:
-        _refuse(error)
+        command_line.refuse(error)
     except checkpoints.OutOfSpace as error:
-        _refuse(error, status=1, abandon_threads=True)
+        command_line.refuse(error, status=1, abandon_threads=True)
     except OSError as error:  # another file of the run: the config, the report
         full = checkpoints.out_of_space(error, error.filename or FLAGS.workdir)
         if full is None:
             raise
-        _refuse(full, status=1, abandon_threads=True)
+        command_line.refuse(full, status=1, abandon_threads=True)
     except train.TrainingStopped as stopped:  # its line is logged
         sys.exit(stopped.exit_status)
     if distributed.is_primary():
@@ -156,4 +105,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=command_line.parse_flags)

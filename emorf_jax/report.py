@@ -34,50 +34,14 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 
 from data_prep import metadata
-from emorf_jax import baselines, metrics, submission
+from emorf_jax import baselines, metrics, submission, thresholds
 
 if TYPE_CHECKING:
-    from emorf_jax.inference import Predictions
+    from emorf_jax.split_predictions import Predictions
 
 SPLITS = ("validation", "test")
 RUN_REPORT_DIR = "report"  # in a training run's workdir
 RUN_SUMMARY = "test_report.json"  # in RUN_REPORT_DIR
-
-
-def read_thresholds(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Tag names and thresholds from a `tag<TAB>threshold` file (the organisers' thresholds.txt format); ValueError
-    saying what to give for a file that cannot be read or is not one."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not a text file"
-        raise ValueError(
-            f"cannot read the thresholds file {path}: {reason}; give a tag<TAB>threshold file such as a run's "
-            "report/<model>/thresholds.tsv"
-        ) from None
-    tags, thresholds = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.rstrip("\r").split("\t")
-        try:
-            if len(fields) != 2:
-                raise ValueError(f"expected 2 tab-separated fields, got {len(fields)}")
-            thresholds.append(float(fields[1]))
-        except ValueError as error:
-            raise ValueError(f"{path}, line {number}: {error}: {line!r}") from None
-        tags.append(fields[0])
-    if not tags:
-        raise ValueError(f"{path} holds no thresholds")
-    return tags, np.array(thresholds)
-
-
-def write_thresholds(path: str | Path, tags: Sequence[str], thresholds: np.ndarray) -> None:
-    """Write per-tag thresholds in the organisers' format; `repr` keeps every digit, so decisions survive."""
-    if len(tags) != len(thresholds):
-        raise ValueError(f"{len(tags)} tags but {len(thresholds)} thresholds")
-    lines = [f"{tag}\t{float(threshold)!r}\n" for tag, threshold in zip(tags, thresholds)]
-    Path(path).write_text("".join(lines), encoding="utf-8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +90,7 @@ def write_model_report(directory: str | Path, report: ModelReport, official_test
         np.save(folder / f"{split}_predictions.npy", predictions.probabilities)
         (folder / f"{split}_track_ids.txt").write_text("".join(f"{track_id}\n" for track_id in predictions.track_ids))
     np.save(folder / "test_decisions.npy", report.decisions)
-    write_thresholds(folder / "thresholds.tsv", report.tags, report.thresholds)
+    thresholds.write(folder / "thresholds.tsv", report.tags, report.thresholds)
     (folder / "metrics.json").write_text(json.dumps(report.figures, indent=2))
     (folder / "calibration.json").write_text(json.dumps(report.calibration, indent=2))
     _write_per_tag(folder / "per_tag.tsv", report)

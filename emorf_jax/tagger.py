@@ -5,12 +5,12 @@ All a tagger needs comes from its checkpoints' meta: the model (rebuilt by the r
 normalisation and evaluation window. A track's features are computed by data preparation's own code (any sample rate,
 resampled; any channel count mixed down, or one or two channels for a stereo model), rounded to the float16 the
 shards store (`track_features`), cut into the evaluation's windows (`windowing.window_ranges`) and run through
-`inference.window_outputs`, the logits of the step the evaluation pmaps, so a checkpoint tags a track's audio exactly
-as the evaluation scored it. Each checkpoint's window logits are averaged, weighted by the frames each window stands
-for, and turned into probabilities; several checkpoints' probabilities are averaged. The same step gives each
-window's embedding, the pooled features the model's classifier reads (`TrackTags`). With the "onnxruntime" backend,
-the same batches of the same stored windows run through each checkpoint's exported ONNX model instead
-(`export.cached_onnx`: logits and embedding, normalisation inside), a short clip at its own length.
+`split_predictions.window_outputs`, the logits of the step the evaluation pmaps, so a checkpoint tags a track's audio
+exactly as the evaluation scored it. Each checkpoint's window logits are averaged, weighted by the frames each window
+stands for, and turned into probabilities; several checkpoints' probabilities are averaged. The same step gives each
+window's embedding, the pooled features the model's classifier reads (`TrackTags`). With the "onnxruntime" backend, the
+same batches of the same stored windows run through each checkpoint's exported ONNX model instead (`export.cached_onnx`:
+logits and embedding, normalisation inside), a short clip at its own length.
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ from scipy.special import expit
 from data_prep import features
 from data_prep.metadata import short_tag_name
 from data_prep.reader import STORED_DTYPE
-from emorf_jax import checkpoints, export, inference, track_features, windowing
+from emorf_jax import checkpoints, export, split_predictions, track_features, windowing
 from emorf_jax.models import receptive_field, registry
 from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 
@@ -37,7 +37,7 @@ from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 # through ffmpeg when it is on the PATH, and without it each such file gets its own error saying to install ffmpeg.
 AUDIO_SUFFIXES = (*features.LIBSNDFILE_SUFFIXES, ".m4a", ".aac", ".wma")
 
-_jitted_window_outputs = jax.jit(inference.window_outputs, static_argnames="model")
+_jitted_window_outputs = jax.jit(split_predictions.window_outputs, static_argnames="model")
 
 BACKENDS = ("jax", "onnxruntime")
 # An int8 model's activation ranges come from this many windows of audio, at most a few per file so that one long
@@ -78,7 +78,7 @@ class TrackTags:
     windows: list[tuple[int, int, int]]  # (start, stop, weight) frames, as `windowing.window_ranges` cuts them
     window_probabilities: np.ndarray  # (windows, tags): the taggram
     # (windows, features) float32: each window's pooled features that the classifier reads, the members' side by
-    # side (`inference.window_outputs`; 4 x base_channels values for a CP-ResNet)
+    # side (`split_predictions.window_outputs`; 4 x base_channels values for a CP-ResNet)
     window_embeddings: np.ndarray
     # (features,) float32: the window embeddings averaged with the window weights, as the logits are; every model's
     # head is affine, so a member's track logits are its head applied to its part of this vector
@@ -121,7 +121,11 @@ class Tagger:
         window = jax.ShapeDtypeStruct((1, self.window_frames, *mean.shape), STORED_DTYPE)
         return sum(
             jax.eval_shape(
-                functools.partial(inference.window_outputs, model=member.model), member.variables, window, mean, mean
+                functools.partial(split_predictions.window_outputs, model=member.model),
+                member.variables,
+                window,
+                mean,
+                mean,
             )[1].shape[-1]
             for member in self.members
         )
@@ -331,10 +335,19 @@ def audio_files(paths: Sequence[str]) -> list[Path]:
     return found
 
 
+def top_tags(probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> list[tuple[str, float]]:
+    """The `top_k` most probable tags, most probable first, as (short name, probability)."""
+    return [(short_tag_name(tags[i]), float(probabilities[i])) for i in np.argsort(-probabilities)[:top_k]]
+
+
+def format_top_tags(probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> str:
+    """`calm 0.812  dark 0.301`: the top-k tags with their probabilities, as `predict` shows them."""
+    return "  ".join(f"{name} {probability:.3f}" for name, probability in top_tags(probabilities, tags, top_k))
+
+
 def top_tags_line(path: str, probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> str:
     """The line `predict` shows for a file: its path and its top-k tags with their probabilities."""
-    top = np.argsort(-probabilities)[:top_k]
-    return f"{path}\t" + "  ".join(f"{short_tag_name(tags[i])} {probabilities[i]:.3f}" for i in top)
+    return f"{path}\t{format_top_tags(probabilities, tags, top_k)}"
 
 
 def model_card(path: str) -> str:

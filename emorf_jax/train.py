@@ -29,11 +29,13 @@ from data_prep.reader import PreparedDataset, load_prepared
 from emorf_jax import (
     checkpoints,
     distributed,
-    ensembles,
-    inference,
+    ensemble,
     input_pipeline,
     losses,
     report,
+    run_folder,
+    split_predictions,
+    thresholds,
     weight_averaging,
     windowing,
     workdir_lock,
@@ -263,8 +265,8 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> PreparedDatase
     so the corrected one can use the same --workdir); returns the prepared dataset."""
     distributed.check_same_config(config)
     check_config(config)
-    checkpoints.check_run_folder(workdir)
-    checkpoints.compare_workdir_config(workdir, config)
+    run_folder.refuse_checkpoint_folder(workdir)
+    run_folder.compare_config(workdir, config)
     prepared = load_dataset(config, workdir)
     num_classes(config, len(prepared.tags))
     return prepared
@@ -352,7 +354,7 @@ class _Run:
         self.p_batch_stats = jax.pmap(
             functools.partial(batch_stats_step, model=stats_model, normalisation=normalisation), axis_name="batch"
         )
-        self.predictor = inference.Predictor(
+        self.predictor = split_predictions.Predictor(
             self.model.clone(bn_axis_name=None),
             prepared,
             window_frames=config.input.eval_window_frames,
@@ -419,7 +421,7 @@ def train_and_evaluate(
     if prepared is None:
         prepared = check_run(config, workdir)
     with _locked(workdir):
-        checkpoints.check_workdir_config(workdir, config)
+        run_folder.record_config(workdir, config)
         return _train(config, workdir, prepared)
 
 
@@ -543,7 +545,7 @@ def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> 
     Writes `report/` (`report.write_run_report`): a folder per model and `test_report.json`, the summary that is
     returned and printed. Each model's thresholds also go into the meta of its checkpoint, and each snapshot's own
     (from its own validation predictions) into its meta, so that a checkpoint alone can decide tags
-    (`checkpoints.write_thresholds`). Every process predicts (the predictions are collective); process 0 alone
+    (`thresholds.write`). Every process predicts (the predictions are collective); process 0 alone
     writes and prints.
     """
     models = {"final": current_variables(state)}
@@ -563,25 +565,27 @@ def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> 
         for step in snapshots.all_steps()
     }
     if members:
-        predictions[f"snapshot_ensemble_{len(members)}"] = ensembles.average_members(
+        predictions[f"snapshot_ensemble_{len(members)}"] = ensemble.average_members(
             [snapshot_predictions[step] for step in members]
         )
     reports = {
         name: report.model_report(name, run.prepared.tags, by_split["validation"], by_split["test"])
         for name, by_split in predictions.items()
     }
-    thresholds = {path: reports[name].thresholds for name, path in saved.items()} | {
+    stored_thresholds = {path: reports[name].thresholds for name, path in saved.items()} | {
         checkpoints.step_path(snapshots, step): report.validation_thresholds(by_split["validation"], run.prepared.tags)
         for step, by_split in snapshot_predictions.items()
     }
     summary = report.run_summary(reports)
     if distributed.is_primary():
         report.write_run_report(run.workdir, reports, run.prepared.tsv_track_ids["test"])
-        for path, values in thresholds.items():
-            checkpoints.write_thresholds(path, values)
+        for path, values in stored_thresholds.items():
+            thresholds.write(path, run.prepared.tags, values)
         print(report.format_summary(summary))
     return summary
 
 
-def _predict_splits(run: _Run, variables: dict[str, Any], splits: tuple[str, ...]) -> dict[str, inference.Predictions]:
+def _predict_splits(
+    run: _Run, variables: dict[str, Any], splits: tuple[str, ...]
+) -> dict[str, split_predictions.Predictions]:
     return {split: run.predictor.predict(variables, split) for split in splits}

@@ -20,11 +20,11 @@ from data_prep.reader import load_prepared
 from emorf_jax import (
     baselines,
     checkpoints,
-    ensemble_training,
+    ensemble_recipe,
     evaluate,
-    inference,
     metrics,
     report,
+    split_predictions,
     train,
     weight_averaging,
 )
@@ -178,15 +178,19 @@ def test_popularity_baseline_reproduces_the_official_row(capsys):
 def test_ensemble_recipe_averages_its_members_swa_and_snapshots(prepared_data_dir, tmp_path):
     data_dir, _ = prepared_data_dir
     recipe = avg_ensemble.get_config("test")
-    figures = ensemble_training.run(recipe, str(tmp_path), str(data_dir))
+    recipe.dataset.data_dir = str(data_dir)
+    figures = ensemble_recipe.run(recipe, str(tmp_path), {"input.max_time_shift": 7})  # a --config.field override
     assert set(figures) == set(metrics.OFFICIAL_METRIC_NAMES)
-    members = [ensemble_training.member_workdir(str(tmp_path), *member) for member in recipe.members]
+    members = [ensemble_recipe.member_workdir(str(tmp_path), *member) for member in recipe.ensemble.members]
     metas = [json.loads(Path(member, "config.json").read_text()) for member in members]
     assert {
         (meta["model"]["frequency_aware"], meta["model"]["shake_shake"], meta["model"]["rho"], meta["seed"])
         for meta in metas
     } == {(True, False, 2, 0), (True, True, 3, 1)}
-    paths = [p for member in members for p in ensemble_training.member_checkpoints(member, recipe.checkpoints, 2)]
+    assert [meta["input"]["max_time_shift"] for meta in metas] == [7, 7], "the override holds for every member"
+    paths = [
+        p for member in members for p in ensemble_recipe.member_checkpoints(member, recipe.ensemble.checkpoints, 2)
+    ]
     kinds = [Path(p).parent.name for p in paths]
     assert kinds.count("swa") == 2 and kinds.count("snapshots") == 4  # per member: SWA and its last 2 snapshots
     # The figures are those of the submission written with the ensemble's report.
@@ -224,7 +228,7 @@ def test_the_constant_predictor_is_scored_on_the_tags_of_the_models_macro_figure
         model = metrics.mediaeval_metrics(labels, scores)
     assert model["PR-AUC-macro"] == pytest.approx(metrics.per_tag_pr_auc(labels, scores)[both].mean(), abs=1e-12)
     # The training report sets them side by side: the same figures, on the same tags.
-    test = inference.Predictions(scores.astype(np.float32), labels, tuple(f"track_{i}" for i in range(20)))
+    test = split_predictions.Predictions(scores.astype(np.float32), labels, tuple(f"track_{i}" for i in range(20)))
     with pytest.warns(UserWarning):
         summary = report.run_summary({"final": report.model_report("final", [f"t{i}" for i in range(9)], test, test)})
     assert summary["constant_predictor"] == constant

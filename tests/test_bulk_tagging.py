@@ -19,8 +19,10 @@ import pytest
 from scipy.special import expit
 
 from data_prep import metadata
-from emorf_jax import checkpoints, inference, predict, tagger, track_features, windowing
+from emorf_jax import checkpoints, split_predictions, tagger, track_features, windowing
+from emorf_jax import thresholds as thresholds_io
 from emorf_jax.models.layers import BN_EPSILON
+from emorf_jax.predict import __main__ as predict_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,14 +158,14 @@ def test_decisions_are_the_tags_strictly_above_their_thresholds(mp3_folder, rand
     with checkpoints.open_manager(str(tmp_path / "run"), checkpoints.SWA) as manager:
         checkpoints.save(manager, 10, variables, meta)
     stored = str(tmp_path / "run" / checkpoints.SWA)
-    checkpoints.write_thresholds(stored, thresholds.tolist())
+    thresholds_io.write(stored, model.tags, thresholds.tolist())
     from_meta = tmp_path / "from_meta.jsonl"
     assert _predict(*files, f"--checkpoint={stored}", f"--output={from_meta}", "--decisions").returncode == 0
     assert [row["decisions"] for row in _jsonl(from_meta)] == [row["decisions"] for row in rows]
     # Without stored thresholds, or for an average of checkpoints, --thresholds is needed and the error says so.
     missing = _predict(files[0], f"--checkpoint={random_checkpoints[0]}", "--decisions")
     assert missing.returncode == 2 and "holds no decision thresholds" in missing.stderr
-    assert "--thresholds" in missing.stderr and "retrain" in missing.stderr
+    assert "pass --thresholds" in missing.stderr and "retrain" not in missing.stderr
     several = _predict(files[0], *(f"--checkpoint={c}" for c in random_checkpoints), "--decisions")
     assert several.returncode == 2 and "several checkpoints are averaged" in several.stderr
 
@@ -186,7 +188,7 @@ def test_embeddings_are_the_last_blocks_channels_averaged_as_the_logits_are(mp3_
         _, state = member.model.apply(
             member.variables,
             inputs,
-            rngs={"shift": jax.random.PRNGKey(inference.EVALUATION_SHIFT_SEED)},
+            rngs={"shift": jax.random.PRNGKey(split_predictions.EVALUATION_SHIFT_SEED)},
             capture_intermediates=True,
             mutable=["intermediates"],
         )
@@ -208,7 +210,7 @@ def test_short_clips_of_any_length_share_one_compiled_program_and_keep_their_sco
     stored = track_features.stored(model.read_features(sorted(mp3_folder.iterdir())[0]))
     norm = model.meta["normalisation"]
     mean, std = np.float32(norm["mean"]), np.float32(norm["std"])
-    own_shape = jax.jit(inference.logits_step, static_argnames="model")
+    own_shape = jax.jit(split_predictions.logits_step, static_argnames="model")
     lengths = [20, 41, 64, 97, model.window_frames - 1]
     model.tag_stored(stored[: lengths[0]])
     compiled = tagger._jitted_window_outputs._cache_size()
@@ -227,10 +229,16 @@ def test_short_clips_of_any_length_share_one_compiled_program_and_keep_their_sco
 
 
 def test_the_feature_processes_import_no_jax():
-    """A spawned feature process imports the main module (predict) and the module of its function, nothing more."""
+    """A spawned feature process of `predict` imports the module of its function, not the model's libraries: it asks
+    the real pool's process which of them it holds (a package's `__main__`, as `python -m emorf_jax.predict` runs, is
+    not run again in a spawned child, as `-c` code is not)."""
+    heavy = "{'jax', 'jaxlib', 'flax', 'tensorflow', 'optax', 'orbax'}"
     code = (
-        "import sys, emorf_jax.predict, emorf_jax.track_features; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'jaxlib', 'flax', 'tensorflow', 'optax'}))"
+        "from emorf_jax import predict\n"
+        "pool = predict._feature_pool(1)\n"
+        f"held = \"sorted({{m.split('.')[0] for m in __import__('sys').modules}} & {heavy})\"\n"
+        "print(pool.submit(eval, held).result())\n"
+        "pool.shutdown()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
@@ -288,7 +296,7 @@ def test_the_onnxruntime_backend_without_onnxruntime_names_the_extra(
 ):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # its import then raises ImportError
     with pytest.raises(SystemExit) as exit_info:
-        predict.main([str(mp3_folder), f"--checkpoint={random_checkpoints[0]}", "--backend=onnxruntime"])
+        predict_command.main([str(mp3_folder), f"--checkpoint={random_checkpoints[0]}", "--backend=onnxruntime"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "onnxruntime backend needs onnxruntime" in error and "pip install -e '.[export]'" in error

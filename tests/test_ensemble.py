@@ -10,14 +10,16 @@ import pytest
 
 from data_prep import metadata, preparation
 from data_prep.reader import load_prepared
-from emorf_jax import checkpoints, ensemble, ensembles, inference, metrics, report
+from emorf_jax import checkpoints, ensemble, metrics, report, split_predictions
+from emorf_jax import thresholds as thresholds_io
+from emorf_jax.ensemble import __main__ as ensemble_command
 
 from .conftest import CHUNK_FRAMES
 
 
 def _run(tmp_path: Path, name: str, *arguments: str) -> Path:
     output = tmp_path / name
-    assert ensemble.main([*arguments, f"--output_dir={output}"]) == 0
+    assert ensemble_command.main([*arguments, f"--output_dir={output}"]) == 0
     return output
 
 
@@ -44,7 +46,7 @@ def test_two_checkpoints_average_and_thresholds_come_from_validation(
     # The submission is the test report itself, its rows exactly the official ones.
     np.testing.assert_array_equal(np.load(both / "submission" / "predictions.npy"), predictions)
     np.testing.assert_array_equal(np.load(both / "submission" / "decisions.npy"), decisions)
-    tags, thresholds = report.read_thresholds(both / "thresholds.tsv")
+    tags, thresholds = thresholds_io.read(both / "thresholds.tsv")
     assert tags == list(prepared.tags)
     expected = metrics.best_f1_thresholds(
         prepared.parts["validation"].labels, np.load(both / "validation_predictions.npy")
@@ -92,12 +94,12 @@ def test_a_submission_without_every_official_test_track_is_refused_before_any_mo
         )
     )
     predicted = []
-    real_predict = inference.Predictor.predict
+    real_predict = split_predictions.Predictor.predict
     monkeypatch.setattr(
-        inference.Predictor, "predict", lambda self, *a, **k: predicted.append(a) or real_predict(self, *a, **k)
+        split_predictions.Predictor, "predict", lambda self, *a, **k: predicted.append(a) or real_predict(self, *a, **k)
     )
     output = tmp_path / "out"
-    status = ensemble.main(
+    status = ensemble_command.main(
         [f"--checkpoint={random_checkpoints[0]}", f"--data_dir={tmp_path / 'data'}", f"--output_dir={output}"]
     )
     assert status == 2
@@ -115,7 +117,7 @@ def test_checkpoints_of_other_input_statistics_are_refused(random_checkpoints, p
     with checkpoints.open_manager(str(tmp_path), checkpoints.SWA) as manager:
         checkpoints.save(manager, 10, variables, meta)
     other = tmp_path / checkpoints.SWA
-    status = ensemble.main(
+    status = ensemble_command.main(
         [
             f"--checkpoint={random_checkpoints[0]}",
             f"--checkpoint={other}",
@@ -128,18 +130,18 @@ def test_checkpoints_of_other_input_statistics_are_refused(random_checkpoints, p
     assert not (tmp_path / "out").exists()
 
 
-def _member(validation_ids: tuple[str, ...], test_ids: tuple[str, ...]) -> dict[str, inference.Predictions]:
+def _member(validation_ids: tuple[str, ...], test_ids: tuple[str, ...]) -> dict[str, split_predictions.Predictions]:
     labels = np.eye(len(test_ids), 2, dtype=bool)
     return {
-        "validation": inference.Predictions(np.full(labels.shape, 0.5), labels, validation_ids),
-        "test": inference.Predictions(np.full(labels.shape, 0.5), labels, test_ids),
+        "validation": split_predictions.Predictions(np.full(labels.shape, 0.5), labels, validation_ids),
+        "test": split_predictions.Predictions(np.full(labels.shape, 0.5), labels, test_ids),
     }
 
 
 def test_members_with_other_rows_are_refused(prepared_data_dir, tmp_path):
     ids = ("track_0000001", "track_0000002", "track_0000003")
     with pytest.raises(ValueError, match="member 2 has other test rows than member 1"):
-        ensembles.average_members([_member(ids, ids), _member(ids, ids[::-1])])
+        ensemble.average_members([_member(ids, ids), _member(ids, ids[::-1])])
     # A saved model folder is scored against the prepared dataset's labels: its rows must be that dataset's.
     prepared = load_prepared(prepared_data_dir[0])
     folder = tmp_path / "model"
@@ -149,4 +151,4 @@ def test_members_with_other_rows_are_refused(prepared_data_dir, tmp_path):
         np.save(folder / f"{split}_predictions.npy", np.full((len(rows), len(prepared.tags)), 0.5, np.float32))
         (folder / f"{split}_track_ids.txt").write_text("".join(f"{track_id}\n" for track_id in rows))
     with pytest.raises(ValueError, match="other validation rows than the prepared dataset"):
-        ensembles.report_folder_members([str(folder)], prepared)
+        ensemble.report_folder_members([str(folder)], prepared)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import faresnet, vggish
-from emorf_jax import effective_fields, ensemble_training, erf, train
+from emorf_jax import erf, train, training_run
+from emorf_jax.erf import __main__ as erf_command
 from emorf_jax.models import receptive_field
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,16 +34,16 @@ def test_the_erf_of_one_convolution_is_exactly_its_kernels_support(kernel):
     model = OneConv(kernel)
     shape = (2, 16, 21, 1)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape[1:])))
-    erf = receptive_field.effective_receptive_field(model, variables, shape)
+    field = receptive_field.effective_receptive_field(model, variables, shape)
     top, left = (16 - kernel + 1) // 2, (21 - kernel + 1) // 2  # the centre unit of the VALID output map
     expected = np.zeros(shape[1:3], bool)
     expected[top : top + kernel, left : left + kernel] = True
-    np.testing.assert_array_equal(erf > 0, expected)
+    np.testing.assert_array_equal(field > 0, expected)
 
 
-def _untrained(rho: int, shape) -> effective_fields.ErfMap:
-    fields = train.model_fields(ensemble_training.with_rho(faresnet.get_config("test"), rho), 9)
-    return effective_fields.untrained_erf(fields, shape)
+def _untrained(rho: int, shape) -> erf.ErfMap:
+    fields = train.model_fields(training_run.with_rho(faresnet.get_config("test"), rho), 9)
+    return erf.untrained_erf(fields, shape)
 
 
 def test_an_untrained_rho1_sees_less_than_rho9_and_no_more_than_its_maximal_rf():
@@ -57,11 +58,11 @@ def test_an_untrained_rho1_sees_less_than_rho9_and_no_more_than_its_maximal_rf()
 
 
 def test_mass_extent_is_the_central_span_holding_the_fraction():
-    erf = np.zeros((10, 30))
-    erf[2:5, 10:20] = 1.0  # uniform mass on 3 rows x 10 columns
-    assert effective_fields.mass_extent(erf, fraction=0.95) == (3, 10)
+    mass = np.zeros((10, 30))
+    mass[2:5, 10:20] = 1.0  # uniform mass on 3 rows x 10 columns
+    assert erf.mass_extent(mass, fraction=0.95) == (3, 10)
     # the middle half: rows reach 1/4 in row 2 and 3/4 in row 4, columns 1/4 in column 12 and 3/4 in column 17
-    assert effective_fields.mass_extent(erf, fraction=0.5) == (3, 6)
+    assert erf.mass_extent(mass, fraction=0.5) == (3, 6)
 
 
 def test_the_command_draws_a_checkpoint_and_an_untrained_baseline(random_checkpoints, tmp_path):
@@ -105,6 +106,6 @@ def test_the_erf_of_checkpoints_needs_no_training_package():
 def test_the_command_refuses_rho_for_a_baseline(capsys, tmp_path):
     assert vggish.get_config("test").model.name == "vggish"
     with pytest.raises(SystemExit) as exit_info:
-        erf.main(["--config=configs/vggish.py:test", "--rho=1", f"--output={tmp_path / 'erf.png'}"])
+        erf_command.main(["--config=configs/vggish.py:test", "--rho=1", f"--output={tmp_path / 'erf.png'}"])
     assert exit_info.value.code == 2
     assert "rho sets the kernels of the CP-ResNet family" in capsys.readouterr().err

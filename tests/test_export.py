@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data_prep import features
-from emorf_jax import checkpoints, export, inference
+from emorf_jax import checkpoints, export, split_predictions
 from emorf_jax.export import __main__ as export_command
 from emorf_jax.models import from_torch_state_dict, registry
 
@@ -30,7 +30,7 @@ MODELS = {
     "shake_fa_resnet": {"frequency_aware": True, "shake_shake": True, "features_shift": False},
     "fa_resnet_rolled": {"frequency_aware": True, "shake_shake": False, "features_shift": True},
 }
-_jitted_logits = jax.jit(inference.logits_step, static_argnames="model")
+_jitted_logits = jax.jit(split_predictions.logits_step, static_argnames="model")
 
 
 def _meta(fields: dict) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import extract, layout, metadata, preparation
+from data_prep import extract, layout, metadata, preparation, worker_pool
 from data_prep.reader import PARTS, FrameReader, load_prepared
 
 from .conftest import CHUNK_FRAMES
@@ -209,8 +209,8 @@ def test_a_stale_incomplete_folder_of_a_killed_write_is_removed(synthetic_tree, 
 def test_the_schedule_keeps_memory_under_its_budget_and_runs_a_larger_track_alone():
     durations = [3900.0, 2000.0, 600.0, 300.0, 250.0, 200.0, 200.0, 30.0]
     jobs = [extract.TrackJob(f"track_{n}", f"{n}.mp3", duration) for n, duration in enumerate(durations)]
-    budget = extract.job_memory(jobs[2]) + extract.job_memory(jobs[3])
-    schedule = extract._Schedule(jobs, budget)
+    budget = worker_pool.job_memory(jobs[2]) + worker_pool.job_memory(jobs[3])
+    schedule = worker_pool._Schedule(jobs, budget)
     running, order, peak = [], [], 0
     while len(schedule) or running:
         while (job := schedule.take()) is not None:
@@ -221,7 +221,7 @@ def test_the_schedule_keeps_memory_under_its_budget_and_runs_a_larger_track_alon
         schedule.finished(running.pop(0))
     assert sorted(order) == sorted(durations)
     assert order[0] == 3900.0  # the longest first, alone: it is larger than the budget
-    assert peak == extract.job_memory(jobs[0])
+    assert peak == worker_pool.job_memory(jobs[0])
 
 
 @pytest.mark.parametrize("value", [0, -1])

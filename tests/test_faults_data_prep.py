@@ -18,7 +18,7 @@ import pytest
 import soundfile
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_masked_crc32c
 
-from data_prep import essentia_like, extract, layout, metadata, preparation, reader, synthetic
+from data_prep import essentia_like, extract, layout, metadata, preparation, reader, synthetic, worker_pool
 from data_prep.reader import PARTS, load_prepared
 from emorf_jax import input_pipeline
 
@@ -135,7 +135,7 @@ def test_a_failing_track_does_not_stop_the_synthetic_or_essentia_like_files_of_t
     broken = tracks[0]
     (tmp_path / "tree" / "audio" / broken.path).write_bytes(b"not audio")
     arguments = (tmp_path / "tree" / "audio", tmp_path / "tree" / "data", tmp_path / "npy")
-    with pytest.raises(extract.JobsFailed, match=rf"1 of {len(tracks)} tracks failed .*{broken.track_id}: error"):
+    with pytest.raises(worker_pool.JobsFailed, match=rf"1 of {len(tracks)} tracks failed .*{broken.track_id}: error"):
         essentia_like.write_essentia_like_tree(*arguments, workers=2, progress=False)
     written = {path.relative_to(tmp_path / "npy").with_suffix(".mp3").as_posix() for path in tmp_path.glob("npy/*/*")}
     assert written == {track.path for track in tracks} - {broken.path}
@@ -146,7 +146,7 @@ def test_a_failing_track_does_not_stop_the_synthetic_or_essentia_like_files_of_t
     (audio / Path(plans[0].path).parent).parent.mkdir(parents=True)
     (audio / Path(plans[0].path).parent).write_bytes(b"")
     blocked = {plan.track_id for plan in plans if Path(plan.path).parent == Path(plans[0].path).parent}
-    with pytest.raises(extract.JobsFailed, match=f"{len(blocked)} of 10 tracks failed"):
+    with pytest.raises(worker_pool.JobsFailed, match=f"{len(blocked)} of 10 tracks failed"):
         synthetic._write_audio(plans, 2, audio, workers=2)
     assert {plan.track_id for plan in plans if (audio / plan.path).is_file()} == {p.track_id for p in plans} - blocked
 

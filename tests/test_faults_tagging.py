@@ -18,7 +18,8 @@ import pytest
 import soundfile
 
 from data_prep import features, metadata
-from emorf_jax import evaluate, inference, predict, report
+from emorf_jax import evaluate, report, split_predictions, thresholds
+from emorf_jax.predict import __main__ as predict_command
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT = [sys.executable, "-m", "emorf_jax.predict", "--no_progress"]
@@ -89,7 +90,7 @@ def test_a_full_disk_ends_predict_with_one_line_and_the_same_command_completes_t
     taggram = target == "taggram.csv"
     flags = [*clips, f"--checkpoint={random_checkpoints[0]}", "--embeddings", "--no_progress"]
     flags += ["--taggram"] if taggram else []
-    assert predict.main([*flags, f"--output={tmp_path / 'reference'}{suffix}", "--workers=0"]) == 0
+    assert predict_command.main([*flags, f"--output={tmp_path / 'reference'}{suffix}", "--workers=0"]) == 0
     sizes = _sizes_after_each_file(tmp_path, "reference", suffix, clips, taggram)
     expected = {
         side: (tmp_path / (f"reference{suffix}" if side == "output" else f"reference.{side}")).read_bytes()
@@ -248,16 +249,16 @@ def test_mistaken_thresholds_and_checkpoint_paths_get_one_line_saying_what_to_do
     not_text = tmp_path / "thresholds.tsv"
     not_text.write_bytes(bytes(range(128, 256)))
     checkpoint = f"--checkpoint={random_checkpoints[0]}"
-    for thresholds, reason in [(not_text, "not a text file"), (tmp_path, "Is a directory"), (tmp_path / "no", "")]:
+    for path, reason in [(not_text, "not a text file"), (tmp_path, "Is a directory"), (tmp_path / "no", "")]:
         with pytest.raises(SystemExit) as exit_info:
-            predict.main([clips[0], checkpoint, "--decisions", f"--thresholds={thresholds}"])
+            predict_command.main([clips[0], checkpoint, "--decisions", f"--thresholds={path}"])
         error = capsys.readouterr().err.strip().splitlines()[-1]
-        assert exit_info.value.code == 2 and f"cannot read the thresholds file {thresholds}: {reason}" in error
+        assert exit_info.value.code == 2 and f"cannot read the thresholds file {path}: {reason}" in error
         assert error.endswith("give a tag<TAB>threshold file such as a run's report/<model>/thresholds.tsv")
     run_folder = Path(random_checkpoints[0]).parent
     for arguments in ([clips[0], f"--checkpoint={run_folder}"], [f"--describe={run_folder}"]):
         with pytest.raises(SystemExit) as exit_info:
-            predict.main(arguments)
+            predict_command.main(arguments)
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert exit_info.value.code == 2
         assert error.endswith(
@@ -269,8 +270,8 @@ def test_metric_warnings_name_their_tags(tmp_path, capsys):
     tags = ("mood/theme---calm", "mood/theme---dark", "mood/theme---happy")
     labels = np.array([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 1, 1]], bool)
     scores = np.linspace(0.1, 0.9, labels.size).reshape(labels.shape)
-    validation = inference.Predictions(scores, np.array([[1, 0, 0], [0, 0, 1]] * 2, bool), ("a", "b", "c", "d"))
-    test = inference.Predictions(scores, labels, ("e", "f", "g", "h"))
+    validation = split_predictions.Predictions(scores, np.array([[1, 0, 0], [0, 0, 1]] * 2, bool), ("a", "b", "c", "d"))
+    test = split_predictions.Predictions(scores, labels, ("e", "f", "g", "h"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report.model_report("model", tags, validation, test)
@@ -281,7 +282,7 @@ def test_metric_warnings_name_their_tags(tmp_path, capsys):
     # The evaluation command names them from its --thresholds file.
     np.save(tmp_path / "truth.npy", labels)
     np.save(tmp_path / "scores.npy", scores)
-    report.write_thresholds(tmp_path / "thresholds.tsv", tags, np.full(3, 0.5))
+    thresholds.write(tmp_path / "thresholds.tsv", tags, np.full(3, 0.5))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         evaluate.main(

@@ -13,7 +13,8 @@ from sklearn.metrics import f1_score
 
 from benchmarks import reference_data
 from data_prep import metadata
-from emorf_jax import ensembles, metrics, report
+from emorf_jax import ensemble, metrics
+from emorf_jax import thresholds as thresholds_io
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEDIAEVAL = reference_data.MEDIAEVAL2019
@@ -96,7 +97,7 @@ def test_published_tables_have_all_runs():
 
 @needs_shared
 def test_vggish_thresholds_give_its_decisions_with_strict_greater():
-    tags, thresholds = report.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
+    tags, thresholds = thresholds_io.read(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
     predictions = np.load(MEDIAEVAL / "baseline" / "vggish" / "predictions.npy")
     assert tuple(tags) == metadata.read_tag_list(JAMENDO)
     np.testing.assert_array_equal(
@@ -110,7 +111,7 @@ def test_best_f1_thresholds_beat_the_organisers_on_their_own_set():
     """Chosen on the test set as the organisers did, our thresholds give each tag at least their F1."""
     groundtruth = _groundtruth()
     predictions = np.load(MEDIAEVAL / "baseline" / "vggish" / "predictions.npy")
-    _, organisers = report.read_thresholds(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
+    _, organisers = thresholds_io.read(MEDIAEVAL / "baseline" / "vggish" / "thresholds.txt")
     ours = metrics.best_f1_thresholds(groundtruth, predictions)
     f1_ours = f1_score(groundtruth, metrics.decide(predictions, ours), average=None, zero_division=0)
     f1_organisers = f1_score(groundtruth, metrics.decide(predictions, organisers), average=None, zero_division=0)
@@ -198,34 +199,34 @@ def test_decide_refuses_thresholds_of_the_wrong_length():
 def test_thresholds_file_round_trip_keeps_decisions(tmp_path):
     predictions = np.array([[0.1, 0.2], [0.3, 0.4]], dtype=np.float32)
     thresholds = np.array([np.nextafter(np.float32(0.1), np.float32(1)), -np.inf])
-    report.write_thresholds(tmp_path / "thresholds.txt", ["mood/theme---calm", "mood/theme---dark"], thresholds)
-    tags, read_back = report.read_thresholds(tmp_path / "thresholds.txt")
+    thresholds_io.write(tmp_path / "thresholds.txt", ["mood/theme---calm", "mood/theme---dark"], thresholds)
+    tags, read_back = thresholds_io.read(tmp_path / "thresholds.txt")
     assert tags == ["mood/theme---calm", "mood/theme---dark"]
     np.testing.assert_array_equal(read_back, thresholds)
     np.testing.assert_array_equal(metrics.decide(predictions, read_back), metrics.decide(predictions, thresholds))
     (tmp_path / "broken.txt").write_text("mood/theme---calm\t0.5\nmood/theme---dark 0.5\n")
     with pytest.raises(ValueError, match=r"broken.txt, line 2: expected 2 tab-separated fields, got 1"):
-        report.read_thresholds(tmp_path / "broken.txt")
+        thresholds_io.read(tmp_path / "broken.txt")
 
 
 def test_average_predictions_weights_and_errors():
     first, second = np.array([[0.2, 0.4]]), np.array([[0.6, 1.0]])
-    np.testing.assert_allclose(ensembles.average_predictions([first, second]), [[0.4, 0.7]])
-    np.testing.assert_allclose(ensembles.average_predictions([first, second], weights=[3, 1]), [[0.3, 0.55]])
+    np.testing.assert_allclose(ensemble.average_predictions([first, second]), [[0.4, 0.7]])
+    np.testing.assert_allclose(ensemble.average_predictions([first, second], weights=[3, 1]), [[0.3, 0.55]])
     with pytest.raises(ValueError, match=r"predictions\[1\] shape \(1, 3\) .* predictions\[0\] shape \(1, 2\)"):
-        ensembles.average_predictions([first, np.zeros((1, 3))])
+        ensemble.average_predictions([first, np.zeros((1, 3))])
     with pytest.raises(ValueError, match=r"predictions\[1\] has values in \[-2, 3\].*logits"):
-        ensembles.average_predictions([first, np.array([[-2.0, 3.0]])])
+        ensemble.average_predictions([first, np.array([[-2.0, 3.0]])])
     with pytest.raises(ValueError, match=r"weights shape \(3,\) does not match the 2 prediction matrices"):
-        ensembles.average_predictions([first, second], weights=[1, 1, 1])
+        ensemble.average_predictions([first, second], weights=[1, 1, 1])
     with pytest.raises(ValueError, match="at least one"):
-        ensembles.average_predictions([])
+        ensemble.average_predictions([])
 
 
 @needs_shared
 def test_averaging_the_two_single_model_runs_beats_each():
     runs = [np.load(MEDIAEVAL / "CP-JKU" / run / "predictions.npy") for run in ("1_shakefaresnet", "2_faresnet")]
-    averaged = ensembles.average_predictions(runs)
+    averaged = ensemble.average_predictions(runs)
     scores = [metrics.mediaeval_metrics(_groundtruth(), p)["PR-AUC-macro"] for p in [*runs, averaged]]
     assert scores[2] > max(scores[:2])
 

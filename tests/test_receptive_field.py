@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from emorf_jax import effective_fields
+from emorf_jax import erf
 from emorf_jax.models import CPResNet, receptive_field, registry, resnet
 from emorf_jax.models.receptive_field import __main__ as receptive_field_command
 from tests.test_models import random_variables
@@ -130,7 +130,7 @@ def test_a_resnets_maximal_rf_is_the_support_of_its_centre_units_gradient():
     assert [resnet.max_rf(name) for name in ("resnet18", "resnet34", "resnet50")] == [435, 899, 427]
     model = registry.build({"name": "resnet18", "num_classes": 3, "base_channels": 2})
     shape = (2, 448, 448, 1)
-    erf = receptive_field.effective_receptive_field(model, effective_fields.untrained_variables(model, shape), shape)
-    for profile in (erf.sum(axis=1), erf.sum(axis=0)):
+    field = receptive_field.effective_receptive_field(model, erf.untrained_variables(model, shape), shape)
+    for profile in (field.sum(axis=1), field.sum(axis=0)):
         support = np.nonzero(profile)[0]
         assert support[-1] - support[0] + 1 == resnet.max_rf("resnet18")

@@ -1,5 +1,6 @@
-"""`python -m emorf_jax.rf_sweep` at tiny sizes: it trains a run per (ρ, seed), writes the table and the plot, and a
-sweep killed for real after its first run continues without training that run again; the table's figures."""
+"""`python -m emorf_jax.rf_sweep` at tiny sizes: it trains a run per (ρ, seed) with the command line's config overrides,
+writes the table and the plot, and a sweep killed for real after its first run continues without training that run
+again; the table's figures; the mistakes it refuses before any work."""
 
 import json
 import math
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from emorf_jax import checkpoints, ensemble_training, report, rf_sweep, sweeps
+from emorf_jax import checkpoints, report, rf_sweep, run_folder
 from emorf_jax.models import receptive_field
 
 REPO = Path(__file__).resolve().parents[1]
 RHOS = (1, 2)
+# Held for every run the sweep starts: the test variant's epochs (as the issue's example) and a field it sets otherwise.
+OVERRIDES = ("--config.num_epochs=2", "--config.input.max_time_shift=7")
 
 
 def _command(data_dir: Path, workdir: Path) -> list[str]:
@@ -26,7 +29,8 @@ def _command(data_dir: Path, workdir: Path) -> list[str]:
         "--config=configs/faresnet.py:test",
         f"--rho={','.join(map(str, RHOS))}",
         "--seeds=1",
-        f"--data_dir={data_dir}",
+        f"--config.dataset.data_dir={data_dir}",
+        *OVERRIDES,
         f"--workdir={workdir}",
     ]
 
@@ -51,15 +55,19 @@ def _modification_times(folder: Path) -> dict[str, int]:
 def test_a_killed_sweep_continues_without_retraining_its_finished_run(prepared_data_dir, tmp_path):
     data_dir, _ = prepared_data_dir
     workdir = tmp_path / "sweep"
-    first, second = (Path(sweeps.run_workdir(str(workdir), rho, 0)) for rho in RHOS)
+    first, second = (Path(rf_sweep.run_workdir(str(workdir), rho, 0)) for rho in RHOS)
     _kill_once_started(_command(data_dir, workdir), second / "config.json")
-    assert ensemble_training.is_finished(str(first)) and not ensemble_training.is_finished(str(second))
+    assert run_folder.is_finished(str(first)) and not run_folder.is_finished(str(second))
     finished_files = _modification_times(first)
 
     result = subprocess.run(_command(data_dir, workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _modification_times(first) == finished_files, "the finished run was touched again"
-    assert ensemble_training.is_finished(str(second))
+    assert run_folder.is_finished(str(second))
+    for run_dir in (first, second):
+        saved = json.loads((run_dir / run_folder.CONFIG_FILE).read_text())
+        assert (saved["num_epochs"], saved["input"]["max_time_shift"]) == (2, 7), run_dir
+        assert saved["dataset"]["data_dir"] == str(data_dir)
 
     table = (workdir / "rf_sweep.md").read_text()
     assert table in result.stdout
@@ -79,17 +87,17 @@ def test_a_killed_sweep_continues_without_retraining_its_finished_run(prepared_d
     assert (workdir / "rf_sweep.png").stat().st_size > 10_000
 
 
-def _result(rho: int, seed: int, swa_test: float | None) -> sweeps.RunResult:
+def _result(rho: int, seed: int, swa_test: float | None) -> rf_sweep.RunResult:
     swa = {"validation": None if swa_test is None else 0.5, "test": swa_test}
-    return sweeps.RunResult(rho, seed, {"swa": swa, "selected": {"validation": 0.4, "test": 0.3}})
+    return rf_sweep.RunResult(rho, seed, {"swa": swa, "selected": {"validation": 0.4, "test": 0.3}})
 
 
 def test_rows_give_mean_and_sample_sd_over_seeds_and_name_a_missing_model():
-    rows = sweeps.sweep_rows([_result(3, 1, 0.6), _result(1, 0, None), _result(3, 0, 0.4), _result(1, 1, None)])
+    rows = rf_sweep.sweep_rows([_result(3, 1, 0.6), _result(1, 0, None), _result(3, 0, 0.4), _result(1, 1, None)])
     assert [(row.rho, row.seeds) for row in rows] == [(1, [0, 1]), (3, [0, 1])]
     assert rows[1].mean("swa", "test") == pytest.approx(0.5)
     assert rows[1].sd("swa", "test") == pytest.approx(math.sqrt(0.02))  # sample SD of 0.4 and 0.6
-    table = sweeps.format_table(rows)
+    table = rf_sweep.markdown_table(rows)
     assert "| 1 | 17 | 31 | 0,1 | n/a | n/a | 0.4000 ± 0.0000 | 0.3000 ± 0.0000 |" in table
     assert "| 3 | 49 |" in table and "0.5000 ± 0.1414" in table
 
@@ -100,42 +108,40 @@ def test_rows_give_mean_and_sample_sd_over_seeds_and_name_a_missing_model():
         (["--config=configs/vggish.py:test"], "rho sets the kernels of the CP-ResNet family"),
         (["--config=configs/faresnet.py:test", "--rho=1,99"], "rho must be"),
         (["--config=configs/faresnet.py:test", "--rho=1,1"], "distinct values"),
-        (["--config=configs/nothing.py"], "no config file at configs/nothing.py"),
+        (["--config=configs/nothing.py"], "configs/nothing.py"),
+        (["--config=configs/faresnet.py:test", "--config.num_epoch=2"], 'Did you mean "num_epochs"'),
+        (["--config=configs/faresnet.py:test", "--data_dir=/tmp"], "Unknown command line flag 'data_dir'"),
+        (["--config=configs/faresnet.py:test", "--baselines=resnet18,resnet101"], "use some of resnet18"),
     ],
 )
-def test_clear_errors_before_any_training(arguments, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        rf_sweep.main([*arguments, f"--workdir={tmp_path}"])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not list(tmp_path.iterdir()), "nothing may be written before the arguments are checked"
+def test_clear_errors_before_any_training(arguments, message, tmp_path):
+    """One line on stderr, exit status 2 and nothing written, as `python -m emorf_jax.main` refuses a mistake."""
+    workdir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "emorf_jax.rf_sweep", *arguments, f"--workdir={workdir}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in result.stderr
+    assert not workdir.exists(), "nothing may be written before the arguments are checked"
 
 
 def test_baseline_rows_follow_the_rho_rows_with_their_exact_rf(tmp_path):
     figures = {"swa": {"validation": 0.5, "test": 0.45}, "selected": {"validation": 0.4, "test": 0.3}}
     results = [
-        sweeps.RunResult(None, 0, figures, "resnet50"),
+        rf_sweep.RunResult(None, 0, figures, "resnet50"),
         _result(3, 0, 0.4),
-        sweeps.RunResult(None, 0, figures, "resnet18"),
-        sweeps.RunResult(None, 1, figures, "resnet18"),
+        rf_sweep.RunResult(None, 0, figures, "resnet18"),
+        rf_sweep.RunResult(None, 1, figures, "resnet18"),
     ]
-    rows = sweeps.sweep_rows(results)
+    rows = rf_sweep.sweep_rows(results)
     assert [row.label for row in rows] == ["3", "ResNet-18", "ResNet-50"]
     assert (rows[1].published_rf, rows[1].exact_rf, rows[1].seeds) == (None, 435, [0, 1])
-    table = sweeps.format_table(rows)
+    table = rf_sweep.markdown_table(rows)
     assert "| ResNet-18 | - | 435 | 0,1 | 0.5000 ± 0.0000 | 0.4500 ± 0.0000 |" in table
     assert "| ResNet-50 | - | 427 | 0 |" in table
-    sweeps.write_results(rows, results, str(tmp_path))
+    rf_sweep.write_results(rows, results, str(tmp_path))
     summary = json.loads((tmp_path / "rf_sweep.json").read_text())
     assert [row["baseline"] for row in summary["rows"]] == [None, "resnet18", "resnet50"]
     assert (tmp_path / "rf_sweep.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="use one of resnet18, resnet34, resnet50"):
-        sweeps.baseline_config("vgg19", "test", 0, str(tmp_path))
-
-
-def test_the_command_refuses_an_unknown_baseline_before_any_work(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        rf_sweep.main(["--config=configs/faresnet.py:test", "--baselines=resnet18,resnet101", f"--workdir={tmp_path}"])
-    assert exit_info.value.code == 2
-    assert "--baselines resnet101: use some of resnet18,resnet34,resnet50" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+        rf_sweep.baseline_config("vgg19", "test", 0, str(tmp_path))

@@ -11,7 +11,7 @@ import soundfile
 from scipy.special import expit
 
 from data_prep import features, metadata
-from emorf_jax import checkpoints, tagger
+from emorf_jax import checkpoints, tagger, thresholds
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +88,23 @@ def test_tracks_of_any_length_run_in_a_few_batch_shapes_without_recompiling(rand
 def test_thresholds_added_to_a_saved_checkpoint_are_read_back_and_shown_by_its_model_card(random_checkpoints, tmp_path):
     copy = shutil.copytree(random_checkpoints[0], tmp_path / "swa")
     tags = checkpoints.load_checkpoint(str(copy))[1]["tags"]
-    assert checkpoints.read_thresholds(str(copy)) is None  # a checkpoint saved without them
+    with pytest.raises(ValueError, match="holds no decision thresholds"):  # a checkpoint saved without them
+        thresholds.read(str(copy))
     assert "thresholds       none stored" in tagger.model_card(str(copy)).splitlines()
-    thresholds = [0.25 + 0.01 * index for index in range(len(tags) - 1)] + [float("inf")]  # inf: no positive track
-    checkpoints.write_thresholds(str(copy), thresholds)
+    values = [0.25 + 0.01 * index for index in range(len(tags) - 1)] + [float("inf")]  # inf: no positive track
+    thresholds.write(str(copy), tags, values)
     step = checkpoints.step_directory(str(copy))
-    assert checkpoints.read_thresholds(str(copy)) == checkpoints.read_thresholds(step) == thresholds
+    for path in (str(copy), step):
+        read_tags, read_values = thresholds.read(path)
+        assert read_tags == tags and read_values.tolist() == values
     assert sorted(os.listdir(os.path.join(step, "meta"))) == ["commit_success.txt", "metadata"]  # no temporary left
     variables, meta = checkpoints.load_checkpoint(step)  # orbax still restores it, the thresholds in its meta
-    assert meta[checkpoints.THRESHOLDS] == thresholds and meta["tags"] == tags
+    assert meta[checkpoints.THRESHOLDS] == values and meta["tags"] == tags
     assert "thresholds       per tag, from validation" in tagger.model_card(str(copy)).splitlines()
-    checkpoints.write_thresholds(str(copy), [0.5] * len(tags))  # replaced, not appended
-    assert checkpoints.read_thresholds(str(copy)) == [0.5] * len(tags)
-    with pytest.raises(ValueError, match=f"2 thresholds for the {len(tags)} tags of the checkpoint at"):
-        checkpoints.write_thresholds(str(copy), [0.5, 0.5])
+    thresholds.write(str(copy), tags, [0.5] * len(tags))  # replaced, not appended
+    assert thresholds.read(str(copy))[1].tolist() == [0.5] * len(tags)
+    with pytest.raises(ValueError, match=f"thresholds for 2 tags that are not the {len(tags)} tags of"):
+        thresholds.write(str(copy), tags[:2], [0.5, 0.5])
 
 
 def test_int8_calibration_takes_a_few_windows_per_file_and_passes_over_unreadable_ones(

@@ -18,7 +18,18 @@ import pytest
 from configs import faresnet
 from data_prep import build, features, metadata
 from data_prep.reader import load_prepared
-from emorf_jax import checkpoints, demo, ensemble, ensembles, input_pipeline, metrics, report, submission, train
+from emorf_jax import (
+    checkpoints,
+    demo,
+    ensemble,
+    input_pipeline,
+    metrics,
+    run_folder,
+    submission,
+    thresholds,
+    train,
+)
+from emorf_jax.ensemble import __main__ as ensemble_command
 from emorf_jax.tagger import load_tagger, model_card
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +117,7 @@ def test_a_run_reports_each_model_as_the_ensemble_tool_does_which_reads_it_back(
     for model in ("final", "selected", "snapshot_ensemble_2"):
         assert _files(workdir / "report" / model) == _files(swa)
     output = tmp_path / "ensemble"
-    assert ensemble.main([f"--predictions={swa}", f"--data_dir={data_dir}", f"--output_dir={output}"]) == 0
+    assert ensemble_command.main([f"--predictions={swa}", f"--data_dir={data_dir}", f"--output_dir={output}"]) == 0
     assert _files(output) == _files(swa)
     assert "submission/predictions.npy" in _files(output)
     for name in _files(swa):
@@ -154,16 +165,17 @@ def test_every_checkpoint_the_report_scores_stores_its_validation_thresholds(ref
     saved = {"final": checkpoints.LATEST, "selected": checkpoints.BEST, "swa": checkpoints.SWA}
     for model, kind in saved.items():
         validation = np.load(workdir / "report" / model / "validation_predictions.npy")
-        stored = checkpoints.read_thresholds(str(workdir / kind))
+        stored_tags, stored = thresholds.read(str(workdir / kind))
+        assert stored_tags == list(prepared.tags)
         np.testing.assert_array_equal(stored, metrics.best_f1_thresholds(labels, validation))
-        assert report.read_thresholds(workdir / "report" / model / "thresholds.tsv")[1].tolist() == stored
+        assert thresholds.read(workdir / "report" / model / "thresholds.tsv")[1].tolist() == stored.tolist()
     snapshots = sorted(str(p) for p in (workdir / checkpoints.SNAPSHOTS).iterdir() if p.name.isdigit())
     assert len(snapshots) >= 2
-    members, _ = ensembles.checkpoint_members(snapshots, str(data_dir), _test_config(data_dir).eval_batch_size)
+    members, _ = ensemble.checkpoint_members(snapshots, str(data_dir), _test_config(data_dir).eval_batch_size)
     for path, member in zip(snapshots, members):
         validation = np.asarray(member["validation"].probabilities, np.float32)
         np.testing.assert_array_equal(
-            checkpoints.read_thresholds(path), metrics.best_f1_thresholds(labels, validation), err_msg=path
+            thresholds.read(path)[1], metrics.best_f1_thresholds(labels, validation), err_msg=path
         )
     assert "thresholds       per tag, from validation" in model_card(str(workdir / checkpoints.SWA)).splitlines()
 
@@ -263,7 +275,7 @@ def test_clear_errors_before_any_compute(prepared_data_dir, tmp_path):
 
     first, second = _test_config(data_dir), _test_config(data_dir)
     second.model.rho = 4
-    checkpoints.check_workdir_config(str(tmp_path / "w4"), first)
+    run_folder.record_config(str(tmp_path / "w4"), first)
     with pytest.raises(ValueError, match=r"another config \(differences: model.rho\)"):
         train.train_and_evaluate(second, str(tmp_path / "w4"))
 
@@ -326,12 +338,12 @@ def test_a_short_run_learns_and_accounts_for_a_missing_test_track(tmp_path_facto
     # A snapshot outside the snapshot ensemble stores the thresholds of its own validation predictions too.
     snapshots = sorted((workdir / checkpoints.SNAPSHOTS).glob("[0-9]*"), key=lambda path: int(path.name))
     assert len(snapshots) > config.snapshots.ensemble_size
-    (first,), prepared = ensembles.checkpoint_members(
+    (first,), prepared = ensemble.checkpoint_members(
         [str(snapshots[0])], str(root / "prepared"), batch_size=config.eval_batch_size
     )
     validation = np.asarray(first["validation"].probabilities, np.float32)
     expected = metrics.best_f1_thresholds(prepared.parts["validation"].labels, validation)
-    np.testing.assert_array_equal(checkpoints.read_thresholds(str(snapshots[0])), expected)
+    np.testing.assert_array_equal(thresholds.read(str(snapshots[0]))[1], expected)
     positive_rate = report["constant_predictor"]["PR-AUC-macro"]
     assert report["final"]["PR-AUC-macro"] > positive_rate + 0.15, report
     assert report["final"]["ROC-AUC-macro"] > 0.6, report  # chance is 0.5; the test split has ~25 tracks

@@ -11,7 +11,7 @@ from flax import jax_utils
 
 from configs import faresnet
 from data_prep import features
-from emorf_jax import inference, losses, train, weight_averaging, windowing
+from emorf_jax import losses, split_predictions, train, weight_averaging, windowing
 
 # Large enough that every BatchNorm normalises over many values: tiny maps make its statistics ill-conditioned.
 N_MELS, FRAMES, TAGS, GLOBAL_BATCH = 64, 48, 5, 8
@@ -253,7 +253,7 @@ def test_a_model_with_the_frequency_roll_trains_and_scores_a_window_whatever_its
     )
     assert np.isfinite(float(step_metrics["loss"][0]))
     variables = {"params": _first_replica(trained.params), "batch_stats": _first_replica(trained.batch_stats)}
-    scores = functools.partial(inference.logits_step, variables, mean=NORMALISATION[0], std=NORMALISATION[1])
+    scores = functools.partial(split_predictions.logits_step, variables, mean=NORMALISATION[0], std=NORMALISATION[1])
     stored = batch["spectrogram"][0]
     rolled = model.clone(bn_axis_name=None)
     whole, half = scores(stored, model=rolled), scores(stored[:4], model=rolled)

@@ -7,8 +7,8 @@ Writes OUT/NN/ID.npy, float32 (96, frames): the format of the organisers' precom
 hop 256, 96 mel bands, dB). The values are librosa's mel power in dB, not Essentia's own mel bands: the same shape,
 rate and scale, not the same numbers (docs/fidelity.md, "Features"). Every track of the split-0 TSVs is written;
 a file that exists is kept, so an interrupted run resumes. Each file is made in a worker process of
-`extract.run_all`: a file that cannot be read or decoded, hangs, or crashes its worker is named at the end
-(`extract.JobsFailed`) and does not stop the others.
+`worker_pool.run_all`: a file that cannot be read or decoded, hangs, or crashes its worker is named at the end
+(`worker_pool.JobsFailed`) and does not stop the others.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import librosa
 import numpy as np
 import tqdm
 
-from data_prep import extract, features, metadata
+from data_prep import extract, features, files, metadata, worker_pool
 
 SETTINGS = features.settings_for("essentia96")
 
@@ -38,13 +38,13 @@ def essentia_like_mels(audio_file: str | Path) -> np.ndarray:
 def _write(job: extract.TrackJob, audio_dir: Path, out_dir: Path) -> None:
     target = out_dir / features.source_path(job.path, SETTINGS)
     target.parent.mkdir(parents=True, exist_ok=True)
-    extract.write_atomically(target, essentia_like_mels(audio_dir / job.path))
+    files.write_atomically(target, essentia_like_mels(audio_dir / job.path))
 
 
 def write_essentia_like_tree(
     audio_dir: str | Path, metadata_dir: str | Path, out_dir: str | Path, workers: int = 1, progress: bool = True
 ) -> int:
-    """Writes the `.npy` of every split-0 track not written yet; the number written. Raises extract.JobsFailed,
+    """Writes the `.npy` of every split-0 track not written yet; the number written. Raises worker_pool.JobsFailed,
     once the others are written, if some could not be."""
     audio_dir, out_dir = Path(audio_dir), Path(out_dir)
     tracks = [track for part in metadata.SPLIT_PARTS for track in metadata.read_split(metadata_dir, 0, part)]
@@ -54,5 +54,5 @@ def write_essentia_like_tree(
         if not (out_dir / features.source_path(track.path, SETTINGS)).is_file()
     ]
     with tqdm.tqdm(total=len(jobs), desc="essentia-like .npy", unit="track", disable=not progress) as bar:
-        extract.run_all(functools.partial(_write, audio_dir=audio_dir, out_dir=out_dir), jobs, workers, bar)
+        worker_pool.run_all(functools.partial(_write, audio_dir=audio_dir, out_dir=out_dir), jobs, workers, bar)
     return len(jobs)

@@ -17,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from data_prep import extract
+from data_prep import worker_pool
 from data_prep.essentia_like import write_essentia_like_tree
 
 
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         count = write_essentia_like_tree(args.audio_dir, args.metadata_dir, args.out, args.workers)
-    except extract.JobsFailed as error:
+    except worker_pool.JobsFailed as error:
         sys.exit(f"error: {error}; the command run again makes only the missing files")
     print(f"{count} .npy files written under {args.out}")
 

@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from data_prep import extract, metadata
+from data_prep import metadata, worker_pool
 
 SAMPLE_RATE = 44100
 TAG_PREFIX = "mood/theme" + metadata.TAG_SEPARATOR
@@ -520,10 +520,10 @@ def _write_tsv(path: Path, plans: Sequence[TrackPlan]) -> None:
 
 
 def _write_audio(plans: Sequence[TrackPlan], seed: int, audio_dir: Path, workers: int) -> None:
-    """Renders every original track in worker processes (`extract.run_all`, longest first, so that a long track
-    does not finish alone at the end), then copies the duplicates; extract.JobsFailed names tracks that failed."""
+    """Renders every original track in worker processes (`worker_pool.run_all`, longest first, so that a long track
+    does not finish alone at the end), then copies the duplicates; worker_pool.JobsFailed names tracks that failed."""
     originals = [plan for plan in plans if plan.copy_of is None]
-    extract.run_all(functools.partial(_render_and_write, seed=seed, audio_dir=audio_dir), originals, workers)
+    worker_pool.run_all(functools.partial(_render_and_write, seed=seed, audio_dir=audio_dir), originals, workers)
     by_number = {plan.number: plan for plan in plans}
     for plan in plans:
         if plan.copy_of is not None:

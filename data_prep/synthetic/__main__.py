@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from data_prep import extract
+from data_prep import worker_pool
 from data_prep.synthetic import LENGTH_LOG_STD, make_synthetic
 
 
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             workers=args.workers,
             length_log_std=args.length_log_std,
         )
-    except extract.JobsFailed as error:
+    except worker_pool.JobsFailed as error:
         sys.exit(f"error: {error}")
 
 

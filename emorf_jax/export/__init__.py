@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from emorf_jax import checkpoints, inference
+from emorf_jax import checkpoints, split_predictions
 from emorf_jax.models import registry
 from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet, block_names
 from emorf_jax.models.torch_export import to_torch_state_dict
@@ -60,14 +60,14 @@ def load(checkpoint: str) -> tuple[CPResNet, dict[str, Any], dict[str, Any]]:
 
 
 def evaluation_shifts(model: CPResNet, variables: dict[str, Any], meta: dict[str, Any]) -> list[int] | None:
-    """The per-block frequency rolls that evaluation (`inference.logits_step`) draws for a `features_shift` model,
-    in network order; None without `features_shift`. They depend on the seed alone, not on the input."""
+    """The per-block frequency rolls that evaluation (`split_predictions.logits_step`) draws for a `features_shift`
+    model, in network order; None without `features_shift`. They depend on the seed alone, not on the input."""
     if not model.features_shift:
         return None
     mean = np.asarray(meta["normalisation"]["mean"], np.float32)
     channels = 1 if mean.ndim == 1 else mean.shape[0]
     probe = np.zeros((1, mean.shape[-1], MIN_INPUT_SIZE, channels), np.float32)
-    rngs = {"shift": jax.random.PRNGKey(inference.EVALUATION_SHIFT_SEED)}
+    rngs = {"shift": jax.random.PRNGKey(split_predictions.EVALUATION_SHIFT_SEED)}
     _, state = model.apply(variables, probe, train=False, rngs=rngs, mutable=["intermediates"])
     drawn = state["intermediates"]
     return [int(drawn[f"stage{stage}_block{block}"]["features_shift"][0]) for stage, block in block_names()]

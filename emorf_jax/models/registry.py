@@ -61,7 +61,7 @@ def describe(fields: Mapping[str, Any]) -> str:
             if fields["frequency_aware"]
             else "CP-ResNet"
         )
-        roll = " with frequency roll" if fields.get("features_shift") else ""  # absent in older checkpoints
+        roll = " with frequency roll" if fields["features_shift"] else ""
         return (
             f"{kind}{roll}, rho={fields['rho']}, base_channels={fields['base_channels']}, {fields['num_classes']} tags"
         )

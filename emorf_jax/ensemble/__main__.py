@@ -30,7 +30,7 @@ from collections.abc import Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from data_prep import features
-from emorf_jax import ensembles, report
+from emorf_jax import ensemble, report
 
 PROG = "python -m emorf_jax.ensemble"
 
@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.checkpoint and not args.predictions:
         parser.error("give at least one --checkpoint or --predictions")
     try:
-        members, prepared = ensembles.collect_members(
+        members, prepared = ensemble.collect_members(
             args.data_dir,
             checkpoint_paths=args.checkpoint,
             report_folders=args.predictions,
@@ -68,12 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             split_index=args.split,
             batch_size=args.batch_size,
         )
-        ensemble = ensembles.write_ensemble(args.output_dir, members, prepared)
+        averaged = ensemble.write_ensemble(args.output_dir, members, prepared)
     except (OSError, ValueError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print(f"{len(members)} members -> {args.output_dir}")
-    print(report.format_table(ensemble.figures | ensemble.calibration))
+    print(report.format_table(averaged.figures | averaged.calibration))
     return 0
 
 

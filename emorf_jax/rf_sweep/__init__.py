@@ -2,7 +2,7 @@
 
 The paper's central claim is that a CP-ResNet tags better when it sees less of its input, and ρ sets how far its RF
 grows. A sweep trains every (ρ, seed) of a CP-ResNet config in `<root>/rho<ρ>_seed<s>/` as the ensemble recipe trains
-its members (`ensemble_training.train_unless_finished`): a run whose test report is written is finished and not
+its members (`training_run.train_unless_finished`): a run whose test report is written is finished and not
 trained again, an unfinished one resumes from its checkpoints, and a run directory that holds another config is
 refused. Without a prepared dataset, a `:demo` config makes its synthetic MTG-Jamendo in `<root>/data`.
 
@@ -23,19 +23,19 @@ import importlib
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 import tqdm
 
-from emorf_jax import checkpoints, ensemble_training, report
+from emorf_jax import checkpoints, report, run_folder, training_run
 from emorf_jax.models import receptive_field, registry, resnet
 
 TABLE_NAME = "rf_sweep"  # <root>/rf_sweep.{md,json,png}
 METRIC = "PR-AUC-macro"
 # The models whose validation figures their checkpoint stores, and that checkpoint's kind.
 MODELS = {"swa": checkpoints.SWA, "selected": checkpoints.BEST}
-SPLITS = ("validation", "test")
 BASELINES = tuple(resnet.STAGE_SIZES)  # config names (configs/<name>.py) that can train beside a sweep
 
 
@@ -47,11 +47,14 @@ def baseline_workdir(root: str, name: str, seed: int) -> str:
     return os.path.join(root, f"{name}_seed{seed}")
 
 
-def baseline_config(name: str, variant: str | None, seed: int, data_dir: str) -> ml_collections.ConfigDict:
-    """`configs/<name>.py:<variant>` with this seed and dataset."""
+def baseline_config(
+    name: str, variant: str | None, seed: int, data_dir: str, overrides: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+    """`configs/<name>.py:<variant>` with `overrides` (dotted field name -> value), this seed and dataset."""
     if name not in BASELINES:
         raise ValueError(f"baseline {name!r}: use one of {', '.join(BASELINES)}")
     config = importlib.import_module(f"configs.{name}").get_config(variant or None)
+    config.update_from_flattened_dict(overrides or {})
     config.seed = seed
     config.dataset.data_dir = data_dir
     return config
@@ -97,43 +100,41 @@ def train_sweep(
     rhos: Sequence[int],
     seeds: Sequence[int],
     root: str,
-    data_dir: str = "",
     baselines: Sequence[str] = (),
     variant: str | None = None,
+    baseline_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """Trains every (ρ, seed) run of `config`, and every (baseline, seed) run of the baselines' `variant`, that is not
-    finished, resuming the unfinished ones."""
+    """Trains every (ρ, seed) run of `config`, and every (baseline, seed) run of the baselines' `variant` with
+    `baseline_overrides`, that is not finished, resuming the unfinished ones; the dataset is `config`'s
+    (`dataset.data_dir`, default `<root>/data`)."""
     # absolute, so that a rerun from another directory or spelling of the root meets the configs its runs recorded
-    data_dir = os.path.abspath(data_dir or os.path.join(root, "data"))
+    data_dir = os.path.abspath(config.dataset.data_dir or os.path.join(root, "data"))
     runs = [
-        (f"rho={rho}", run_workdir(root, rho, seed), ensemble_training.run_config(config, rho, seed, data_dir))
+        (f"rho={rho}", run_workdir(root, rho, seed), training_run.run_config(config, rho, seed, data_dir))
         for rho in rhos
         for seed in seeds
     ]
     runs += [
-        (name, baseline_workdir(root, name, seed), baseline_config(name, variant, seed, data_dir))
+        (name, baseline_workdir(root, name, seed), baseline_config(name, variant, seed, data_dir, baseline_overrides))
         for name in baselines
         for seed in seeds
     ]
     bar = tqdm.tqdm(runs, desc="rho sweep", unit="run")
     for label, workdir, run in bar:
-        bar.set_postfix_str(
-            f"{label} seed={run.seed}" + (" (finished)" if ensemble_training.is_finished(workdir) else "")
-        )
-        checkpoints.check_workdir_config(workdir, run)  # a finished run of another config must not enter the table
-        ensemble_training.train_unless_finished(run, workdir, root)
+        bar.set_postfix_str(f"{label} seed={run.seed}" + (" (finished)" if run_folder.is_finished(workdir) else ""))
+        training_run.train_unless_finished(run, workdir, root)
 
 
 def run_result(workdir: str, rho: int | None, seed: int, baseline: str | None = None) -> RunResult:
     """The PR-AUC of a finished run's SWA and selected models on validation (checkpoint meta) and test (report)."""
-    if not ensemble_training.is_finished(workdir):
+    if not run_folder.is_finished(workdir):
         raise FileNotFoundError(f"the run in {workdir} is not finished: train the sweep first")
     with open(os.path.join(workdir, report.RUN_REPORT_DIR, report.RUN_SUMMARY)) as f:
         summary = json.load(f)
     figures = {}
     for model, kind in MODELS.items():
         if model not in summary:
-            figures[model] = {split: None for split in SPLITS}
+            figures[model] = {split: None for split in report.SPLITS}
             continue
         _, meta = checkpoints.load_checkpoint(os.path.join(workdir, kind))
         figures[model] = {"validation": meta["validation"][METRIC], "test": summary[model][METRIC]}
@@ -153,7 +154,8 @@ def sweep_rows(results: Sequence[RunResult]) -> list[SweepRow]:
             key=lambda result: result.seed,
         )
         figures = {
-            model: {split: [result.figures[model][split] for result in group] for split in SPLITS} for model in MODELS
+            model: {split: [result.figures[model][split] for result in group] for split in report.SPLITS}
+            for model in MODELS
         }
         published, exact = (
             (None, resnet.max_rf(baseline))
@@ -171,15 +173,15 @@ def _mean_sd(row: SweepRow, model: str, split: str) -> str:
     return f"{mean:.4f}" if np.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
 
 
-def format_table(rows: Sequence[SweepRow]) -> str:
+def markdown_table(rows: Sequence[SweepRow]) -> str:
     """The sweep as a Markdown table: mean ± sample SD over the seeds (no SD for one seed)."""
-    columns = [f"{model} {split}" for model in MODELS for split in SPLITS]
+    columns = [f"{model} {split}" for model in MODELS for split in report.SPLITS]
     lines = [
         f"| ρ | max RF (published) | max RF (exact) | seeds | {' | '.join(columns)} |",
         "|" + " --- |" * (4 + len(columns)),
     ]
     for row in rows:
-        cells = [_mean_sd(row, model, split) for model in MODELS for split in SPLITS]
+        cells = [_mean_sd(row, model, split) for model in MODELS for split in report.SPLITS]
         seeds = ",".join(map(str, row.seeds))
         published = "-" if row.published_rf is None else row.published_rf
         lines.append(f"| {row.label} | {published} | {row.exact_rf} | {seeds} | {' | '.join(cells)} |")
@@ -198,7 +200,7 @@ def plot(rows: Sequence[SweepRow], path: str) -> None:
     pyplot = report.agg_pyplot()
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
     swept = [row for row in rows if row.baseline is None]
-    for split, colour in zip(SPLITS, ("tab:blue", "tab:red")):
+    for split, colour in zip(report.SPLITS, ("tab:blue", "tab:red")):
         for row in rows:
             rf = row.exact_rf if row.baseline else row.published_rf
             values = [value for value in row.figures["swa"][split] if value is not None]
@@ -233,7 +235,7 @@ def _finite(value: float) -> float | None:
 
 def write_results(rows: Sequence[SweepRow], results: Sequence[RunResult], root: str) -> str:
     """`<root>/rf_sweep.md`, `.json` and `.png`; returns the table."""
-    table = format_table(rows)
+    table = markdown_table(rows)
     with open(os.path.join(root, f"{TABLE_NAME}.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     summary = {
@@ -248,7 +250,7 @@ def write_results(rows: Sequence[SweepRow], results: Sequence[RunResult], root: 
                 **{
                     f"{model}_{split}": {"mean": _finite(row.mean(model, split)), "sd": _finite(row.sd(model, split))}
                     for model in MODELS
-                    for split in SPLITS
+                    for split in report.SPLITS
                 },
             }
             for row in rows
@@ -266,12 +268,12 @@ def run(
     rhos: Sequence[int],
     seeds: Sequence[int],
     root: str,
-    data_dir: str = "",
     baselines: Sequence[str] = (),
     variant: str | None = None,
+    baseline_overrides: dict[str, Any] | None = None,
 ) -> str:
     """The whole sweep: trains what is not finished, then writes and returns the table."""
-    train_sweep(config, rhos, seeds, root, data_dir, baselines, variant)
+    train_sweep(config, rhos, seeds, root, baselines, variant, baseline_overrides)
     results = [run_result(run_workdir(root, rho, seed), rho, seed) for rho in rhos for seed in seeds]
     results += [
         run_result(baseline_workdir(root, name, seed), None, seed, name) for name in baselines for seed in seeds

@@ -19,7 +19,7 @@ import tqdm
 
 from configs import load_config
 from data_prep import extras, features
-from emorf_jax import effective_fields
+from emorf_jax import erf
 
 PROG = "python -m emorf_jax.erf"
 
@@ -48,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rho and not args.config:
         parser.error("--rho applies to --config's model")
     jobs = [
-        lambda path=path: effective_fields.checkpoint_erf(path, args.frames, args.examples, args.seed)
-        for path in args.checkpoint
+        lambda path=path: erf.checkpoint_erf(path, args.frames, args.examples, args.seed) for path in args.checkpoint
     ]
     if args.config:
         try:
@@ -58,24 +57,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as error:
             parser.error(str(error))
         extras.exit_unless_installed(extras.TRAIN, PROG)
-        from emorf_jax import ensemble_training, train  # imported after the check: the configs' models are train's
+        from emorf_jax import train, training_run  # imported after the check: the configs' models are train's
 
         try:
-            configs = [ensemble_training.with_rho(config, rho) for rho in rhos] or [config]
+            configs = [training_run.with_rho(config, rho) for rho in rhos] or [config]
             fields = [train.model_fields(each, UNTRAINED_TAGS) for each in configs]
         except ValueError as error:
             parser.error(str(error))
-        shape = effective_fields.input_shape(
-            features.settings_for(config.dataset.config_name).to_dict(), args.frames, args.examples
-        )
-        jobs += [lambda each=each: effective_fields.untrained_erf(each, shape, args.seed) for each in fields]
+        shape = erf.input_shape(features.settings_for(config.dataset.config_name).to_dict(), args.frames, args.examples)
+        jobs += [lambda each=each: erf.untrained_erf(each, shape, args.seed) for each in fields]
     try:
         maps = [job() for job in tqdm.tqdm(jobs, desc="ERF", unit="model")]
     except (FileNotFoundError, ValueError) as error:  # no checkpoint there; an input the model cannot take
         parser.error(str(error))
-    effective_fields.plot(maps, args.output)
-    for erf in maps:
-        print(effective_fields.summary_line(erf))
+    erf.plot(maps, args.output)
+    for each in maps:
+        print(erf.summary_line(each))
     print(f"-> {args.output}")
     return 0
 

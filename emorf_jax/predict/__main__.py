@@ -33,8 +33,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tqdm
 
-from data_prep.metadata import short_tag_name
-
 if TYPE_CHECKING:  # the feature processes import this module and need neither JAX nor the model
     from emorf_jax.tagger import TrackTags
 
@@ -134,7 +132,7 @@ def _show(text: str) -> None:
 
 def _write_error_line(error: OSError, output: str | None, written: int, left: int) -> str:
     """The one line for an output that could not be written: which file, why, and what to do."""
-    from data_prep.layout import DISK_FULL_ERRNOS
+    from data_prep.files import DISK_FULL_ERRNOS
 
     line = f"python -m emorf_jax.predict: error: cannot write {error.filename}: {error.strerror}"
     if error.errno not in DISK_FULL_ERRNOS:
@@ -163,7 +161,7 @@ def _run(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     # Imported here, not at the top: the feature processes start by importing this module again (multiprocessing's
     # spawn) and need neither JAX nor the model.
-    from emorf_jax import bulk_tagging
+    from emorf_jax import predict
     from emorf_jax.tagger import audio_files, default_batch_size, load_tagger, model_card
 
     if args.describe:
@@ -175,7 +173,7 @@ def _run(argv: Sequence[str] | None) -> int:
         return 0
     if not args.checkpoint:
         parser.error("give at least one --checkpoint")
-    if args.output and Path(args.output).suffix not in bulk_tagging.OUTPUT_SUFFIXES:
+    if args.output and Path(args.output).suffix not in predict.OUTPUT_SUFFIXES:
         parser.error(f"--output {args.output}: use a .csv, .jsonl or .json file name")
     if args.embeddings and not args.output:
         parser.error("--embeddings are written beside an --output file: give one")
@@ -191,11 +189,9 @@ def _run(argv: Sequence[str] | None) -> int:
         batch_size = args.batch_size or default_batch_size(args.backend)
         tagger = load_tagger(args.checkpoint, batch_size, args.backend, args.precision, calibration_files)
         tagger.feature_settings  # noqa: B018 - a model of other input than audio is a usage error, said now
-        thresholds = (
-            bulk_tagging.decision_thresholds(tagger, args.thresholds, args.checkpoint) if args.decisions else None
-        )
+        thresholds = predict.decision_thresholds(tagger, args.thresholds, args.checkpoint) if args.decisions else None
         output = (
-            bulk_tagging.OutputFiles(
+            predict.OutputFiles(
                 Path(args.output),
                 tagger,
                 top_k=args.top_k,
@@ -206,22 +202,21 @@ def _run(argv: Sequence[str] | None) -> int:
             if args.output
             else None
         )
-    except bulk_tagging.OutputWriteError as error:
+    except predict.OutputWriteError as error:
         print(_write_error_line(error, args.output, 0, len(files)), file=sys.stderr)
         return 1
     except (OSError, ValueError, ImportError) as error:
         parser.error(str(error))
-    done = output.done if output else {}
-    todo = [path for path in files if path not in done]
-    if len(todo) < len(files):
+    remaining = predict.remaining_files(files, output)
+    if remaining.finished:
         print(
-            f"{args.output} holds {len(files) - len(todo)} of these files: tagging the other {len(todo)}",
+            f"{args.output} holds {remaining.finished} of these files: tagging the other {len(remaining.todo)}",
             file=sys.stderr,
         )
-    failed = sum(1 for path in files if done.get(path))
+    todo, failed = remaining.todo, remaining.failed
     tags, frame_seconds = tagger.tags, tagger.seconds_per_frame
-    workers = bulk_tagging.default_workers() if args.workers is None else args.workers
-    stream = bulk_tagging.tag_stream(tagger, todo, window_frames=args.window_frames, workers=workers)
+    workers = predict.default_workers() if args.workers is None else args.workers
+    stream = predict.tag_stream(tagger, todo, window_frames=args.window_frames, workers=workers)
     written = 0
     try:
         try:
@@ -240,8 +235,8 @@ def _run(argv: Sequence[str] | None) -> int:
         finally:
             if output:
                 output.close()  # after a failed write, it closes the files and writes nothing more
-    except bulk_tagging.OutputWriteError as error:
-        print(_write_error_line(error, args.output, len(done) + written, len(todo) - written), file=sys.stderr)
+    except predict.OutputWriteError as error:
+        print(_write_error_line(error, args.output, remaining.finished + written, len(todo) - written), file=sys.stderr)
         return 1
     return 1 if failed else 0
 
@@ -256,21 +251,18 @@ def _show_tags(
 ) -> None:
     """A tagged file's line on standard output: its top tags, the decided ones, and with the taggram a line per
     window."""
-    from emorf_jax import bulk_tagging
-    from emorf_jax.tagger import top_tags_line
+    from emorf_jax import predict
+    from emorf_jax.tagger import format_top_tags, top_tags_line
 
     line = top_tags_line(path, result.probabilities, tags, top_k)
     if thresholds is not None:
-        decided = bulk_tagging.decided_tags(result.probabilities, thresholds, tags)
+        decided = predict.decided_tags(result.probabilities, thresholds, tags)
         line += "\tabove threshold: " + (" ".join(decided) or "-")
     _show(line)
     if taggram_frame_seconds is not None:
         for (start, stop, _), row in zip(result.windows, result.window_probabilities):
-            best = np.argsort(-row)[:top_k]
-            _show(
-                f"  {start * taggram_frame_seconds:7.1f}-{stop * taggram_frame_seconds:7.1f} s  "
-                + "  ".join(f"{short_tag_name(tags[i])} {row[i]:.3f}" for i in best)
-            )
+            seconds = f"{start * taggram_frame_seconds:7.1f}-{stop * taggram_frame_seconds:7.1f} s"
+            _show(f"  {seconds}  {format_top_tags(row, tags, top_k)}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("emorf_jax", "data_prep", "benchmarks", "configs")
 # What emorf_jax may import of data_prep: the read side, the feature code that tagging shares and the install check
-# of the commands (`data_prep.extras`); never a writer.
-READ_SIDE = {"data_prep.reader", "data_prep.layout", "data_prep.metadata", "data_prep.features", "data_prep.extras"}
+# of the commands (`data_prep.extras`); never a writer. `data_prep.files` holds no writer of prepared data, only the
+# atomic-write and full-disk helpers that every writer shares.
+READ_SIDE = {
+    "data_prep.reader",
+    "data_prep.layout",
+    "data_prep.metadata",
+    "data_prep.features",
+    "data_prep.extras",
+    "data_prep.files",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -75,10 +83,12 @@ def test_the_commands_are_found():
     """The rule below means something only if the commands are seen as commands."""
     expected = {
         "emorf_jax.main",
-        "emorf_jax.predict",
-        "emorf_jax.ensemble",
         "emorf_jax.evaluate",
-        "emorf_jax.ensemble_recipe",
+        "emorf_jax.predict.__main__",
+        "emorf_jax.ensemble.__main__",
+        "emorf_jax.ensemble_recipe.__main__",
+        "emorf_jax.rf_sweep.__main__",
+        "emorf_jax.erf.__main__",
         "emorf_jax.export.__main__",
         "data_prep.build",
         "benchmarks.paper_table",

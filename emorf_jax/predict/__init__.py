@@ -13,7 +13,7 @@ finishes, a rerun that resumes, decisions and embeddings; what `python -m emorf_
   `<stem>.taggram_embeddings.npy` (row j: the window of the taggram's row j). A file's side rows are written
   before its output row, so the output's complete rows are the files done: reopened, an output keeps those rows
   (a row cut by a kill is dropped), its side files are cut back to them, and the files in it are not tagged again.
-  A write that fails (a full disk: `layout.DISK_FULL_ERRNOS`) raises `OutputWriteError` naming the file; the rows before
+  A write that fails (a full disk: `files.DISK_FULL_ERRNOS`) raises `OutputWriteError` naming the file; the rows before
   it stay as they are, so the same command run again after space is freed resumes after them.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -35,8 +36,8 @@ import numpy as np
 
 from data_prep.features import FeatureSettings
 from data_prep.metadata import short_tag_name
-from emorf_jax import checkpoints, report, track_features
-from emorf_jax.tagger import Tagger, TrackTags
+from emorf_jax import thresholds, track_features
+from emorf_jax.tagger import Tagger, TrackTags, top_tags
 
 OUTPUT_SUFFIXES = (".csv", ".jsonl", ".json")
 # What a write fails with when the disk is full or a file-size or disk quota limit is reached.
@@ -141,7 +142,7 @@ def decision_thresholds(tagger: Tagger, thresholds_path: str | None, checkpoint_
     report folder's thresholds.tsv), else the one checkpoint's meta "thresholds". ValueError saying what to pass
     where neither is given."""
     if thresholds_path:
-        names, values = report.read_thresholds(thresholds_path)
+        names, values = thresholds.read(thresholds_path)
         by_tag = dict(zip(names, values.tolist()))
         missing = [tag for tag in tagger.tags if tag not in by_tag]
         if missing:
@@ -155,25 +156,12 @@ def decision_thresholds(tagger: Tagger, thresholds_path: str | None, checkpoint_
             "several checkpoints are averaged, and no checkpoint's own thresholds fit their average: pass "
             "--thresholds FILE.tsv, e.g. the thresholds.tsv of `python -m emorf_jax.ensemble` for these checkpoints"
         )
-    stored = tagger.meta.get(checkpoints.THRESHOLDS)
-    if stored is None:
-        raise ValueError(
-            f"{checkpoint_paths[0]} holds no decision thresholds (it was saved before checkpoints stored them): pass "
-            "--thresholds with its run's report/<model>/thresholds.tsv, or retrain with the current version"
-        )
-    if len(stored) != len(tagger.tags):
-        raise ValueError(f"{checkpoint_paths[0]} holds {len(stored)} thresholds for {len(tagger.tags)} tags")
-    return np.asarray(stored, np.float64)
+    return thresholds.read(checkpoint_paths[0])[1]
 
 
 def decided_tags(probabilities: np.ndarray, thresholds: np.ndarray, tags: Sequence[str]) -> list[str]:
     """The short names of the tags whose probability is above (strictly) their threshold, in tag order."""
     return [short_tag_name(tags[i]) for i in np.flatnonzero(probabilities > thresholds)]
-
-
-def top_tags(probabilities: np.ndarray, tags: Sequence[str], top_k: int) -> list[str]:
-    """The short names of the `top_k` most probable tags, most probable first."""
-    return [short_tag_name(tags[i]) for i in np.argsort(-probabilities)[:top_k]]
 
 
 def _cut_after_last_line(path: Path) -> None:
@@ -387,7 +375,7 @@ class OutputFiles:
         row: dict[str, Any] = {
             "path": path,
             **{tag: f"{p:.6f}" if as_text else float(p) for tag, p in zip(self.tags, probabilities)},
-            "top_tags": top_tags(probabilities, self.tags, self.top_k),
+            "top_tags": [name for name, _ in top_tags(probabilities, self.tags, self.top_k)],
         }
         if self.thresholds is not None:
             row["decisions"] = decided_tags(probabilities, self.thresholds, self.tags)
@@ -413,3 +401,20 @@ class OutputFiles:
                     os.replace(temporary, self.output)
             finally:
                 temporary.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RemainingFiles:
+    """What a run still has to tag when its output holds rows of an earlier run: `todo` in the given order;
+    `finished`, the files the output holds already; `failed`, those of them whose row is an error."""
+
+    todo: list[str]
+    finished: int
+    failed: int
+
+
+def remaining_files(files: Sequence[str], output: OutputFiles | None) -> RemainingFiles:
+    """The files not yet in `output` (all of them without one): a rerun of a killed run tags each file once."""
+    done = output.done if output else {}
+    todo = [path for path in files if path not in done]
+    return RemainingFiles(todo, len(files) - len(todo), sum(1 for path in files if done.get(path)))

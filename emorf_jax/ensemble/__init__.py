@@ -14,11 +14,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from data_prep.reader import PreparedDataset, load_prepared
-from emorf_jax import checkpoints, inference, report, submission
+from emorf_jax import checkpoints, report, split_predictions, submission
 from emorf_jax.metrics import as_score_matrix
 from emorf_jax.models import registry
 
-MemberPredictions = Mapping[str, inference.Predictions]  # {split: predictions} of one model
+MemberPredictions = Mapping[str, split_predictions.Predictions]  # {split: predictions} of one model
 
 
 def average_predictions(predictions: Sequence[ArrayLike], weights: Sequence[float] | None = None) -> np.ndarray:
@@ -52,7 +52,7 @@ def average_predictions(predictions: Sequence[ArrayLike], weights: Sequence[floa
     return np.average(np.stack(matrices), axis=0, weights=weights)
 
 
-def average_members(members: Sequence[MemberPredictions]) -> dict[str, inference.Predictions]:
+def average_members(members: Sequence[MemberPredictions]) -> dict[str, split_predictions.Predictions]:
     """Each split's probabilities averaged over the members, which must have predicted the same rows."""
     averaged = {}
     for split in report.SPLITS:
@@ -89,7 +89,7 @@ def _predict(
     """Each loaded checkpoint run over the validation and test tracks of `prepared`."""
     members = []
     for variables, meta in loaded:
-        predictor = inference.Predictor(
+        predictor = split_predictions.Predictor(
             registry.build(meta["model"]), prepared, window_frames=meta["window_frames"], batch_size=batch_size
         )
         members.append({split: predictor.predict(variables, split) for split in report.SPLITS})
@@ -125,7 +125,7 @@ def report_folder_members(directories: Sequence[str], prepared: PreparedDataset)
                     f"{directory} has other {split} rows than the prepared dataset in {prepared.directory}: "
                     "were its predictions made on another dataset?"
                 )
-            member[split] = inference.Predictions(probabilities, part.labels, part.track_ids)
+            member[split] = split_predictions.Predictions(probabilities, part.labels, part.track_ids)
         members.append(member)
     return members
 
