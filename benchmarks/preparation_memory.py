@@ -1,18 +1,27 @@
-"""Peak memory of data preparation's workers over the real split-0 track lengths, old order against the new schedule.
+"""Peak memory of data preparation's workers over the real split-0 track lengths, old order against the new schedule;
+and, measured, the peak memory of one worker extracting given audio files.
 
     python -m benchmarks.preparation_memory [--workers 16] [--memory_budget_gb 8]
+    python -m benchmarks.preparation_memory --audio FILE [FILE ...] [--features hop512]
 
 Replays stage 1 on the durations of every track of split-0's TSVs (no audio needed): a worker extracting a track
 holds `worker_pool.job_memory(track)` bytes (measured per second of audio, see `worker_pool.WORKER_BYTES_PER_SECOND`)
 for a time proportional to its length. Old: every track sorted longest first, as many running as there are workers.
 New: `worker_pool._Schedule`, the order and memory budget the build uses. Prints the peak of the workers' summed
 memory and how long the whole stage takes relative to a perfect split of the work over the workers.
+
+With --audio, each file is extracted as a build's worker does it (`extract.extract_track`, features into a temporary
+cache) in a fresh process, one BLAS thread, after a one-second warm-up track: prints its resident memory before the
+file, its peak while extracting it (the growth is what the file costs), and the seconds of audio, one JSON line each.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +55,52 @@ def replay(
     return peak, now
 
 
+# Run in a fresh process per file (argv: the file, the feature setting): a one-second warm-up track (imports, filter
+# banks), then the file, as one worker of a build extracts it; its memory before and at its peak, in bytes.
+_MEASURE_ONE = """
+import json, resource, sys, tempfile
+from pathlib import Path
+import numpy as np, soundfile, threadpoolctl
+from data_prep import extract, features
+threadpoolctl.threadpool_limits(limits=1)
+path, settings = Path(sys.argv[1]), features.settings_for(sys.argv[2])
+with tempfile.TemporaryDirectory() as directory:
+    warm_up = Path(directory) / "warm_up.wav"
+    soundfile.write(warm_up, np.random.default_rng(0).normal(0, 0.1, (44100, 2)), 44100)
+    extract.extract_track(extract.TrackJob("warm_up", warm_up.name, 1.0), directory, directory, settings)
+    before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    info = soundfile.info(path)
+    job = extract.TrackJob("measured", path.name, info.frames / info.samplerate)
+    outcome = extract.extract_track(job, path.parent, directory, settings)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"outcome": outcome.kind, "audio_s": job.duration, "before": before, "peak": peak}))
+"""
+
+
+def measure(paths: list[Path], features: str) -> None:
+    """One JSON line per file: the resident memory of a fresh worker process before and at the peak of extracting it
+    (MiB), the growth, and the seconds of audio."""
+    for path in paths:
+        result = subprocess.run(
+            [sys.executable, "-c", _MEASURE_ONE, str(path), features], capture_output=True, text=True, check=True
+        )
+        figures = json.loads(result.stdout.splitlines()[-1])
+        mib = 2**20
+        print(
+            json.dumps(
+                {
+                    "file": str(path),
+                    "features": features,
+                    "outcome": figures["outcome"],
+                    "audio_s": round(figures["audio_s"], 1),
+                    "rss_before_mib": round(figures["before"] / mib),
+                    "peak_rss_mib": round(figures["peak"] / mib),
+                    "growth_mib": round((figures["peak"] - figures["before"]) / mib),
+                }
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.preparation_memory",
@@ -55,7 +110,12 @@ def main() -> None:
     parser.add_argument("--metadata_dir", type=Path, default=METADATA_DIR)
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--memory_budget_gb", type=float, default=worker_pool.DEFAULT_MEMORY_BUDGET_GB)
+    parser.add_argument("--audio", type=Path, nargs="+", help="measure a worker's memory on these audio files")
+    parser.add_argument("--features", default="hop512", help="the feature setting of --audio (default hop512)")
     args = parser.parse_args()
+    if args.audio:
+        measure(args.audio, args.features)
+        return
     if not args.metadata_dir.is_dir():
         raise SystemExit(
             f"preparation_memory: {args.metadata_dir} not found; this benchmark needs the real MTG-Jamendo metadata"

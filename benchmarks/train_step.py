@@ -126,7 +126,7 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
     )
     schedule = optax.constant_schedule(LEARNING_RATE)
     tx = optax.adam(schedule)
-    averaging = weight_averaging.AveragingSchedule("swa", start_step=1, every_steps=1)
+    averaging = weight_averaging.AveragingSchedule("swa", swa_steps=(1,))
     normalisation = (np.zeros(setup.mel_bins, np.float32), np.ones(setup.mel_bins, np.float32))
     state = train.initial_state(
         model.clone(bn_axis_name=None), tx, jax.random.PRNGKey(0), (1, setup.mel_bins, setup.frames, 1)

@@ -45,6 +45,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # The demo's own data, made by demo.py (main.py runs it) in <workdir>/data when no prepared dataset is there:
     config.dataset.synthetic_tracks = 0  # > 0: make a synthetic MTG-Jamendo of this many tracks
     config.dataset.synthetic_seed = 0
+    config.dataset.synthetic_subset = "moodtheme"  # whose tag names the planted sounds take (data_prep.synthetic)
     config.dataset.synthetic_duration = 6.0  # median track length in seconds (lengths spread like the real ones)
     config.dataset.chunk_frames = 0  # stored chunk length of that data; 0 = the feature setting's 20 s
     config.dataset.workers = 2  # processes that make and prepare that data
@@ -123,6 +124,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.log_every_steps = 100
     config.half_precision = False  # bfloat16 compute, float32 parameters
+
+    # Fine-tuning (emorf_jax/fine_tuning.py, docs/training.md "Fine-tuning"); not part of the paper's recipe. A
+    # checkpoint folder of any run (`runs/x/swa`, `best`, `snapshots/<step>`, `checkpoints`) or a PyTorch state_dict
+    # file in the authors' format whose variables start the run at step 0; "" = a random initialisation.
+    config.init_from = ""
+    # True: only the head (the variables shaped by the tag count) trains; the model runs in evaluation mode, so every
+    # BatchNorm keeps the checkpoint's statistics.
+    config.freeze_trunk = False
+    config.trunk_learning_rate_factor = 1.0  # the trunk's learning rate is this times the schedule's (the head's)
 
     if variant:
         _apply_variant(config, variant)

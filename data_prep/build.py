@@ -5,8 +5,17 @@ a killed build started again redoes only the unfinished tracks. Stage 2 writes t
 from that cache. Every track of the split ends in the shards or in failures.tsv beside them, with its reason;
 byte-identical input files are reported in duplicates.tsv and can be left out (--drop_duplicates).
 
-Example:
+--subset picks MTG-Jamendo's auto-tagging subset (moodtheme, genre, instrument, top50tags), whose tags the shards
+store; --tags_csv builds your own collection instead: a CSV (or TSV) of path,tags[,split][,artist] rows, tags
+separated by ';', paths relative to --audio_dir. Without a split column the collection is split reproducibly
+(--split_seed, --split_fractions), artist-disjoint, with each tag spread over the parts; the split and the tags are
+written in MTG-Jamendo's layout into DATA/collection/, and tags too rare to train and score are reported and left out.
+One data dir holds one tag set.
+
+Examples:
   python -m data_prep.build --audio_dir AUDIO --metadata_dir MTG-JAMENDO/data --data_dir DATA --features hop512
+  python -m data_prep.build --audio_dir AUDIO --metadata_dir MTG-JAMENDO/data --data_dir DATA-GENRE --subset genre
+  python -m data_prep.build --audio_dir MUSIC --tags_csv tags.csv --data_dir DATA-MINE
 """
 
 from __future__ import annotations
@@ -15,8 +24,15 @@ import argparse
 import os
 import sys
 
-from data_prep import extras, preparation, worker_pool
+from data_prep import collection, extras, metadata, preparation, worker_pool
 from data_prep import features as features_lib
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three fractions such as 0.8,0.1,0.1") from None
 
 
 def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
@@ -26,8 +42,31 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
         description=f"{__doc__}\nFeature settings (--features):\n{settings}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--audio_dir", required=True, help="input root: NN/ID.mp3 (or NN/ID.npy for essentia96)")
-    parser.add_argument("--metadata_dir", required=True, help="MTG-Jamendo data/ dir: TSVs, splits/, tags/")
+    parser.add_argument(
+        "--audio_dir", required=True, help="input root: NN/ID.mp3 (or NN/ID.npy for essentia96), or a collection's"
+    )
+    parser.add_argument("--metadata_dir", help="MTG-Jamendo data/ dir: TSVs, splits/, tags/")
+    parser.add_argument(
+        "--subset",
+        default=metadata.DEFAULT_SUBSET,
+        choices=metadata.SUBSETS,
+        help="MTG-Jamendo's auto-tagging subset: its TSVs and tags (default: moodtheme)",
+    )
+    parser.add_argument("--tags_csv", help="your own collection instead of --metadata_dir: path,tags[,split][,artist]")
+    parser.add_argument(
+        "--split_fractions",
+        type=_fractions,
+        default=collection.DEFAULT_FRACTIONS,
+        help="a collection without a split column: train,validation,test fractions (default 0.8,0.1,0.1)",
+    )
+    parser.add_argument("--split_seed", type=int, default=0, help="a collection's split: its seed (default 0)")
+    parser.add_argument(
+        "--min_tag_tracks",
+        type=int,
+        default=1,
+        help="a collection's tag is left out unless train, validation and test each hold this many of its tracks",
+    )
+    parser.add_argument("--keep_rare_tags", action="store_true", help="keep a collection's rare tags all the same")
     parser.add_argument("--data_dir", required=True, help="output: cache/, split-K/ with the TFDS shards")
     parser.add_argument(
         "--features", default="hop512", choices=tuple(features_lib.CONFIGS), help="feature setting (default: hop512)"
@@ -98,6 +137,12 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
             tracks_per_worker=args.tracks_per_worker,
             resample=args.resample,
             track_deadline=worker_pool.TrackDeadline(args.deadline_floor_s, args.deadline_s_per_audio_s),
+            subset=args.subset,
+            tags_csv=args.tags_csv,
+            split_fractions=args.split_fractions,
+            split_seed=args.split_seed,
+            min_tag_tracks=args.min_tag_tracks,
+            keep_rare_tags=args.keep_rare_tags,
         )
     except ValueError as error:
         parser.error(str(error))

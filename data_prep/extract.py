@@ -19,8 +19,14 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import io
+import itertools
 import json
-from collections.abc import Iterable
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +89,22 @@ class TrackCache:
     def load(self, track_id: str) -> np.ndarray:
         """The cached float16 features of one track: (n_mels, frames), or (channels, n_mels, frames) stereo."""
         return np.load(self.feature_path(track_id), allow_pickle=False)
+
+    def frame_count(self, track_id: str) -> int:
+        """The frames of one track's cached features, from the file's header."""
+        return np.load(self.feature_path(track_id), mmap_mode="r").shape[-1]
+
+    def frame_blocks(self, track_id: str, block_frames: int) -> Iterator[np.ndarray]:
+        """The cached features of one track as in `load`, in blocks of at most `block_frames` frames (the last one
+        shorter), so that memory holds one block whatever the track's length: each is copied out of a mapping of
+        the file that is closed again at once, so that no more than a block of the file stays in this process's
+        memory."""
+        path = self.feature_path(track_id)
+        for start in range(0, self.frame_count(track_id), block_frames):
+            mapped = np.load(path, mmap_mode="r")
+            block = np.array(mapped[..., start : start + block_frames])
+            del mapped  # unmapped: its pages leave this process's resident memory
+            yield block
 
     def read_journal(self) -> dict[str, Outcome]:
         """Last outcome per track; a torn last line (killed mid-write) and vanished files are ignored."""
@@ -154,38 +176,121 @@ def extract_track(
     `resample`: other sample rates and channel counts are resampled and mixed down instead of failing."""
     source = Path(input_root) / job.path
     try:
-        data = source.read_bytes()
+        if settings.source == "npy":
+            data = source.read_bytes()
+            sha256 = hashlib.sha256(data).hexdigest()
+        else:
+            sha256 = _file_sha256(source)
     except FileNotFoundError:
         return _failure(job, "missing", f"file not found: {source}")
     except OSError as error:
         return _failure(job, "unreadable", f"cannot read {source}: {error}")
-    sha256 = hashlib.sha256(data).hexdigest()
+    target = Path(cache_root) / f"{job.track_id}.npy"
     try:
-        values = features_lib.track_features(data, job.path, settings, resample=resample)
+        if settings.source == "npy":
+            values = features_lib.track_features(data, job.path, settings, resample=resample)
+            return _cache(job, settings, values.shape[-1], [values], target, sha256)
+        try:
+            audio = features_lib.AudioFile(source, job.path)
+        except OSError as error:  # gone or locked since it was hashed
+            return _failure(job, "unreadable", f"cannot read {source}: {error}", sha256)
+        with audio:
+            computed = features_lib.FileFeatures(audio, settings, resample=resample)
+            return _cache(job, settings, computed.measure(), computed.blocks(), target, sha256)
     except features_lib.AudioError as error:  # its message names the file
         return _failure(job, _failure_kind(str(error)), str(error), sha256)
     except ValueError as error:
         return _failure(job, _failure_kind(str(error)), f"{job.path}: {error}", sha256)
     except MemoryError:
         return _failure(job, "out_of_memory", f"{job.path}: out of memory computing its features", sha256)
-    frames = values.shape[-1]
+
+
+# Bytes read at a time to hash a track's file.
+_HASH_BLOCK_BYTES = 2**20
+
+
+def _file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (a three-hour MP3 is 400 MB at 320 kbit/s)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cache(
+    job: TrackJob,
+    settings: features_lib.FeatureSettings,
+    frames: int,
+    blocks: Iterable[np.ndarray],
+    target: Path,
+    sha256: str,
+) -> Outcome:
+    """Checks a track of `frames` frames against its TSV duration and the setting's minimum, then writes its features
+    (given in `blocks` of frames) to the cache as float16: its outcome."""
     seconds = (frames - 1) * settings.hop_length / settings.sample_rate
     # Much less audio than the TSV says is a damaged or cut file, even when what is left is also too short.
     if seconds < job.duration * (1 - TRUNCATION_TOLERANCE_FRACTION) - TRUNCATION_TOLERANCE_S:
         return _failure(job, "truncated", f"decoded {seconds:.1f} s of the TSV's {job.duration:.1f} s", sha256)
     if frames < settings.min_frames:
         return _failure(job, "too_short", f"{frames} frames < minimum {settings.min_frames}", sha256)
-    stored = values.astype(np.float16)
-    if not np.isfinite(stored).all():
-        return _failure(job, "overflow", "features exceed the float16 range", sha256)
-    target = Path(cache_root) / f"{job.track_id}.npy"
+    shape = (*((settings.channels,) if not settings.mono else ()), settings.n_mels, frames)
     try:
-        files.write_atomically(target, stored)
+        if not _write_features(target, shape, blocks):
+            return _failure(job, "overflow", "features exceed the float16 range", sha256)
     except OSError as error:
         if error.errno not in files.DISK_FULL_ERRNOS:
             raise
         return _failure(job, NO_SPACE, f"cannot write {target}: {error.strerror}", sha256)
     return Outcome(track_id=job.track_id, kind="ok", path=job.path, frames=frames, sha256=sha256)
+
+
+# Frames gathered before they are written to a cache file: each of its rows (a mel bin) gets one write of this many.
+_WRITE_FRAMES = 4096
+
+
+def _write_features(target: Path, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> bool:
+    """Writes features (..., frames), given in blocks of frames, as the float16 .npy `target`, byte for byte what
+    `np.save` writes of the whole array; memory holds a few thousand frames, whatever the track's length. False, and
+    no file, when a value exceeds the float16 range.
+
+    The blocks go into a file without a name in the cache's folder (the rows of a (bins, frames) array are written
+    a block at a time, at their offsets), which a worker killed while it computes leaves nowhere; the whole is then
+    copied through a temporary file renamed into place, as `files.write_atomically` does (a file there is whole)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": shape})
+    start, rows, frames = len(header.getvalue()), math.prod(shape[:-1]), shape[-1]
+    with tempfile.TemporaryFile(dir=target.parent) as unnamed:
+        unnamed.write(header.getvalue())
+        unnamed.flush()
+        written, gathered = 0, []
+        for block in itertools.chain(blocks, [None]):  # None: the end, where the last frames gathered are written
+            if block is not None:
+                stored = block.astype(np.float16)
+                if not np.isfinite(stored).all():
+                    return False
+                gathered.append(stored)
+            if gathered and (block is None or sum(part.shape[-1] for part in gathered) >= _WRITE_FRAMES):
+                values = np.concatenate(gathered, axis=-1).reshape(rows, -1)
+                for row, row_values in enumerate(values):
+                    os.pwrite(unnamed.fileno(), row_values.tobytes(), start + 2 * (row * frames + written))
+                written, gathered = written + values.shape[1], []
+        if written != frames:
+            raise RuntimeError(f"{written} frames of features computed for {target}, {frames} announced")
+        unnamed.seek(0)
+        temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
+        try:
+            with temporary.open("wb") as named:
+                shutil.copyfileobj(unnamed, named, _COPY_BYTES)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    return True
+
+
+# Bytes copied at a time from a track's unnamed features file to its named one.
+_COPY_BYTES = 2**22
 
 
 # Outcomes that a rerun can mend without --retry_failed: the file is looked for again on every run.

@@ -5,7 +5,10 @@ The faithful default follows the authors' order: A-weighted dB of the STFT power
 is offered as ``order="mel_then_db"``. Results match librosa's reference pipeline to float32 rounding,
 at several times its speed: the filterbank and weights are computed once per setting, frames are strided
 views, and the mel projection of the (constant per bin) A-weighting is folded into one vector. Features are of the
-mean of the channels, or with ``mono=False`` (``hop512_stereo``) of each of two channels, stacked first.
+mean of the channels, or with ``mono=False`` (``hop512_stereo``) of each of two channels, stacked first. A file's
+features are computed in blocks (`FileFeatures`: decoded, resampled, framed and projected a block at a time), the
+same as the whole decode's, in memory that does not grow with the track's length (docs/faults.md, "Memory of a long
+file").
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ import functools
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import scipy.fft
 import soundfile
+import soxr
 
 ORDERS: tuple[str, ...] = ("weighted_db_then_mel", "mel_then_db")
 SOURCES: tuple[str, ...] = ("audio", "npy")
@@ -164,7 +170,12 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
 
 def power_spectrogram(mono: np.ndarray, n_fft: int, hop_length: int) -> np.ndarray:
     """|STFT|^2, float32 (frames, 1 + n_fft // 2): centred frames, reflect padding, periodic Hann."""
-    padded = np.pad(mono, n_fft // 2, mode="reflect")
+    return power_spectrogram_of_frames(np.pad(mono, n_fft // 2, mode="reflect"), n_fft, hop_length)
+
+
+def power_spectrogram_of_frames(padded: np.ndarray, n_fft: int, hop_length: int) -> np.ndarray:
+    """|FFT|^2 float32 (frames, 1 + n_fft // 2) of the periodic-Hann-windowed frames of an already padded signal,
+    every `hop_length` samples from its start (`power_spectrogram` of a padded track, or of a block of it)."""
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop_length]
     window = _hann_window(n_fft)
     power = np.empty((frames.shape[0], n_fft // 2 + 1), dtype=np.float32)
@@ -176,9 +187,11 @@ def power_spectrogram(mono: np.ndarray, n_fft: int, hop_length: int) -> np.ndarr
     return power
 
 
-def _db_in_place(power: np.ndarray, top_db: float) -> np.ndarray:
-    """10 log10(max(power, amin)), floored at (peak - top_db): librosa's ``power_to_db(ref=1.0)``."""
-    floor = max(AMIN, float(power.max()) * 10.0 ** (-top_db / 10.0))
+def _db_in_place(power: np.ndarray, top_db: float, peak: float | None = None) -> np.ndarray:
+    """10 log10(max(power, amin)), floored at (peak - top_db): librosa's ``power_to_db(ref=1.0)``. `peak` is the
+    whole track's largest value when `power` is only a block of it (by default `power`'s own)."""
+    peak = float(power.max()) if peak is None else peak
+    floor = max(AMIN, peak * 10.0 ** (-top_db / 10.0))
     np.maximum(power, floor, out=power)
     np.log10(power, out=power)
     power *= 10.0
@@ -211,11 +224,21 @@ def spectrogram(
     power = power_spectrogram(mono, n_fft, hop_length)
     mel = _mel_filterbank(sample_rate, n_fft, n_mels)
     if order == "weighted_db_then_mel":
-        mels = _db_in_place(power, top_db) @ mel.T
+        mels = _project(_db_in_place(power, top_db), mel.T)
         mels += _mel_of_weighting(sample_rate, n_fft, n_mels)
     else:
-        mels = _db_in_place(power @ mel.T, top_db)
+        mels = _db_in_place(_project(power, mel.T), top_db)
     return np.ascontiguousarray(mels.T)
+
+
+def _project(values: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """`values @ matrix` float32, in blocks of `_BLOCK_FRAMES` rows from the first: BLAS sums a row in an order that
+    depends on how many rows it is given, so a track's features come out the same, to the bit, whether it is
+    computed whole or in blocks of frames that start at multiples of `_BLOCK_FRAMES` (`_SignalFeatures`)."""
+    projected = np.empty((len(values), matrix.shape[1]), np.float32)
+    for start in range(0, len(values), _BLOCK_FRAMES):
+        np.matmul(values[start : start + _BLOCK_FRAMES], matrix, out=projected[start : start + _BLOCK_FRAMES])
+    return projected
 
 
 class AudioError(ValueError):
@@ -275,35 +298,63 @@ def short_decode_warning(name: str, decoded_frames: int, header_frames: int, sam
 
 @contextlib.contextmanager
 def _decoder_messages_named(name: str) -> Iterator[None]:
-    """libsndfile's MP3 decoder (libmpg123) prints its warnings ("Xing stream size off ...") on the process's
-    standard error without naming the file: they are caught at the file descriptor, in a temporary file (a pipe
-    could fill and block the decoder), and printed again after the decode, each line prefixed with the file's name.
-    Without a standard error to redirect (or a temporary file to catch it in), the decode runs as it is."""
+    """The decoder's messages during the block, printed after it, each naming the file (`_DecoderMessages`)."""
+    messages = _DecoderMessages(name)
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(os.close, saved)
+        with messages.caught():
+            yield
+    finally:
+        messages.report()
+        messages.close()
+
+
+class _DecoderMessages:
+    """libsndfile's MP3 decoder (libmpg123) prints its warnings ("Xing stream size off ...") on the process's
+    standard error without naming the file: they are caught at the file descriptor while the decoder runs
+    (`caught`, around each read only, so that nothing else the process prints is taken), in a temporary file (a pipe
+    could fill and block the decoder), and printed by `report`, each line prefixed with the file's name. Without a
+    standard error to redirect (or a temporary file to catch it in), the decoder prints as it would."""
+
+    def __init__(self, name: str):
+        self.name, self.lines = name, []
         try:
-            caught = cleanup.enter_context(tempfile.TemporaryFile())
+            self._file: IO[bytes] | None = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         except OSError:
+            self._file = None
+
+    @contextlib.contextmanager
+    def caught(self) -> Iterator[None]:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved is None or self._file is None:
             yield
             return
-        os.dup2(caught.fileno(), 2)
+        os.dup2(self._file.fileno(), 2)
         try:
             yield
         finally:
             os.dup2(saved, 2)
-            caught.seek(0)
-            lines = [line.strip() for line in caught.read().decode("utf-8", errors="replace").splitlines()]
-            lines = [line for line in lines if line]
-            for line in lines[:DECODER_MESSAGES_SHOWN]:
-                print(f"{name}: {line}", file=sys.stderr, flush=True)
-            if len(lines) > DECODER_MESSAGES_SHOWN:
-                print(f"{name}: ({len(lines) - DECODER_MESSAGES_SHOWN} more decoder messages)", file=sys.stderr)
+            os.close(saved)
+            self._file.seek(0)
+            text = self._file.read().decode("utf-8", errors="replace")
+            self._file.seek(0)
+            self._file.truncate()
+            self.lines += [line.strip() for line in text.splitlines() if line.strip()]
+
+    def report(self) -> None:
+        """Prints the messages caught so far (at most DECODER_MESSAGES_SHOWN, then their count) and forgets them."""
+        for line in self.lines[:DECODER_MESSAGES_SHOWN]:
+            print(f"{self.name}: {line}", file=sys.stderr, flush=True)
+        if len(self.lines) > DECODER_MESSAGES_SHOWN:
+            print(f"{self.name}: ({len(self.lines) - DECODER_MESSAGES_SHOWN} more decoder messages)", file=sys.stderr)
+        self.lines = []
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _ffmpeg_decode(data: bytes, name: str, libsndfile_reason: str) -> tuple[np.ndarray, int]:
@@ -312,6 +363,17 @@ def _ffmpeg_decode(data: bytes, name: str, libsndfile_reason: str) -> tuple[np.n
     Both sides are temporary files, not pipes: an MP4/M4A whose index follows its audio needs a seekable input, and a
     seekable WAV output gets a header that states its length (RF64 past 4 GiB).
     """
+    ffmpeg = _ffmpeg_or_error(name, libsndfile_reason)
+    with tempfile.TemporaryDirectory(prefix="emorf_decode_") as directory:
+        encoded, decoded = Path(directory) / f"input{Path(name).suffix}", Path(directory) / "decoded.wav"
+        encoded.write_bytes(data)
+        _ffmpeg_to_wav(ffmpeg, encoded, decoded, name, libsndfile_reason)
+        waveform, sample_rate = soundfile.read(decoded, dtype="float32", always_2d=True)
+    return waveform, int(sample_rate)
+
+
+def _ffmpeg_or_error(name: str, libsndfile_reason: str) -> str:
+    """The ffmpeg on the PATH, or the AudioError of a file libsndfile refused that says what to do."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None and Path(name).suffix.lower() in LIBSNDFILE_SUFFIXES:
         raise AudioError(
@@ -323,17 +385,17 @@ def _ffmpeg_decode(data: bytes, name: str, libsndfile_reason: str) -> tuple[np.n
             f"cannot decode {name}: {libsndfile_reason}; libsndfile reads {LIBSNDFILE_FORMATS}: for other formats "
             "(M4A/AAC, WMA, ...) install ffmpeg and put it on the PATH"
         )
-    with tempfile.TemporaryDirectory(prefix="emorf_decode_") as directory:
-        encoded, decoded = Path(directory) / f"input{Path(name).suffix}", Path(directory) / "decoded.wav"
-        encoded.write_bytes(data)
-        command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(encoded), "-map", "0:a:0", "-c:a", "pcm_f32le"]
-        result = subprocess.run([*command, "-rf64", "auto", str(decoded)], capture_output=True, text=True)
-        if result.returncode != 0 or not decoded.is_file():
-            reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-            reason = reason.replace(str(encoded), name)  # ffmpeg names its input: the temporary copy
-            raise AudioError(f"cannot decode {name}: libsndfile: {libsndfile_reason}; ffmpeg: {reason}")
-        waveform, sample_rate = soundfile.read(decoded, dtype="float32", always_2d=True)
-    return waveform, int(sample_rate)
+    return ffmpeg
+
+
+def _ffmpeg_to_wav(ffmpeg: str, encoded: Path, decoded: Path, name: str, libsndfile_reason: str) -> None:
+    """Decodes `encoded` (the file called `name`) into the float32 WAV `decoded`; AudioError naming it if it fails."""
+    command = [ffmpeg, "-nostdin", "-v", "error", "-i", str(encoded), "-map", "0:a:0", "-c:a", "pcm_f32le"]
+    result = subprocess.run([*command, "-rf64", "auto", str(decoded)], capture_output=True, text=True)
+    if result.returncode != 0 or not decoded.is_file():
+        reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        reason = reason.replace(str(encoded), name)  # ffmpeg names its input by the path it was given
+        raise AudioError(f"cannot decode {name}: libsndfile: {libsndfile_reason}; ffmpeg: {reason}")
 
 
 def waveform_features(
@@ -407,3 +469,367 @@ def track_features(data: bytes, name: str, settings: FeatureSettings, *, resampl
     if settings.source == "npy":
         return npy_features(data, name, settings)
     return audio_features(data, name, settings, resample=resample)
+
+
+# Samples per channel decoded at a time when a file is read in blocks: 6 s at 44.1 kHz, 2 MiB of float32 stereo.
+DECODE_BLOCK_FRAMES = 2**18
+# A track's spectrogram values before the dB floor (the power spectra, or their mels for "mel_then_db"), kept from the
+# decode to the features up to this many bytes: the floor is the whole track's peak minus TOP_DB, so no frame's
+# features are known before the last frame is decoded. A track whose values fit (hop512: about 12 minutes, stereo
+# half that) is decoded once; a longer one is decoded a second time once its peak is known. Either way the memory
+# does not grow with the track's length.
+PEAK_BUFFER_BYTES = 256 * 2**20
+
+
+class _Undecodable(Exception):
+    """libsndfile failed while reading a file it had opened; the message is its reason."""
+
+
+class AudioFile:
+    """An audio file decoded in blocks (`blocks`), from its start as often as asked, without holding it whole: by
+    libsndfile, or for what libsndfile cannot open by `ffmpeg` on the PATH into a temporary float32 WAV file (decoded
+    once). The file is opened by Python first, so that a missing or locked file raises its OSError, and a read that
+    never returns (a named pipe, a hung network mount) blocks here, where a caller's deadline can stop it.
+
+    The decoder's messages of the first complete decode are printed after it, naming the file, with the short-decode
+    warning (`short_decode_warning`); those of later decodes are the same and are dropped.
+    """
+
+    def __init__(self, path: str | Path, name: str):
+        self.name = name
+        self._cleanup = contextlib.ExitStack()
+        self._messages = _DecoderMessages(name)
+        self._cleanup.callback(self._messages.close)
+        self._decodes = 0
+        try:
+            self._input = self._cleanup.enter_context(open(path, "rb"))  # noqa: SIM115 - closed by close()
+            status = os.fstat(self._input.fileno())
+            if stat.S_ISREG(status.st_mode) and status.st_size == 0:
+                raise AudioError(f"empty file: {name}")
+            self._wav: Path | None = None
+            try:
+                self._file = self._open()
+            except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+                self.decode_with_ffmpeg(_libsndfile_reason(error))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> soundfile.SoundFile:
+        """A fresh decoder at the start of the file (the original or ffmpeg's WAV)."""
+        if self._wav is not None:
+            return soundfile.SoundFile(self._wav)
+        self._input.seek(0)
+        with self._messages.caught():
+            return soundfile.SoundFile(self._input.fileno(), closefd=False)
+
+    def decode_with_ffmpeg(self, libsndfile_reason: str) -> None:
+        """From now on, decode the file with ffmpeg (a file libsndfile refused); AudioError naming it when ffmpeg is
+        missing or fails too, or when this is ffmpeg's decode already."""
+        if self._wav is not None:
+            raise AudioError(f"cannot decode {self.name}: {libsndfile_reason}")
+        ffmpeg = _ffmpeg_or_error(self.name, libsndfile_reason)
+        directory = Path(self._cleanup.enter_context(tempfile.TemporaryDirectory(prefix="emorf_decode_")))
+        _ffmpeg_to_wav(ffmpeg, Path(self._input.name), directory / "decoded.wav", self.name, libsndfile_reason)
+        self._wav = directory / "decoded.wav"
+        self._messages.lines = []
+        self._file = self._open()
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self._file.samplerate)
+
+    @property
+    def channels(self) -> int:
+        return int(self._file.channels)
+
+    @property
+    def header_frames(self) -> int:
+        """Samples per channel that the file's header announces (an MP3's may be an estimate)."""
+        return int(self._file.frames)
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds of audio that the header announces; None where it does not say (libsndfile's largest count)."""
+        return self.header_frames / self.sample_rate if 0 < self.header_frames < 2**62 else None
+
+    def blocks(self, block_frames: int = DECODE_BLOCK_FRAMES) -> Iterator[np.ndarray]:
+        """float32 (samples, channels) blocks of the whole file from its start. _Undecodable when libsndfile fails
+        part way."""
+        if self._decodes:
+            self._file.close()
+            self._file = self._open()
+        decoded = 0
+        while True:
+            with self._messages.caught():
+                try:
+                    block = _read_on(self._file, block_frames)
+                except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+                    raise _Undecodable(_libsndfile_reason(error)) from error
+            if not len(block):
+                break
+            decoded += len(block)
+            yield block
+        self._decodes += 1
+        if self._decodes == 1:
+            self._messages.report()
+            warning = short_decode_warning(self.name, decoded, self.header_frames, self.sample_rate)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+        self._messages.lines = []
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+        self._cleanup.close()
+
+    def __enter__(self) -> AudioFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _read_on(file: soundfile.SoundFile, frames: int) -> np.ndarray:
+    """Up to `frames` float32 (frames, channels) samples from where the decoder is, by libsndfile's `sf_readf_float`
+    itself (soundfile's C binding): `SoundFile.read` seeks to the position it has just read to after every read,
+    and for an MP3 that is a seek of libmpg123's, which decodes the frames after it without the bit reservoir of
+    those before: where a read ends in a quiet passage followed by sound, a frame comes out as zeros. Read on
+    without seeking, the blocks are sample for sample the whole file's decode."""
+    out = np.empty((frames, file.channels), np.float32)
+    count = soundfile._snd.sf_readf_float(file._file, soundfile._ffi.cast("float *", out.ctypes.data), frames)
+    soundfile._error_check(soundfile._snd.sf_error(file._file))
+    return out[:count]
+
+
+def _libsndfile_reason(error: BaseException) -> str:
+    """libsndfile's own words for a failure, without the stream's repr."""
+    return str(getattr(error, "error_string", None) or error)
+
+
+class _SignalFeatures:
+    """One signal's way from decoded samples to features, in blocks: resampled by soxr's streaming resampler (the
+    filter of `librosa.resample`, whose output it equals sample for sample, padded or cut to the same length at the
+    end), framed with the reflect padding of `power_spectrogram` at both ends, then the values before the dB floor
+    (`values`: the power spectra, or their mels for "mel_then_db"), and with the track's peak its features
+    (`features`). `push` and `finish` return the values of the frames they complete, in order, in whole blocks of
+    `_BLOCK_FRAMES` frames counted from the first (the last block shorter), the blocks `spectrogram` computes a whole
+    track in, so that every sum is the same."""
+
+    def __init__(self, settings: FeatureSettings, sample_rate: int):
+        self.settings = settings
+        self._half = settings.n_fft // 2
+        self._resampler = None
+        if sample_rate != settings.sample_rate:
+            self._resampler = soxr.ResampleStream(
+                sample_rate, settings.sample_rate, 1, dtype="float32", quality="soxr_hq"
+            )
+        self._ratio = float(settings.sample_rate) / sample_rate
+        self.input_samples = 0  # at the file's rate
+        self.samples = 0  # at the setting's rate, what the frames are cut from
+        self.frames = 0
+        self._start = np.empty(0, np.float32)  # the first samples, until the start's reflection can be made
+        self._pending: np.ndarray | None = None  # the padded signal from the next frame's first sample on
+        self._tail = np.empty(0, np.float32)  # the last n_fft // 2 + 1 samples, for the end's reflection
+        self._power = [np.empty((0, settings.n_fft // 2 + 1), np.float32)]  # spectra not yet in a whole block
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        self.input_samples += len(samples)
+        if self._resampler is not None:
+            samples = self._resampler.resample_chunk(samples)
+        return self._add(samples)
+
+    def finish(self) -> np.ndarray:
+        """The values of the last frames; ValueError for a signal too short for one frame's reflect padding."""
+        values = []
+        if self._resampler is not None:
+            wanted = int(np.ceil(self.input_samples * self._ratio))  # librosa.resample's length, which it pads to
+            last = self._resampler.resample_chunk(np.empty(0, np.float32), last=True)
+            last = np.concatenate([last, np.zeros(max(0, wanted - self.samples - len(last)), np.float32)])
+            values.append(self._add(last))
+        if self._pending is None:
+            raise ValueError(
+                f"waveform has {self.samples} samples: need more than n_fft // 2 = {self._half}"
+                if self.samples
+                else "waveform is empty: no samples to compute a spectrogram from"
+            )
+        end = self._tail[-2 : -self._half - 2 : -1]  # np.pad's "reflect": the edge sample not repeated
+        values.append(self._frames(np.concatenate([self._pending, end])))
+        values.append(self._aligned_values(final=True))
+        return np.concatenate(values)
+
+    def _add(self, samples: np.ndarray) -> np.ndarray:
+        samples = np.asarray(samples, np.float32)
+        self.samples += len(samples)
+        self._tail = np.concatenate([self._tail, samples])[-(self._half + 1) :]
+        if self._pending is None:
+            self._start = np.concatenate([self._start, samples])
+            if len(self._start) <= self._half:
+                return self._no_frames()
+            samples, self._pending = self._start, self._start[self._half : 0 : -1]
+            self._start = np.empty(0, np.float32)
+        return self._frames(np.concatenate([self._pending, samples]))
+
+    def _frames(self, padded: np.ndarray) -> np.ndarray:
+        """The values of every whole frame at the start of `padded`, which is kept from the next frame's start."""
+        n_fft, hop = self.settings.n_fft, self.settings.hop_length
+        count = 0 if len(padded) < n_fft else (len(padded) - n_fft) // hop + 1
+        self._pending = padded[count * hop :].copy()
+        if not count:
+            return self._no_frames()
+        self.frames += count
+        self._power.append(power_spectrogram_of_frames(padded[: (count - 1) * hop + n_fft], n_fft, hop))
+        return self._aligned_values(final=False)
+
+    def _aligned_values(self, final: bool) -> np.ndarray:
+        """The values of the power spectra computed so far, in whole blocks of `_BLOCK_FRAMES` frames counted from the
+        track's first frame (with `final`, the shorter last block too), which `_project` takes as the whole track's
+        computation does; the rest is kept."""
+        power = np.concatenate(self._power) if len(self._power) > 1 else self._power[0]
+        ready = len(power) if final else len(power) // _BLOCK_FRAMES * _BLOCK_FRAMES
+        self._power = [power[ready:].copy()]
+        if not ready:
+            return self._no_frames()
+        if ready < len(power):
+            power = power[:ready].copy()  # a view would keep the rest alive with every block held until the peak
+        if self.settings.order == "weighted_db_then_mel":
+            return power[:ready]
+        settings = self.settings
+        return _project(power[:ready], _mel_filterbank(settings.sample_rate, settings.n_fft, settings.n_mels).T)
+
+    def _no_frames(self) -> np.ndarray:
+        bins = self.settings.n_fft // 2 + 1 if self.settings.order == "weighted_db_then_mel" else self.settings.n_mels
+        return np.empty((0, bins), np.float32)
+
+    def features(self, values: np.ndarray, peak: float) -> np.ndarray:
+        """float32 (n_mels, frames) of a block of `values` (overwritten), with the whole signal's `peak` value."""
+        settings = self.settings
+        mel = _mel_filterbank(settings.sample_rate, settings.n_fft, settings.n_mels)
+        if settings.order == "weighted_db_then_mel":
+            mels = _project(_db_in_place(values, TOP_DB, peak), mel.T)
+            mels += _mel_of_weighting(settings.sample_rate, settings.n_fft, settings.n_mels)
+        else:
+            mels = _db_in_place(values, TOP_DB, peak)
+        return np.ascontiguousarray(mels.T)
+
+
+class FileFeatures:
+    """The features of an audio file (`waveform_features`'s of its whole decode, the same to the bit where BLAS sums
+    the same blocks of rows alike), computed in blocks so that memory does not grow with the track's length: decoded
+    `block_frames` samples at a time (`AudioFile`; by default `DECODE_BLOCK_FRAMES`), resampled and framed as they
+    come (`_SignalFeatures`), and given out as blocks of frames (`blocks`). The dB floor needs the track's peak, so
+    the values before it are kept until the end of the decode when they fit `buffer_bytes` (by default
+    `PEAK_BUFFER_BYTES`); otherwise the file is decoded a second time.
+
+    `measure` (which `blocks` calls first) decodes the whole file and returns its frame count: every error of the
+    file (decoding, sample rate, channels, non-finite samples, too short) is raised there, before any features.
+    """
+
+    def __init__(
+        self,
+        audio: AudioFile,
+        settings: FeatureSettings,
+        *,
+        resample: bool = False,
+        buffer_bytes: int | None = None,
+        block_frames: int | None = None,
+    ):
+        self.audio, self.settings, self.resample = audio, settings, resample
+        self.buffer_bytes = PEAK_BUFFER_BYTES if buffer_bytes is None else buffer_bytes
+        self.block_frames = DECODE_BLOCK_FRAMES if block_frames is None else block_frames
+        self._peaks: list[float] | None = None
+        self._buffered: list[list[np.ndarray]] | None = None
+        self.frames = 0
+
+    def _signals(self) -> list[_SignalFeatures]:
+        """One `_SignalFeatures` per signal of the file: its mono mix, or each channel for a stereo setting (a mono
+        file's one channel, used twice); AudioError for a sample rate or channel count the setting does not take."""
+        audio, settings = self.audio, self.settings
+        if audio.sample_rate != settings.sample_rate and not self.resample:
+            raise AudioError(
+                f"unexpected sample rate {audio.sample_rate} Hz in {audio.name} (expected {settings.sample_rate})"
+            )
+        if audio.channels not in (1, STEREO_CHANNELS) and (not self.resample or not settings.mono):
+            raise AudioError(
+                f"unexpected channel count {audio.channels} in {audio.name} (expected 1 or {STEREO_CHANNELS})"
+            )
+        count = 1 if settings.mono else audio.channels
+        return [_SignalFeatures(settings, audio.sample_rate) for _ in range(count)]
+
+    def _decode(self, signals: list[_SignalFeatures]) -> Iterator[list[np.ndarray]]:
+        """Per decoded block, then at the end, each signal's values of the frames completed."""
+        for block in self.audio.blocks(self.block_frames):
+            if not np.isfinite(block).all():
+                raise AudioError(f"non-finite samples decoded from {self.audio.name}")
+            parts = [to_mono(block)] if self.settings.mono else [block[:, k].copy() for k in range(len(signals))]
+            yield [signal.push(part) for signal, part in zip(signals, parts)]
+        if not signals[0].input_samples:
+            raise AudioError(f"no audio samples decoded from {self.audio.name}")
+        yield [signal.finish() for signal in signals]
+
+    def measure(self) -> int:
+        """Decodes the file once (with ffmpeg after libsndfile fails part way, when it is there) and returns its
+        frame count; raises the file's error (see the class)."""
+        if self._peaks is not None:
+            return self.frames
+        try:
+            self._first_decode()
+        except _Undecodable as error:
+            self.audio.decode_with_ffmpeg(str(error))
+            self._first_decode()
+        return self.frames
+
+    def _first_decode(self) -> None:
+        signals = self._signals()
+        peaks = [-np.inf] * len(signals)
+        buffered: list[list[np.ndarray]] | None = [[] for _ in signals]
+        held = 0
+        for values in self._decode(signals):
+            for k, block in enumerate(values):
+                if len(block):
+                    peaks[k] = max(peaks[k], float(block.max()))
+            if buffered is not None:
+                held += sum(block.nbytes for block in values)
+                if held > self.buffer_bytes:
+                    buffered = None  # decoded again once the peak is known
+                else:
+                    for kept, block in zip(buffered, values):
+                        kept.append(block)
+        self._peaks, self._buffered, self.frames = peaks, buffered, signals[0].frames
+        self._signal_list = signals
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The features float32 in order, in blocks of frames: (n_mels, frames) or for a stereo setting
+        (STEREO_CHANNELS, n_mels, frames), shaped as `waveform_features` says."""
+        self.measure()
+        signals, peaks = self._signal_list, self._peaks
+        if self._buffered is not None:
+            buffered, self._buffered = self._buffered, None
+            steps = zip(*buffered)
+        else:
+            signals = self._signals()
+            steps = self._decode(signals)
+        try:
+            yield from self._features(signals, peaks, steps)
+        except _Undecodable as error:  # a second decode that fails where the first did not
+            raise AudioError(f"cannot decode {self.audio.name}: {error}") from error
+
+    def _features(
+        self, signals: list[_SignalFeatures], peaks: list[float], steps: Iterable[list[np.ndarray]]
+    ) -> Iterator[np.ndarray]:
+        for values in steps:
+            if not len(values[0]):
+                continue
+            mels = [signal.features(block, peak) for signal, block, peak in zip(signals, values, peaks)]
+            if self.settings.mono:
+                yield mels[0]
+            else:
+                yield np.stack(mels if len(mels) == STEREO_CHANNELS else mels * STEREO_CHANNELS)
+
+
+def file_feature_blocks(
+    path: str | Path, name: str, settings: FeatureSettings, *, resample: bool = False
+) -> Iterator[np.ndarray]:
+    """The features of an audio file in blocks of frames (`FileFeatures.blocks`), the file closed at the end."""
+    with AudioFile(path, name) as audio:
+        yield from FileFeatures(audio, settings, resample=resample).blocks()

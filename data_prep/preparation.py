@@ -1,4 +1,5 @@
-"""Data preparation as a library: MTG-Jamendo audio (or the organisers' .npy mels) into a prepared dataset.
+"""Data preparation as a library: MTG-Jamendo audio (or the organisers' .npy mels) into a prepared dataset, for any
+of its auto-tagging subsets, or a user's own collection described by a CSV (``data_prep.collection``).
 
 Stage 1 (``data_prep.extract``) caches every track's features under ``DATA_DIR/cache/<features>/`` with a journal,
 in parallel and resumably; stage 2 (``data_prep.shard_writer``) writes the TFRecord shards of ``DATA_DIR/split-<k>/``
@@ -6,6 +7,9 @@ from that cache. Every track of the split ends in the shards or in ``failures.ts
 byte-identical input files are reported in ``duplicates.tsv`` and can be dropped. TensorFlow is imported only when
 stage 2 starts, so that extraction starts at once and its spawned workers never load it. The command line is
 ``python -m data_prep.build``.
+
+A data dir holds one tag set: the subset (or ``collection``) is stored in each dataset's ``metadata.json`` beside
+its tags, and a build of another tag set into it is refused, so that no build replaces another's shards.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep import extract, files, layout, reader, worker_pool
+import numpy as np
+
+from data_prep import collection, extract, files, layout, reader, worker_pool
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
 
@@ -35,7 +42,7 @@ class BuildOptions:
     """What `build_dataset` prepares, from where, and how; the values are checked on creation, before any work."""
 
     audio_dir: str | Path  # input root: NN/ID.mp3, or for essentia96 the organisers' NN/ID.npy files
-    metadata_dir: str | Path  # the MTG-Jamendo data/ dir: TSVs, splits/, tags/
+    metadata_dir: str | Path | None  # the MTG-Jamendo data/ dir: TSVs, splits/, tags/; None with tags_csv
     data_dir: str | Path  # output root: cache/ and split-K/ (see data_prep.layout)
     features: str = "hop512"  # the feature setting, a name of data_prep.features.CONFIGS
     split_index: int = 0  # 0 is the MediaEval 2019 split
@@ -56,17 +63,58 @@ class BuildOptions:
     resample: bool = False
     # How long a worker may hold one track before it is killed and the track reported as `timeout`.
     track_deadline: worker_pool.TrackDeadline = worker_pool.DEFAULT_TRACK_DEADLINE
+    subset: str = metadata_lib.DEFAULT_SUBSET  # the MTG-Jamendo subset: its TSVs and its tags (metadata.SUBSETS)
+    # A user's own collection instead of MTG-Jamendo: a CSV or TSV of path,tags[,split][,artist] rows, paths relative
+    # to audio_dir, written in MTG-Jamendo's layout into DATA_DIR/collection/ first (data_prep.collection). Its files
+    # are always resampled and mixed down, as tagging does.
+    tags_csv: str | Path | None = None
+    split_fractions: tuple[float, float, float] = collection.DEFAULT_FRACTIONS  # train, validation, test
+    split_seed: int = 0  # the collection's split, when its file has no split column
+    min_tag_tracks: int = 1  # a collection's tag is left out unless each part has this many of its tracks
+    keep_rare_tags: bool = False  # keep them all the same
 
     def __post_init__(self) -> None:
         features_lib.settings_for(self.features)  # an unknown name fails with the list of valid ones
         if self.drop_duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"drop_duplicates={self.drop_duplicates!r}: expected one of {DUPLICATE_POLICIES}")
-        for name, minimum in {"split_index": 0, "workers": 1, "tracks_per_worker": 1, "chunk_frames": 1}.items():
+        if self.subset not in metadata_lib.SUBSETS:
+            raise ValueError(f"subset={self.subset!r}: expected one of {metadata_lib.SUBSETS}")
+        if (self.metadata_dir is None) == (self.tags_csv is None):
+            raise ValueError(
+                "give metadata_dir (MTG-Jamendo's data/ folder) or tags_csv (your own collection), one of the two"
+            )
+        if self.tags_csv is not None and self.subset != metadata_lib.DEFAULT_SUBSET:
+            raise ValueError(f"subset={self.subset!r} is an MTG-Jamendo subset; a collection (tags_csv) has its tags")
+        if (
+            len(self.split_fractions) != 3
+            or min(self.split_fractions) <= 0
+            or abs(sum(self.split_fractions) - 1) > 1e-6
+        ):
+            raise ValueError(
+                f"split_fractions={self.split_fractions}: expected three positive fractions (train, validation, test) "
+                "that sum to 1, such as 0.8,0.1,0.1"
+            )
+        minimums = {"split_index": 0, "workers": 1, "tracks_per_worker": 1, "chunk_frames": 1, "min_tag_tracks": 1}
+        for name, minimum in minimums.items():
             value = getattr(self, name)
             if value is not None and value < minimum:
                 raise ValueError(f"{name}={value}: need at least {minimum}")
         if self.memory_budget_gb <= 0:
             raise ValueError(f"memory_budget_gb={self.memory_budget_gb}: must be positive")
+
+    @property
+    def tag_subset(self) -> str:
+        """The subset whose metadata the build reads: the MTG-Jamendo one, or ``collection``."""
+        return metadata_lib.COLLECTION if self.tags_csv is not None else self.subset
+
+    @property
+    def metadata_root(self) -> Path:
+        """The metadata the build reads: MTG-Jamendo's, or the one written from the collection file."""
+        return collection.metadata_dir(self.data_dir) if self.tags_csv is not None else Path(self.metadata_dir)
+
+    @property
+    def resamples(self) -> bool:
+        return self.resample or self.tags_csv is not None
 
     @property
     def cache_root(self) -> Path:
@@ -88,9 +136,12 @@ class BuildSummary:
     failures: dict[str, int]  # failure kind -> count
     duplicate_groups: int
     failures_report: Path
+    tags: tuple[str, ...] = ()  # the label columns
+    subset: str = metadata_lib.DEFAULT_SUBSET  # an MTG-Jamendo subset, or "collection"
 
     def __str__(self) -> str:
-        lines = [f"dataset: {self.dataset_dir}"]
+        source = "a collection's" if self.subset == metadata_lib.COLLECTION else f"MTG-Jamendo {self.subset}"
+        lines = [f"dataset: {self.dataset_dir}", f"tags: {len(self.tags)} ({source})"]
         for part, count in self.tracks.items():
             lines.append(f"  {part}: {count} tracks, {self.examples[part]} examples")
         failed = sum(self.failures.values())
@@ -103,9 +154,16 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def read_parts(metadata_dir: str | Path, split_index: int) -> dict[str, list[metadata_lib.Track]]:
-    """The tracks of each part of a split; a track listed in two parts is an error naming both."""
-    parts = {part: metadata_lib.read_split(metadata_dir, split_index, part) for part in metadata_lib.SPLIT_PARTS}
+def read_parts(
+    metadata_dir: str | Path, split_index: int, subset: str = metadata_lib.DEFAULT_SUBSET, tags: Sequence[str] = ()
+) -> dict[str, list[metadata_lib.Track]]:
+    """The tracks of each part of a split; a track listed in two parts is an error naming both. `tags`: the tag
+    list, if read already."""
+    tags = tags or metadata_lib.read_tag_list(metadata_dir, subset, split_index)
+    parts = {
+        part: metadata_lib.read_split(metadata_dir, split_index, part, subset, tags)
+        for part in metadata_lib.SPLIT_PARTS
+    }
     seen: dict[str, str] = {}
     for tracks in parts.values():
         for track in tracks:
@@ -182,21 +240,22 @@ def duplicate_records(
 
 
 def _write_tsv(path: Path, records: list[dict], columns: tuple[str, ...]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
     rows = ["\t".join(columns)] + ["\t".join(str(record[column]) for column in columns) for record in records]
-    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    metadata_lib.write_lines(path, rows)
 
 
 class BuildError(Exception):
     """A build that cannot produce a usable dataset; its message is one line for the user."""
 
 
-def _plan(options: BuildOptions, cache: extract.TrackCache) -> shard_writer.ShardPlan:
+def _plan(
+    options: BuildOptions,
+    cache: extract.TrackCache,
+    tags: tuple[str, ...],
+    parts: dict[str, list[metadata_lib.Track]],
+) -> shard_writer.ShardPlan:
     """Stage 1 (features into the cache), then what stage 2 is to write (a ``shard_writer.ShardPlan``)."""
     settings = features_lib.settings_for(options.features)
-    tags = metadata_lib.read_tag_list(options.metadata_dir)
-    parts = read_parts(options.metadata_dir, options.split_index)
     jobs = [
         extract.TrackJob(track.track_id, features_lib.source_path(track.path, settings), track.duration)
         for tracks in parts.values()
@@ -212,7 +271,7 @@ def _plan(options: BuildOptions, cache: extract.TrackCache) -> shard_writer.Shar
         progress=options.progress,
         memory_budget_gb=options.memory_budget_gb,
         tracks_per_worker=options.tracks_per_worker,
-        resample=options.resample,
+        resample=options.resamples,
         deadline=options.track_deadline,
     )
     groups = duplicate_groups(parts, outcomes)
@@ -240,6 +299,7 @@ def _plan(options: BuildOptions, cache: extract.TrackCache) -> shard_writer.Shar
             part: tuple(track for track in tracks if track.track_id not in left_out) for part, tracks in parts.items()
         },
         extra_metadata={
+            "subset": options.tag_subset,
             "split_index": options.split_index,
             "tsv_track_ids": {part: [track.track_id for track in tracks] for part, tracks in parts.items()},
             "failures": failures,
@@ -259,7 +319,21 @@ def build_dataset(options: BuildOptions) -> BuildSummary:
     before stays: the feature cache, and complete shards).
     """
     try:
-        metadata_lib.check_metadata_dir(options.metadata_dir, options.split_index)
+        _check_tag_set(options)
+        if options.tags_csv is not None:
+            print(
+                collection.write_metadata(
+                    options.tags_csv,
+                    options.audio_dir,
+                    options.metadata_root,
+                    options.split_index,
+                    options.split_fractions,
+                    options.split_seed,
+                    options.min_tag_tracks,
+                    options.keep_rare_tags,
+                )
+            )
+        metadata_lib.check_metadata_dir(options.metadata_root, options.split_index, options.tag_subset)
         return _build(options)
     except metadata_lib.MetadataError as error:
         raise BuildError(str(error)) from error
@@ -272,15 +346,52 @@ def build_dataset(options: BuildOptions) -> BuildSummary:
         ) from error
 
 
+def _describe(subset: str) -> str:
+    return "a collection (--tags_csv)" if subset == metadata_lib.COLLECTION else f"MTG-Jamendo's {subset} subset"
+
+
+def _check_tag_set(options: BuildOptions) -> None:
+    """BuildError when the data dir holds a prepared dataset of another subset (or of a collection): the shards'
+    folder does not name the tags, so one build would replace the other's."""
+    for features, split_index in reader.prepared_datasets(options.data_dir):
+        directory = layout.dataset_dir(options.data_dir, features, split_index)
+        stored = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
+        subset = stored.get("subset", metadata_lib.DEFAULT_SUBSET)
+        if subset != options.tag_subset:
+            raise BuildError(
+                f"{options.data_dir} holds {_describe(subset)} ({directory}); prepare "
+                f"{_describe(options.tag_subset)} in a --data_dir of its own"
+            )
+
+
+def _holds_other_metadata(
+    prepared: reader.PreparedDataset, tags: tuple[str, ...], parts: dict[str, list[metadata_lib.Track]]
+) -> bool:
+    """Whether the metadata now lists other tracks, tags or labels than a prepared dataset was built from."""
+    if prepared.tags != tags or prepared.tsv_track_ids != {
+        part: tuple(track.track_id for track in tracks) for part, tracks in parts.items()
+    }:
+        return True
+    for part, tracks in parts.items():
+        by_id = {track.track_id: track for track in tracks}
+        labels = [metadata_lib.track_labels(by_id[track_id], tags) for track_id in prepared.parts[part].track_ids]
+        if not np.array_equal(np.reshape(labels, prepared.parts[part].labels.shape), prepared.parts[part].labels):
+            return True
+    return False
+
+
 def _build(options: BuildOptions) -> BuildSummary:
     cache = extract.TrackCache(options.cache_root)
     directory = options.dataset_dir
     data_dir, features, split_index = options.data_dir, options.features, options.split_index
+    tags = metadata_lib.read_tag_list(options.metadata_root, options.tag_subset, split_index)
+    parts = read_parts(options.metadata_root, split_index, options.tag_subset, tags)
     prepared = (
         reader.load_prepared(data_dir, features, split_index)
         if layout.is_prepared(data_dir, features, split_index)
         else None
     )
+    changed = prepared is not None and _holds_other_metadata(prepared, tags, parts)
     failed = (
         []
         if prepared is None
@@ -289,21 +400,24 @@ def _build(options: BuildOptions) -> BuildSummary:
             for record in prepared.failure_records
             if options.retry_failed
             or (record["kind"] in extract.RELOOKED_KINDS and (Path(options.audio_dir) / record["path"]).exists())
-            or (options.resample and record["kind"] in extract.RESAMPLED_KINDS)
+            or (options.resamples and record["kind"] in extract.RESAMPLED_KINDS)
         ]
     )
-    if prepared is not None and not failed:
+    if prepared is not None and not failed and not changed:
         print(f"already prepared: {directory}")
     else:
-        plan = _plan(options, cache)
-        stored = None if prepared is None else prepared.track_ids
+        plan = _plan(options, cache, tags, parts)
+        stored = None if prepared is None or changed else prepared.track_ids
         if stored == {part: tuple(track.track_id for track in tracks) for part, tracks in plan.parts.items()}:
             print(f"already prepared, and the {len(failed)} tracks tried again still fail: {directory}")
         else:
             from data_prep import shard_writer
 
             if prepared is not None:
-                print(f"rebuilding {directory}: the tracks it holds have changed")
+                reason = (
+                    "its metadata lists other tracks, tags or labels" if changed else "the tracks it holds have changed"
+                )
+                print(f"rebuilding {directory}: {reason}")
                 shutil.rmtree(directory)
             shard_writer.write_shards(plan, data_dir, features, split_index, options.progress)
     prepared = reader.load_prepared(data_dir, features, split_index)
@@ -321,4 +435,6 @@ def _build(options: BuildOptions) -> BuildSummary:
         failures=dict(collections.Counter(record["kind"] for record in stored["failures"])),
         duplicate_groups=len({record["group"] for record in stored["duplicates"]}),
         failures_report=directory / "failures.tsv",
+        tags=prepared.tags,
+        subset=stored.get("subset", metadata_lib.DEFAULT_SUBSET),
     )

@@ -58,11 +58,15 @@ def num_chunks(frames: int, chunk_frames: int) -> int:
     return max(1, math.ceil(frames / chunk_frames))
 
 
+# Frames of a track's cached features that the statistics pass holds at a time (in float64: 8 MiB at 256 bins).
+STATISTICS_BLOCK_FRAMES = 4096
+
+
 def frame_statistics(arrays: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-row mean and (population) std over the frames of all arrays, streamed in float64.
 
-    Chan's pairwise update merges one track at a time, so neither memory nor precision depends on the
-    number of tracks.
+    Chan's pairwise update merges one array at a time (a block of a track's frames: `STATISTICS_BLOCK_FRAMES`), so
+    neither memory nor precision depends on the number of tracks or on their length.
     """
     count, mean, m2 = 0, None, None
     for array in arrays:
@@ -105,8 +109,9 @@ class DeterministicExampleWriter(tfds_writer.ExampleWriter):
 
 
 class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
-    """MTG-Jamendo mood/theme spectrogram chunks with multi-hot labels; written from a ``ShardPlan``, whose feature
-    settings (those of the builder config's name, with the build's chunk length) it stores."""
+    """Spectrogram chunks with multi-hot labels of any tag set (an MTG-Jamendo subset's or a collection's: the plan's
+    tags, which the metadata stores); written from a ``ShardPlan``, whose feature settings (those of the builder
+    config's name, with the build's chunk length) it stores."""
 
     VERSION = tfds.core.Version(layout.VERSION)
     BUILDER_CONFIGS = [
@@ -154,7 +159,11 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # the inputs are the cached features
         train = self._plan.parts["train"]
         train = tqdm.tqdm(train, desc="normalisation statistics", unit="track", disable=not self._progress)
-        mean, std, count = frame_statistics(bins_by_frames(self._plan.cache.load(track.track_id)) for track in train)
+        mean, std, count = frame_statistics(
+            bins_by_frames(block)
+            for track in train
+            for block in self._plan.cache.frame_blocks(track.track_id, STATISTICS_BLOCK_FRAMES)
+        )
         frame_shape = self._settings.frame_shape
         self.info.metadata.update(
             tags=list(self._plan.tags),
@@ -176,21 +185,21 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, part: str):
         chunk_frames = self._settings.chunk_frames
         for track in self._plan.parts[part]:
-            values = self._plan.cache.load(track.track_id)
-            chunks = num_chunks(values.shape[-1], chunk_frames)
+            frames = self._plan.cache.frame_count(track.track_id)
+            chunks = num_chunks(frames, chunk_frames)
             labels = metadata_lib.track_labels(track, self._plan.tags)
-            for index in range(chunks):
+            for index, values in enumerate(self._plan.cache.frame_blocks(track.track_id, chunk_frames)):
                 yield (
                     f"{track.track_id}/{index:05d}",
                     {
-                        "spectrogram": time_major(values[..., index * chunk_frames : (index + 1) * chunk_frames]),
+                        "spectrogram": time_major(values),
                         "labels": labels,
                         "track_id": track.track_id,
                         "artist_id": track.artist_id,
                         "duration": np.float32(track.duration),
                         "chunk_index": np.int32(index),
                         "num_chunks": np.int32(chunks),
-                        "num_frames": np.int32(values.shape[-1]),
+                        "num_frames": np.int32(frames),
                     },
                 )
 

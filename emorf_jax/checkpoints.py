@@ -7,7 +7,8 @@ thresholds chosen on validation (`THRESHOLDS`: floats in the meta's tag order, i
 validation track; read and written by `thresholds.py`); the resumable checkpoints have none.
 
 A resumable checkpoint that cannot be read (a truncated or missing file) is reported in one line and moved to
-`damaged/checkpoints-<step>/`, and the run resumes from the one before it (two are kept). A save that runs out of
+`damaged/checkpoints-<step>/`, and the run resumes from the one before it (two are kept); one that reads whole but
+holds another model structure than the config builds raises `StructureMismatch` and stays. A save that runs out of
 disk space raises `OutOfSpace`, one line naming the step and directory; orbax writes a step into a temporary
 directory and renames it into place when complete, so the checkpoints before it stay intact.
 
@@ -21,10 +22,12 @@ Layout of a workdir:
 """
 
 import os
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -122,15 +125,22 @@ def restore_resumable(workdir: str, target: Any) -> Any | None:
     """The latest resumable state (of `target`'s structure) that can be read, or None when there is none.
 
     A checkpoint that cannot be read is reported in one line, by step and path, and moved to `damaged/` by process
-    0, so that the saves of the resumed run (which skip steps not after the latest) replace it.
+    0, so that the saves of the resumed run (which skip steps not after the latest) replace it. One that reads but
+    holds another structure than `target` (a change of the model's code or fields) raises `StructureMismatch` and
+    nothing is moved: it is whole, and the code that wrote it can resume it.
     """
     damaged = []
     restored = None
     with open_manager(workdir, LATEST, read_only=True) as manager:
         for step in sorted(manager.all_steps(), reverse=True):
             try:
+                if target is not None:  # from the tree's metadata, before any array is read
+                    checkpoint = f"the resumable checkpoint of step {step} in {manager.directory}"
+                    check_structure(stored_shapes(step_path(manager, step)), target, checkpoint)
                 restored, _ = restore(manager, step, target=target)
                 break
+            except StructureMismatch:  # whole, so not damage
+                raise
             except Exception as error:  # whatever orbax or tensorstore raise for a missing or truncated file
                 logging.warning(
                     "The resumable checkpoint of step %d cannot be read (%s: %s); moving it to %s and trying the "
@@ -150,6 +160,50 @@ def restore_resumable(workdir: str, target: Any) -> Any | None:
 
         multihost_utils.sync_global_devices("damaged checkpoints moved")
     return restored
+
+
+class StructureMismatch(ValueError):
+    """A checkpoint that reads whole but holds other parameters (added, removed or reshaped) than the model the
+    config builds: not damage, so it is left where it is."""
+
+
+def stored_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every array of a checkpoint's weights by its path (`params/conv1/kernel`), read from orbax's
+    tree metadata without the arrays; raises whatever orbax raises for a missing or damaged metadata file."""
+    tree = ocp.StandardCheckpointHandler().metadata(pathlib.Path(path, "weights")).tree
+    return {_path_name(keys): tuple(leaf.shape) for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_structure(stored: dict[str, tuple[int, ...]], target: Any, checkpoint: str) -> None:
+    """Raises `StructureMismatch` naming the first array whose presence or shape differs between a checkpoint's
+    `stored` shapes and `target`, the pytree the code builds."""
+    built = {_path_name(path): tuple(np.shape(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    differing = [name for name in built if stored.get(name) != built[name]]
+    differing += [name for name in stored if name not in built]
+    if not differing:
+        return
+
+    def described(shapes: dict[str, tuple[int, ...]], name: str) -> str:
+        return f"shape {shapes[name]}" if name in shapes else "absent"
+
+    first = differing[0]
+    raise StructureMismatch(
+        f"{checkpoint} holds a model of another structure than the config builds: {first} is "
+        f"{described(stored, first)} there and {described(built, first)} in the model "
+        f"({len(differing)} arrays differ); the checkpoint is whole and was left as it is: resume it with the code "
+        "that wrote it, or train this model in another workdir"
+    )
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """A pytree key path as `params/conv1/kernel`, the same for a dict, a dataclass and a (named) tuple."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def has_resumable(workdir: str) -> bool:
+    """Whether the workdir holds a resumable checkpoint, which a run resumes from rather than starting at step 0."""
+    directory = os.path.join(workdir, LATEST)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def load_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -37,6 +37,8 @@ def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -
                 str(config.dataset.synthetic_duration),
                 "--workers",
                 str(config.dataset.workers),
+                "--subset",
+                config.dataset.synthetic_subset,
             ]
         )
     inputs = os.path.join(root, "audio")
@@ -73,6 +75,8 @@ def data_preparation_commands(config: ml_collections.ConfigDict, workdir: str) -
         str(config.dataset.split_index),
         "--workers",
         str(config.dataset.workers),
+        "--subset",
+        config.dataset.synthetic_subset,
     ]
     if config.dataset.chunk_frames:
         build += ["--chunk_frames", str(config.dataset.chunk_frames)]
@@ -107,7 +111,8 @@ def predict_command(config: ml_collections.ConfigDict, workdir: str) -> str:
     synthetic = os.path.join(workdir, "synthetic")
     audio = "song.mp3"
     if os.path.isdir(os.path.join(synthetic, "audio")):
-        track = metadata.read_split(os.path.join(synthetic, "data"), config.dataset.split_index, "test")[0]
+        data = os.path.join(synthetic, "data")
+        track = metadata.read_split(data, config.dataset.split_index, "test", config.dataset.synthetic_subset)[0]
         audio = os.path.join(synthetic, "audio", track.path)
     return shlex.join(
         [_python_as_typed(), "-m", "emorf_jax.predict", audio, f"--checkpoint={os.path.join(workdir, kind)}"]

@@ -3,14 +3,19 @@
 Every process runs the same program on its local devices; `jax.pmap`'s axis then spans the devices of all
 processes, so gradients, BatchNorm statistics and mixup's global batch are those of the whole job. What this
 module adds is what the runtime leaves to the program: starting it, refusing processes that were given different
-configs, a barrier, agreeing on the step at which a signalled run stops (`StopSignals`), and the compilation cache
-every command shares. See docs/architecture.md, "Multi-host training".
+configs, a barrier, agreeing on the step at which a signalled run stops (`StopSignals`), ending every process with
+the same line when one of them fails (`announce_failure`, `watch_for_failures`), and the compilation cache every
+command shares. See docs/architecture.md, "Multi-host training".
 """
 
+import atexit
+import contextlib
 import json
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -68,6 +73,79 @@ def primary_says(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def everyone(flag: bool) -> bool:
+    """Whether `flag` holds on every process: a verdict (such as whether a checkpoint reads) that all processes then
+    act on alike, so that none skips a collective call the others make."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).all())
+
+
+# Keys in the key-value store of JAX's coordination service: process i waits on FAILURE_KEY.format(i) for another
+# process's failure line ('' at its own normal exit), and acknowledges a line under NOTICED_KEY.format(i).
+FAILURE_KEY = "emorf_jax/failure/{}"
+NOTICED_KEY = "emorf_jax/failure_noticed/{}"
+# How long a failing process waits for the others to read its line: process 0 serves the key-value store, so its
+# exit would otherwise cut the others off before they read it.
+NOTICE_SECONDS = 30
+_WAIT_MS = 3_600_000  # one wait of the watching thread; it waits again after each
+
+
+def _coordination_client():
+    """The client of JAX's coordination service, which has no public accessor (orbax reaches it the same way)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def watch_for_failures(on_failure: Callable[[str], None]) -> None:
+    """In a job of several processes, calls `on_failure(line)` from a thread when another process announces that it
+    fails (`announce_failure`), so that this process, most likely waiting for the failed one in a collective or an
+    orbax barrier, ends with the same line at once rather than at a timeout. `on_failure` must end the process."""
+    if jax.process_count() == 1:
+        return
+    client, key = _coordination_client(), FAILURE_KEY.format(jax.process_index())
+
+    def watch() -> None:
+        while True:
+            try:
+                line = client.blocking_key_value_get(key, _WAIT_MS)
+                break
+            except Exception as error:  # a wait that timed out is renewed; anything else: the job is ending
+                if "DEADLINE_EXCEEDED" not in str(error):
+                    return
+        if line:
+            with contextlib.suppress(Exception):  # the failed process has ended without waiting for the notice
+                client.key_value_set(NOTICED_KEY.format(jax.process_index()), "1", allow_overwrite=True)
+            on_failure(line)
+
+    def end_watch() -> None:  # before JAX's own exit handler shuts the client down (atexit runs last-in, first-out)
+        with contextlib.suppress(Exception):  # the service is gone already: the watch ends on its own
+            client.key_value_set(key, "", allow_overwrite=True)
+
+    threading.Thread(target=watch, name="emorf_jax failure watch", daemon=True).start()
+    atexit.register(end_watch)
+
+
+def announce_failure(line: str) -> None:
+    """Tells every other process that this one fails with `line` (their `watch_for_failures` ends them with it), then
+    waits up to NOTICE_SECONDS for them to have read it."""
+    if jax.process_count() == 1:
+        return
+    client = _coordination_client()
+    others = [process for process in range(jax.process_count()) if process != jax.process_index()]
+    for process in others:
+        try:
+            client.key_value_set(FAILURE_KEY.format(process), line, allow_overwrite=True)
+        except Exception:  # the service is gone (process 0 ended): nobody is left to tell
+            return
+    deadline = time.monotonic() + NOTICE_SECONDS
+    for process in others:
+        with contextlib.suppress(Exception):  # it ended before reading the line, or did not read it in time
+            left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            client.blocking_key_value_get(NOTICED_KEY.format(process), left_ms)
 
 
 def check_same_config(config: ml_collections.ConfigDict) -> None:

@@ -1,16 +1,18 @@
 """The official MediaEval 2019 Emotion and Theme figures of a predictions matrix, as a table or JSON, and a plot.
 
     python -m emorf_jax.evaluate --groundtruth G.npy --predictions P.npy [--decisions D.npy | --thresholds T.txt]
-                                 [--calibration] [--json] [--plot per_tag.png] [--metadata_dir DIR]
-    python -m emorf_jax.evaluate --groundtruth G.npy --popularity --metadata_dir DIR [--split K] [--json]
+                                 [--calibration] [--json] [--plot per_tag.png] [--metadata_dir DIR [--subset S]]
+    python -m emorf_jax.evaluate --groundtruth G.npy --popularity --metadata_dir DIR [--split K] [--subset S]
+                                 [--json]
 
 `--popularity` scores the organisers' "popular" baseline instead of a file: every test track gets the most
 frequent tag of the split's TRAINING tracks, as both its prediction (1, other tags 0) and its decision.
 
-Files are the task's submission format: `.npy` matrices (tracks, tags), rows in the test TSV's order, columns
-in `moodtheme_split.txt` order. A thresholds file is the organisers' format: `tag<TAB>threshold` per line, in
-column order; decisions are then `predictions > threshold`. Without decisions or thresholds only the four AUC
-figures are given.
+Files are the task's submission format: `.npy` matrices (tracks, tags), rows in the test TSV's order, columns in the tag
+list's order (for mood/theme `moodtheme_split.txt`; --subset names another MTG-Jamendo subset or a collection that
+`data_prep.build --tags_csv` wrote). A thresholds file is the organisers' format: `tag<TAB>threshold` per line, in
+column order; decisions are then `predictions > threshold`. Without decisions or thresholds only the four AUC figures
+are given.
 
 `--calibration` adds how far the probabilities are from the frequencies they predict (`metrics.calibration`): their
 mean beside the positive rate, the median over tags of odds(mean probability) / odds(positive rate), and the logistic
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         help="score the 'popular' baseline (needs --metadata_dir) instead of --predictions",
     )
     parser.add_argument("--split", type=int, default=0, help="the split whose training tracks --popularity counts")
+    parser.add_argument(
+        "--subset",
+        choices=(*metadata.SUBSETS, metadata.COLLECTION),
+        default=metadata.DEFAULT_SUBSET,
+        help="the --metadata_dir's subset: its tag list names the columns (default: moodtheme)",
+    )
     decisions = parser.add_mutually_exclusive_group()
     decisions.add_argument("--decisions", help="bool .npy (tracks, tags); without it (or --thresholds) only AUCs")
     decisions.add_argument("--thresholds", help="tag<TAB>threshold per line; decisions are predictions > threshold")
@@ -71,7 +79,7 @@ def _load_matrix(path: str) -> np.ndarray:
 def _tag_names(args: argparse.Namespace, threshold_tags: list[str] | None, n_tags: int) -> list[str] | None:
     """The columns' tags, from --metadata_dir or --thresholds, for warnings and the plot; None when neither is given."""
     if args.metadata_dir:
-        names = list(metadata.read_tag_list(args.metadata_dir))
+        names = list(metadata.read_tag_list(args.metadata_dir, args.subset, args.split))
     elif threshold_tags is not None:
         names = threshold_tags
     else:
@@ -92,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         groundtruth = _load_matrix(args.groundtruth)
         decisions, threshold_tags = None, None
         if args.popularity:
-            train_labels = metadata.split_labels(args.metadata_dir, args.split, "train")
+            train_labels = metadata.split_labels(args.metadata_dir, args.split, "train", args.subset)
             predictions, decisions = baselines.popularity_baseline(train_labels, len(groundtruth))
         else:
             predictions = _load_matrix(args.predictions)

@@ -13,11 +13,13 @@ same batches of the same stored windows run through each checkpoint's exported O
 logits and embedding, normalisation inside), a short clip at its own length.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from scipy.special import expit
 from data_prep import features
 from data_prep.metadata import short_tag_name
 from data_prep.reader import STORED_DTYPE
-from emorf_jax import checkpoints, export, split_predictions, track_features, windowing
+from emorf_jax import checkpoints, export, split_predictions, track_features
 from emorf_jax.models import receptive_field, registry
 from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet
 
@@ -165,44 +167,61 @@ class Tagger:
     ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
         """(members, windows, tags) logits and (windows, features) embeddings, the members' side by side, of one
         track's features in the stored format (`track_features.stored`), and its windows."""
+        return self.streamed_window_outputs([stored], window_frames)
+
+    def streamed_window_outputs(
+        self, blocks: Iterable[np.ndarray], window_frames: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, int]]]:
+        """`window_outputs` of a track whose stored features come in blocks of frames (`track_features.stored` of
+        each): every window runs as soon as its frames are there, in the batches `window_outputs` makes of the
+        whole track, so memory holds a window and a batch, not the track."""
         norm = self.meta["normalisation"]
         mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
         window_frames = window_frames or self.window_frames
-        windows = windowing.window_ranges(stored.shape[0], window_frames)
-        if self.members[0].session is not None and stored.shape[0] < MIN_INPUT_SIZE:
-            raise ValueError(f"{stored.shape[0]} frames: the model takes at least {MIN_INPUT_SIZE}")
-        logits, embeddings = [], []
-        for member in self.members:
-            # An ONNX model takes any length, so a short clip runs unpadded: what the JAX path's `frames` emulates.
-            pad_to = window_frames if isinstance(member.model, CPResNet) and member.session is None else None
-            outputs = [
-                (
-                    count,
-                    _jitted_window_outputs(member.variables, batch, mean, std, frames, model=member.model)
-                    if member.session is None
-                    else member.session.run(None, {export.INPUT_NAME: batch}),
-                )
-                for count, batch, frames in self._batches(stored, windows, pad_to)
-            ]
-            logits.append(np.concatenate([np.asarray(out[0])[:count] for count, out in outputs]))
-            embeddings.append(np.concatenate([np.asarray(out[1])[:count] for count, out in outputs]))
-        return np.stack(logits), np.concatenate(embeddings, axis=1), windows
+        windows, group = [], []
+        logits, embeddings = [[] for _ in self.members], [[] for _ in self.members]
 
-    def _batches(
-        self, stored: np.ndarray, windows: list[tuple[int, int, int]], pad_to: int | None
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-        """(windows in it, padded batch, valid frames per window or None) of a track's stored (frames,
-        *frame_shape) features, in window order. With `pad_to`, a clip shorter than that (and not shorter than
-        a CP-ResNet takes, whose own error then names it) is zero-padded to it in time, with its length as frames."""
-        for first in range(0, len(windows), self.batch_size):
-            group = np.stack([stored[start:stop] for start, stop, _ in windows[first : first + self.batch_size]])
-            padding = padded_batch_size(len(group), self.batch_size) - len(group)
-            batch = np.concatenate([group, np.zeros((padding, *group.shape[1:]), group.dtype)])
-            frames = None
-            if pad_to is not None and MIN_INPUT_SIZE <= batch.shape[1] < pad_to:
-                frames = np.full(len(batch), batch.shape[1], np.int32)
-                batch = np.pad(batch, [(0, 0), (0, pad_to - batch.shape[1])] + [(0, 0)] * (batch.ndim - 2))
-            yield len(group), batch, frames
+        def run(group: list[np.ndarray]) -> None:
+            for member, member_logits, member_embeddings in zip(self.members, logits, embeddings):
+                # An ONNX model takes any length, so a short clip runs unpadded: what the JAX path's `frames` emulates.
+                pad_to = window_frames if isinstance(member.model, CPResNet) and member.session is None else None
+                count, batch, frames = self._batch(group, pad_to)
+                if member.session is None:
+                    out = _jitted_window_outputs(member.variables, batch, mean, std, frames, model=member.model)
+                else:
+                    out = member.session.run(None, {export.INPUT_NAME: batch})
+                member_logits.append(np.asarray(out[0])[:count])
+                member_embeddings.append(np.asarray(out[1])[:count])
+
+        for start, stop, weight, window in track_windows(blocks, window_frames):
+            if self.members[0].session is not None and stop < MIN_INPUT_SIZE:
+                raise ValueError(f"{stop} frames: the model takes at least {MIN_INPUT_SIZE}")
+            windows.append((start, stop, weight))
+            group.append(window)
+            if len(group) == self.batch_size:
+                run(group)
+                group = []
+        if group:
+            run(group)
+        return (
+            np.stack([np.concatenate(member_logits) for member_logits in logits]),
+            np.concatenate([np.concatenate(member_embeddings) for member_embeddings in embeddings], axis=1),
+            windows,
+        )
+
+    def _batch(self, group: list[np.ndarray], pad_to: int | None) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """(windows in it, padded batch, valid frames per window or None) of a group of at most `batch_size`
+        consecutive windows of a track's stored (frames, *frame_shape) features. With `pad_to`, a clip shorter than
+        that (and not shorter than a CP-ResNet takes, whose own error then names it) is zero-padded to it in time,
+        with its length as frames."""
+        stacked = np.stack(group)
+        padding = padded_batch_size(len(stacked), self.batch_size) - len(stacked)
+        batch = np.concatenate([stacked, np.zeros((padding, *stacked.shape[1:]), stacked.dtype)])
+        frames = None
+        if pad_to is not None and MIN_INPUT_SIZE <= batch.shape[1] < pad_to:
+            frames = np.full(len(batch), batch.shape[1], np.int32)
+            batch = np.pad(batch, [(0, 0), (0, pad_to - batch.shape[1])] + [(0, 0)] * (batch.ndim - 2))
+        return len(stacked), batch, frames
 
     def tag_spectrogram(self, spectrogram: np.ndarray, window_frames: int | None = None) -> TrackTags:
         """The tags of one track's features in the checkpoints' setting (shaped as `spectrogram` returns them)."""
@@ -210,7 +229,12 @@ class Tagger:
 
     def tag_stored(self, stored: np.ndarray, window_frames: int | None = None) -> TrackTags:
         """The tags of one track's features in the stored format (`track_features.stored`)."""
-        logits, window_embeddings, windows = self.window_outputs(stored, window_frames)
+        return self.tag_blocks([stored], window_frames)
+
+    def tag_blocks(self, blocks: Iterable[np.ndarray], window_frames: int | None = None) -> TrackTags:
+        """The tags of one track whose stored features come in blocks of frames, each window run as soon as its
+        frames are there (`streamed_window_outputs`): what a feature process of `emorf_jax.predict` sends."""
+        logits, window_embeddings, windows = self.streamed_window_outputs(blocks, window_frames)
         weights = np.array([weight for _, _, weight in windows], np.float64)
         track = [expit((member_logits * weights[:, None]).sum(axis=0) / weights.sum()) for member_logits in logits]
         embedding = (window_embeddings * weights[:, None]).sum(axis=0) / weights.sum()
@@ -223,13 +247,42 @@ class Tagger:
         )
 
     def tag_file(self, path: str | Path, window_frames: int | None = None) -> TrackTags:
-        """The tags of an audio file (see `read_features` for the errors)."""
-        return self.tag_spectrogram(self.read_features(path), window_frames)
+        """The tags of an audio file (see `read_features` for the errors), its features computed in blocks and its
+        windows run as they are ready, so that memory does not grow with the track's length."""
+        return self.tag_blocks(track_features.stored_file_blocks(str(path), self.feature_settings), window_frames)
 
     def tag_audio(self, waveform: np.ndarray, sample_rate: int, window_frames: int | None = None) -> dict[str, float]:
         """{tag: probability} for a waveform (samples,) or (samples, channels) of the whole track."""
         probabilities = self.tag_spectrogram(self.spectrogram(waveform, sample_rate), window_frames).probabilities
         return dict(zip(self.tags, probabilities.tolist()))
+
+
+def track_windows(blocks: Iterable[np.ndarray], window_frames: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """(start, stop, weight, frames) of each window of `windowing.window_ranges` over a track whose (frames, ...)
+    features come in `blocks`, each as soon as its frames are there: the whole windows while they come, then the
+    last one (aligned to the track's end) or a track shorter than one window whole. Only the last `window_frames`
+    frames are kept between blocks."""
+    recent, recent_start, total, emitted = None, 0, 0, 0
+    for block in blocks:
+        recent = block if recent is None else np.concatenate([recent, block])
+        total += len(block)
+        while (emitted + 1) * window_frames <= total:
+            start = emitted * window_frames
+            yield (
+                start,
+                start + window_frames,
+                window_frames,
+                recent[start - recent_start : start - recent_start + window_frames],
+            )
+            emitted += 1
+        keep_from = max(recent_start, total - window_frames)
+        recent, recent_start = recent[keep_from - recent_start :], keep_from
+    if recent is None or total == 0:
+        raise ValueError("no frames: the track has no features")
+    if total < window_frames:
+        yield 0, total, total, recent
+    elif total % window_frames:
+        yield total - window_frames, total, total - emitted * window_frames, recent[-window_frames:]
 
 
 def load_tagger(
@@ -286,12 +339,14 @@ def calibration_windows(
         if len(windows) == count:
             break
         try:
-            stored = track_features.stored_file_features(str(path), settings)
+            with contextlib.closing(track_features.stored_file_blocks(str(path), settings)) as blocks:
+                first = list(
+                    itertools.islice(track_windows(blocks, window_frames), min(per_file, count - len(windows)))
+                )
         except (OSError, ValueError) as error:
             unreadable.append(f"{path}: {error}")
             continue
-        ranges = windowing.window_ranges(stored.shape[0], window_frames)[: min(per_file, count - len(windows))]
-        windows += [stored[start:stop] for start, stop, _ in ranges if stop - start >= MIN_INPUT_SIZE]
+        windows += [window for start, stop, _, window in first if stop - start >= MIN_INPUT_SIZE]
     if not windows:
         raise ValueError(
             "int8 needs audio to calibrate its activation ranges: none of the calibration files could be read"

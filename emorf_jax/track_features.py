@@ -1,11 +1,13 @@
 """A track's features as data preparation computes and stores them, from an audio file or a waveform: the part of
-tagging that needs no JAX, so that the bulk tagger's feature processes (`emorf_jax.bulk_tagging`) import only this
-module and data preparation's feature code, not the model side.
+tagging that needs no JAX, so that the bulk tagger's feature processes (`feature_worker`, which `emorf_jax.predict`
+starts) import only this module and data preparation's feature code, not the model side.
 """
 
 import os
 import threading
 import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,15 @@ def waveform_features(
 
 
 def file_features(path: str | Path, settings: features.FeatureSettings) -> np.ndarray:
-    """`waveform_features` of an audio file; an unreadable file raises OSError or features.AudioError, naming it."""
-    waveform, sample_rate = features.decode_audio(Path(path).read_bytes(), str(path))
-    return waveform_features(waveform, sample_rate, str(path), settings)
+    """`waveform_features` of an audio file (`file_blocks` put together); an unreadable file raises OSError or
+    features.AudioError, naming it."""
+    return np.concatenate(list(file_blocks(path, settings)), axis=-1)
+
+
+def file_blocks(path: str | Path, settings: features.FeatureSettings) -> Iterator[np.ndarray]:
+    """The features of an audio file in blocks of frames, resampled and mixed down as `waveform_features`, computed
+    in memory that does not grow with the track's length (`features.FileFeatures`)."""
+    return features.file_feature_blocks(path, str(path), settings, resample=True)
 
 
 def stored(spectrogram: np.ndarray) -> np.ndarray:
@@ -45,9 +53,58 @@ def stored(spectrogram: np.ndarray) -> np.ndarray:
 
 
 def stored_file_features(path: str, settings: features.FeatureSettings) -> np.ndarray:
-    """`stored(file_features(path))`: the work of one feature process, whose result is half the bytes of float32
-    to send back and needs no conversion in the process that runs the model."""
+    """`stored(file_features(path))`: a track's features as the model steps read them."""
     return stored(file_features(path, settings))
+
+
+def stored_file_blocks(path: str, settings: features.FeatureSettings) -> Iterator[np.ndarray]:
+    """`file_blocks` in the stored format (`stored`): blocks of (frames, ...) float16."""
+    for block in file_blocks(path, settings):
+        yield stored(block)
+
+
+def failure_reason(error: BaseException) -> str:
+    """What went wrong with a file, in one line: an OSError's own words, a ValueError's message (features.AudioError
+    names the file), or the exception's type and message."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = f"cannot read: {error.strerror}"
+    elif isinstance(error, (OSError, ValueError)):
+        reason = str(error)
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return " ".join(reason.splitlines())
+
+
+def feature_worker(connection: Connection, settings: features.FeatureSettings, parent: int) -> None:
+    """A feature process of bulk tagging (`emorf_jax.predict`): for each path it receives, until None or its
+    parent's end of the pipe closes, it sends ("duration", seconds the header announces) once the file is open,
+    ("frames", stored block) for each block of features as it is computed, then ("done", None), or ("error", reason)
+    when the file fails. A send blocks while the parent does not read (it is busy with an earlier file), so a long
+    track waits in a few blocks, not in memory. One BLAS/FFT thread (the model runs on every core); it ends within a
+    second of its parent's death (`exit_with_parent`)."""
+    import threadpoolctl  # scikit-learn's dependency, in the plain install
+
+    exit_with_parent(parent)
+    threadpoolctl.threadpool_limits(limits=1)
+    while True:
+        try:
+            path = connection.recv()
+        except (EOFError, OSError):
+            return
+        if path is None:
+            return
+        try:
+            with features.AudioFile(path, path) as audio:
+                connection.send(("duration", audio.duration))
+                for block in features.FileFeatures(audio, settings, resample=True).blocks():
+                    connection.send(("frames", stored(block)))
+            message = ("done", None)
+        except Exception as error:  # any failure of one file is that file's row
+            message = ("error", failure_reason(error))
+        try:
+            connection.send(message)
+        except OSError:  # the parent has gone
+            return
 
 
 def exit_with_parent(parent: int) -> None:

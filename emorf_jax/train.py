@@ -11,7 +11,9 @@ score.
 
 import contextlib
 import functools
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +32,7 @@ from emorf_jax import (
     checkpoints,
     distributed,
     ensemble,
+    fine_tuning,
     input_pipeline,
     losses,
     report,
@@ -119,26 +122,72 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: f
     return schedule
 
 
+def epoch_steps(start_epoch: float, every_epochs: float, end_epoch: float, steps_per_epoch: float) -> list[int]:
+    """The steps that end epochs start, start + every, ... up to end_epoch, both included (the authors' count):
+    each epoch rounded to a step on its own, so that a fractional epoch's rounding cannot add up over the intervals
+    and push the last one past the end. Epoch 0 counts as step 1."""
+    if every_epochs <= 0:
+        raise ValueError(f"the interval must be a positive number of epochs, not {every_epochs}")
+    if end_epoch < start_epoch:
+        return []
+    count = int(np.floor((end_epoch - start_epoch) / every_epochs + 1e-9)) + 1
+    epochs = (start_epoch + k * every_epochs for k in range(count))
+    return sorted({max(epochs_to_steps(epoch, steps_per_epoch), 1) for epoch in epochs})
+
+
 def averaging_schedule(config: ml_collections.ConfigDict, steps_per_epoch: float) -> weight_averaging.AveragingSchedule:
+    """SWA at the steps that end epochs start_epoch, start + every_epochs, ..., num_epochs; EMA from start_epoch."""
+    average = config.weight_average
+    swa_steps = ()
+    if average.kind == "swa":
+        swa_steps = tuple(epoch_steps(average.start_epoch, average.every_epochs, config.num_epochs, steps_per_epoch))
     return weight_averaging.AveragingSchedule(
-        kind=config.weight_average.kind,
-        start_step=max(epochs_to_steps(config.weight_average.start_epoch, steps_per_epoch), 1),
-        every_steps=max(epochs_to_steps(config.weight_average.every_epochs, steps_per_epoch), 1),
-        ema_decay=config.weight_average.ema_decay,
+        kind=average.kind,
+        swa_steps=swa_steps,
+        start_step=max(epochs_to_steps(average.start_epoch, steps_per_epoch), 1),
+        ema_decay=average.ema_decay,
     )
 
 
 def snapshot_steps(config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int) -> list[int]:
-    """Steps whose weights are kept as snapshot-ensemble members: from start_epoch every every_epochs."""
-    start = epochs_to_steps(config.snapshots.start_epoch, steps_per_epoch)
-    every = max(epochs_to_steps(config.snapshots.every_epochs, steps_per_epoch), 1)
-    return [step for step in range(max(start, 1), total_steps + 1, every)]
+    """Steps whose weights are kept as snapshot-ensemble members: those that end epochs start_epoch,
+    start + every_epochs, ... up to the last epoch, within `total_steps`."""
+    snapshots = config.snapshots
+    steps = epoch_steps(snapshots.start_epoch, snapshots.every_epochs, config.num_epochs, steps_per_epoch)
+    return [step for step in steps if step <= total_steps]
+
+
+def optimizer(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule, head: dict[tuple[str, ...], int] | None = None
+) -> optax.GradientTransformation:
+    """Adam on `schedule`. When fine-tuning freezes the trunk or gives it a smaller learning rate, the parameters
+    outside the `head` (fine_tuning.head_axes) get no update or `trunk_learning_rate_factor` times the step."""
+    if not config.freeze_trunk and config.trunk_learning_rate_factor == 1:
+        return optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2)
+    if head is None:
+        raise ValueError("a frozen or slower trunk needs the head's variables (fine_tuning.head_axes)")
+    factor = config.trunk_learning_rate_factor
+    trunk = (
+        optax.set_to_zero()
+        if config.freeze_trunk
+        else optax.adam(lambda step: schedule(step) * factor, b1=config.adam_b1, b2=config.adam_b2)
+    )
+    return optax.multi_transform(
+        {fine_tuning.HEAD: optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2), fine_tuning.TRUNK: trunk},
+        functools.partial(fine_tuning.parameter_groups, head=head),
+    )
 
 
 def initial_state(
-    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, input_shape: tuple[int, ...]
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    input_shape: tuple[int, ...],
+    variables: dict[str, Any] | None = None,
 ) -> TrainState:
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros(input_shape, jnp.float32))
+    """The state at step 0: the model's initialisation, or the given `variables` (a fine-tuning run's)."""
+    if variables is None:
+        variables = jax.jit(functools.partial(model.init, train=False))(rng, jnp.zeros(input_shape, jnp.float32))
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -148,6 +197,35 @@ def initial_state(
         average_params=params,
         average_count=jnp.zeros((), jnp.int32),
     )
+
+
+def starting_state(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    prepared: PreparedDataset,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+) -> TrainState:
+    """The state a run starts from: its latest resumable checkpoint; else, at step 0, the model's initialisation,
+    with the variables of `config.init_from` mapped onto it (fine_tuning.py; one log line says what it took)."""
+    rng = jax.random.PRNGKey(config.seed)
+    input_shape = input_pipeline.model_input_shape(prepared, config.input.crop_frames)
+    state = initial_state(model, tx, rng, input_shape)
+    restored = checkpoints.restore_resumable(workdir, target=state)
+    if restored is not None:
+        logging.info("Resuming from step %d", int(restored.step))
+        return restored
+    if not config.init_from:
+        return state
+    variables, summary = fine_tuning.initial_variables(
+        config.init_from,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        model_fields(config, len(prepared.tags)),
+        prepared.tags,
+        input_shape,
+    )
+    logging.info("%s", summary)
+    return initial_state(model, tx, rng, input_shape, variables=variables)
 
 
 def train_step(
@@ -163,10 +241,12 @@ def train_step(
     normalisation: tuple[jax.Array, jax.Array],
     pos_weight: float,
     mixup_reduction: str,
+    frozen_trunk: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step on this device's share of the global batch of stored crops, normalised here by the
     (mean, std) per mel band of `normalisation` (run under pmap with axis 'batch'), on `losses.training_loss` with
-    a run's `config.loss` (`pos_weight`, `mixup_reduction`)."""
+    a run's `config.loss` (`pos_weight`, `mixup_reduction`). With `frozen_trunk` the model runs in evaluation mode:
+    every BatchNorm normalises with, and keeps, its loaded statistics (docs/training.md, "Fine-tuning")."""
     rng = jax.random.fold_in(rng, state.step)
     mixup_rng, shake_rng = jax.random.split(rng)
     shift_rng = jax.random.fold_in(mixup_rng, 1)  # the frequency roll: one per block for the whole global batch
@@ -179,17 +259,17 @@ def train_step(
         inputs = mixed.inputs
 
     def loss_fn(params):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            inputs,
-            train=True,
-            rngs={"shake": shake_rng, "dropout": dropout_rng, "shift": shift_rng},
-            mutable=["batch_stats"],
-        )
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        rngs = {"shake": shake_rng, "dropout": dropout_rng, "shift": shift_rng}
+        if frozen_trunk:
+            logits, batch_stats = model.apply(variables, inputs, train=False, rngs=rngs), state.batch_stats
+        else:
+            logits, updates = model.apply(variables, inputs, train=True, rngs=rngs, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
         loss = losses.training_loss(
             logits.astype(jnp.float32), targets, mixed, pos_weight=pos_weight, mixup_reduction=mixup_reduction
         )
-        return loss, updates["batch_stats"]
+        return loss, batch_stats
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, "batch")
@@ -214,18 +294,22 @@ def batch_stats_step(
     params: Any,
     batch_stats: Any,
     batch: dict[str, jax.Array],
+    rng: jax.Array,
     *,
     model: nn.Module,
     normalisation: tuple[jax.Array, jax.Array],
 ) -> Any:
     """This batch's BatchNorm statistics for `params`: `model` has BatchNorm momentum 0, so the incoming
-    `batch_stats` only give the structure."""
+    `batch_stats` only give the structure. Its random layers draw from `rng` as `train_step`'s do: the frequency
+    roll once for the global batch (the same `rng` on every device), Shake-Shake's coefficients per device."""
+    shake_rng, dropout_rng, shift_rng = jax.random.split(rng, 3)
+    shake_rng = jax.random.fold_in(shake_rng, jax.lax.axis_index("batch"))
     inputs = windowing.model_input(batch["spectrogram"], *normalisation)
     _, updates = model.apply(
         {"params": params, "batch_stats": batch_stats},
         inputs,
         train=True,
-        rngs={"shake": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1), "shift": jax.random.PRNGKey(2)},
+        rngs={"shake": shake_rng, "dropout": dropout_rng, "shift": shift_rng},
         mutable=["batch_stats"],
     )
     return updates["batch_stats"]
@@ -258,6 +342,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.loss.pos_weight <= 0:
         raise ValueError(f"loss.pos_weight must be positive, not {config.loss.pos_weight}")
+    if config.trunk_learning_rate_factor <= 0:
+        raise ValueError(
+            f"trunk_learning_rate_factor must be positive, not {config.trunk_learning_rate_factor}; "
+            "--config.freeze_trunk=True trains the head alone"
+        )
+    fine_tuning_fields = [
+        f"--config.{name}={config[name]}"
+        for name, plain in (("freeze_trunk", False), ("trunk_learning_rate_factor", 1))
+        if config[name] != plain
+    ]
+    if fine_tuning_fields and not config.init_from:
+        raise ValueError(
+            f"{' and '.join(fine_tuning_fields)} fine-tune a trained trunk: give its checkpoint with "
+            "--config.init_from=CHECKPOINT"
+        )
+    if len(fine_tuning_fields) > 1:
+        raise ValueError("freeze_trunk trains the head alone: leave trunk_learning_rate_factor at 1 with it")
 
 
 def check_run(config: ml_collections.ConfigDict, workdir: str) -> PreparedDataset:
@@ -269,6 +370,13 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> PreparedDatase
     run_folder.compare_config(workdir, config)
     prepared = load_dataset(config, workdir)
     num_classes(config, len(prepared.tags))
+    if config.init_from and not checkpoints.has_resumable(workdir):
+        fine_tuning.check(
+            config.init_from,
+            model_fields(config, len(prepared.tags)),
+            prepared.tags,
+            input_pipeline.model_input_shape(prepared, config.input.crop_frames),
+        )
     return prepared
 
 
@@ -332,7 +440,9 @@ class _Run:
         self.steps_per_epoch = input_pipeline.steps_per_epoch(prepared, config.batch_size)
         self.total_steps = epochs_to_steps(config.num_epochs, self.steps_per_epoch)
         self.schedule = learning_rate_schedule(config, self.steps_per_epoch)
-        self.tx = optax.adam(self.schedule, b1=config.adam_b1, b2=config.adam_b2)
+        self.input_shape = input_pipeline.model_input_shape(prepared, config.input.crop_frames)
+        head = fine_tuning.head_axes(self.fields, self.input_shape) if config.init_from else None
+        self.tx = optimizer(config, self.schedule, head)
         self.averaging = averaging_schedule(config, self.steps_per_epoch)
         normalisation = (prepared.mean, prepared.std)
         self.p_train_step = jax.pmap(
@@ -346,13 +456,16 @@ class _Run:
                 normalisation=normalisation,
                 pos_weight=config.loss.pos_weight,
                 mixup_reduction=config.loss.mixup_reduction,
+                frozen_trunk=config.freeze_trunk,
             ),
             axis_name="batch",
             donate_argnums=(0,),
         )
         stats_model = self.model.clone(bn_momentum=0.0)
         self.p_batch_stats = jax.pmap(
-            functools.partial(batch_stats_step, model=stats_model, normalisation=normalisation), axis_name="batch"
+            functools.partial(batch_stats_step, model=stats_model, normalisation=normalisation),
+            axis_name="batch",
+            in_axes=(0, 0, 0, None),
         )
         self.predictor = split_predictions.Predictor(
             self.model.clone(bn_axis_name=None),
@@ -378,15 +491,20 @@ class _Run:
         return jax_utils.prefetch_to_device(batches, 2)
 
     def averaged_variables(self, state: TrainState) -> dict[str, Any]:
-        """The averaged weights with BatchNorm statistics re-estimated on training batches (host-local)."""
-        num_batches = self.config.bn_reestimate_batches or int(np.ceil(self.steps_per_epoch))
-        batches = self.train_batches(start_step=0, seed=self.config.seed + 1)
-        batch_stats = weight_averaging.reestimate_batch_stats(
-            lambda params, batch: self.p_batch_stats(params, state.batch_stats, batch),
-            state.average_params,
-            batches,
-            num_batches,
-        )
+        """The averaged weights with BatchNorm statistics re-estimated on training batches (host-local); a frozen
+        trunk keeps the loaded statistics it was trained with."""
+        if self.config.freeze_trunk:
+            batch_stats = state.batch_stats
+        else:
+            num_batches = self.config.bn_reestimate_batches or int(np.ceil(self.steps_per_epoch))
+            batches = self.train_batches(start_step=0, seed=self.config.seed + 1)
+            batch_stats = weight_averaging.reestimate_batch_stats(
+                lambda params, batch, rng: self.p_batch_stats(params, state.batch_stats, batch, rng),
+                state.average_params,
+                batches,
+                num_batches,
+                rng=jax.random.PRNGKey(self.config.seed + 1),  # the seed of the re-estimation's batches
+            )
         return {
             "params": jax_utils.unreplicate(state.average_params),
             "batch_stats": jax_utils.unreplicate(batch_stats),
@@ -406,10 +524,20 @@ class TrainingStopped(Exception):
         self.step, self.exit_status = step, exit_status
 
 
+class RunReport(dict):
+    """A run's test summary (model name: figures, as `report.run_summary` makes it) and the final checkpoints left
+    out of it because they cannot be read (`left_out`, path: why), which main.py's exit status reports."""
+
+    def __init__(self, summary: dict[str, dict], left_out: dict[str, str]):
+        super().__init__(summary)
+        self.left_out = left_out
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDataset | None = None
-) -> dict[str, dict]:
-    """Trains (or resumes) the run in `workdir` to its last step and returns the final test report.
+) -> RunReport:
+    """Trains (or resumes) the run in `workdir` to its last step and returns the final test report, with the
+    damaged final checkpoints it left out (`RunReport.left_out`).
 
     `prepared` is what `check_run` returned, if the caller already ran it; nothing is written in the workdir before
     those checks pass. The workdir is then locked (`workdir_lock`: a second live run there is refused with
@@ -440,20 +568,10 @@ def _locked(workdir: str) -> Iterator[None]:
         yield
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDataset) -> dict[str, dict]:
+def _train(config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDataset) -> RunReport:
     warn_about_missing_tracks(prepared)
     run = _Run(config, workdir, prepared)
-
-    state = initial_state(
-        run.model.clone(bn_axis_name=None),
-        run.tx,
-        jax.random.PRNGKey(config.seed),
-        input_pipeline.model_input_shape(prepared, config.input.crop_frames),
-    )
-    restored = checkpoints.restore_resumable(workdir, target=state)
-    if restored is not None:
-        state = restored
-        logging.info("Resuming from step %d", int(state.step))
+    state = starting_state(config, workdir, prepared, run.model.clone(bn_axis_name=None), run.tx)
     start_step = int(state.step)
     state = jax_utils.replicate(state)
     latest = checkpoints.open_manager(workdir, checkpoints.LATEST)
@@ -539,31 +657,33 @@ def _evaluate_and_select(run: _Run, state: TrainState, step: int, writer, best, 
     writer.write_scalars(step, scores)  # its logging writer prints them on the console too
 
 
-def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> dict[str, dict]:
+def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> RunReport:
     """Test figures of the final, selected, averaged and snapshot-ensemble models, thresholds from validation.
 
     Writes `report/` (`report.write_run_report`): a folder per model and `test_report.json`, the summary that is
     returned and printed. Each model's thresholds also go into the meta of its checkpoint, and each snapshot's own
     (from its own validation predictions) into its meta, so that a checkpoint alone can decide tags
     (`thresholds.write`). Every process predicts (the predictions are collective); process 0 alone
-    writes and prints.
+    writes and prints. A `best/`, `swa/` or snapshot checkpoint that cannot be read is named in one line and left
+    out: the report, and the snapshot ensemble of the intact members, are made from the others.
     """
+    left_out = {}
     models = {"final": current_variables(state)}
     saved = {"final": checkpoints.step_path(latest, latest.latest_step())}  # each model's checkpoint
-    if best.best_step() is not None:
-        models["selected"] = checkpoints.restore(best, best.best_step())[0]
-        saved["selected"] = checkpoints.step_path(best, best.best_step())
-    if swa.latest_step() is not None:
-        models["swa"] = checkpoints.restore(swa)[0]
-        saved["swa"] = checkpoints.step_path(swa, swa.latest_step())
+    for name, manager, step in (("selected", best, best.best_step()), ("swa", swa, swa.latest_step())):
+        variables = None if step is None else _final_checkpoint(manager, step, left_out)
+        if variables is not None:
+            models[name] = variables
+            saved[name] = checkpoints.step_path(manager, step)
     predictions = {name: _predict_splits(run, variables, report.SPLITS) for name, variables in models.items()}
     members = snapshots.all_steps()[-run.config.snapshots.ensemble_size :]
-    snapshot_predictions = {  # the ensemble's members on both splits, earlier snapshots for their thresholds only
-        step: _predict_splits(
-            run, checkpoints.restore(snapshots, step)[0], report.SPLITS if step in members else ("validation",)
-        )
-        for step in snapshots.all_steps()
-    }
+    snapshot_predictions = {}  # the ensemble's members on both splits, earlier snapshots for their thresholds only
+    for step in snapshots.all_steps():
+        variables = _final_checkpoint(snapshots, step, left_out)
+        if variables is not None:
+            splits = report.SPLITS if step in members else ("validation",)
+            snapshot_predictions[step] = _predict_splits(run, variables, splits)
+    members = [step for step in members if step in snapshot_predictions]
     if members:
         predictions[f"snapshot_ensemble_{len(members)}"] = ensemble.average_members(
             [snapshot_predictions[step] for step in members]
@@ -578,11 +698,41 @@ def final_report(run: _Run, state: TrainState, latest, snapshots, best, swa) -> 
     }
     summary = report.run_summary(reports)
     if distributed.is_primary():
+        _remove_models_left_out(run.workdir, reports)
         report.write_run_report(run.workdir, reports, run.prepared.tsv_track_ids["test"])
         for path, values in stored_thresholds.items():
             thresholds.write(path, run.prepared.tags, values)
         print(report.format_summary(summary))
-    return summary
+    return RunReport(summary, left_out)
+
+
+def _final_checkpoint(manager, step: int, left_out: dict[str, str]) -> dict[str, Any] | None:
+    """The variables of a checkpoint the final report scores, or None when a process cannot read them: then one line
+    names it and it joins `left_out`. Every process reaches the same verdict, so all make the same predictions."""
+    path = checkpoints.step_path(manager, step)
+    try:
+        variables, reason = checkpoints.restore(manager, step)[0], None
+    except Exception as error:  # whatever orbax or tensorstore raise for a missing or truncated file
+        variables, reason = None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    if distributed.everyone(reason is None):
+        return variables
+    left_out[path] = reason or "another process cannot read it"
+    logging.warning("Left out of the report: the checkpoint %s cannot be read (%s)", path, left_out[path])
+    return None
+
+
+def _remove_models_left_out(workdir: str, reports: dict[str, Any]) -> None:
+    """Removes the folders of an earlier report's models that this report has not (a checkpoint damaged since, a
+    smaller snapshot ensemble), so that `report/` holds the models of its `test_report.json` only."""
+    summary_path = os.path.join(workdir, report.RUN_REPORT_DIR, report.RUN_SUMMARY)
+    if not os.path.exists(summary_path):
+        return
+    with open(summary_path) as f:
+        earlier = set(json.load(f))
+    for name in sorted(earlier - set(reports)):
+        folder = os.path.join(workdir, report.RUN_REPORT_DIR, name)
+        if os.path.isdir(folder):  # the summary's constant predictor has none
+            shutil.rmtree(folder)
 
 
 def _predict_splits(

@@ -105,7 +105,7 @@ def test_each_model_trains_saves_loads_and_tags_through_the_same_tools(config_na
             mixup_alpha=0.3,
             pos_weight=1.0,
             mixup_reduction="batch_mean",
-            averaging=weight_averaging.AveragingSchedule("swa", start_step=1),
+            averaging=weight_averaging.AveragingSchedule("swa", swa_steps=(1,)),
             learning_rate=optax.constant_schedule(1e-2),
             normalisation=(prepared.mean, prepared.std),
         ),
@@ -173,6 +173,23 @@ def test_popularity_baseline_reproduces_the_official_row(capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out) == figures
+
+
+@pytest.mark.skipif(not REAL_METADATA.is_dir(), reason=f"real metadata not found under {reference_data.ROOT}")
+def test_evaluate_reads_another_subsets_tags_and_training_labels(tmp_path, capsys):
+    """`evaluate --subset genre`: the popular baseline counts the genre split's training tracks and is scored against
+    ground truth with the genre subset's 87 columns (the mood/theme list would refuse its shape)."""
+    groundtruth = metadata.split_labels(REAL_METADATA, 0, "test", "genre")
+    assert groundtruth.shape[1] == 87
+    np.save(tmp_path / "genre.npy", groundtruth)
+    arguments = ["--groundtruth", str(tmp_path / "genre.npy"), "--popularity", "--metadata_dir", str(REAL_METADATA)]
+    assert evaluate.main([*arguments, "--subset", "genre", "--json"]) == 0
+    train_labels = metadata.split_labels(REAL_METADATA, 0, "train", "genre")
+    expected = metrics.mediaeval_metrics(groundtruth, *baselines.popularity_baseline(train_labels, len(groundtruth)))
+    assert json.loads(capsys.readouterr().out) == expected
+    with pytest.raises(SystemExit):
+        evaluate.main([*arguments, "--json"])  # the default subset's 56 tags do not fit 87 columns
+    assert "56" in capsys.readouterr().err
 
 
 def test_ensemble_recipe_averages_its_members_swa_and_snapshots(prepared_data_dir, tmp_path):

@@ -47,7 +47,14 @@ def test_preparation_memory_benchmark_keeps_the_new_schedule_within_its_budget()
 @pytest.mark.skipif(not REAL_METADATA.is_dir(), reason=f"real MTG-Jamendo metadata not found at {REAL_METADATA}")
 def test_batch_correlation_benchmark_finds_no_repeated_track_in_the_new_batches():
     output = _run("benchmarks.batch_correlation", "--quick", "--seeds", "0")
-    assert "new" in output and "old" in output
+    repeated = {}  # pipeline -> (batches, batches holding a repeated track), from the table's seed-0 rows
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[1] == "0":
+            repeated[cells[0].split(",")[0]] = (int(cells[2]), int(cells[3].split("(")[1].rstrip(")")))
+    assert set(repeated) == {"old", "new"}, output
+    assert repeated["new"][0] == 375 and repeated["new"][1] == 0  # 3 epochs of 2,000 tracks at batch 16
+    assert repeated["old"][1] > 0.2 * repeated["old"][0]  # the count sees repeats where there are some
 
 
 def test_paper_table_quick_trains_its_rows_and_prints_them_beside_the_published_ones(tmp_path):
@@ -155,3 +162,18 @@ def test_tagging_command_benchmark_quick_times_the_command_and_its_int8_variant(
     assert figures["files"] == 3 and figures["audio_seconds"] == pytest.approx(15.0, abs=0.2)
     for variant in ("(defaults)", "--backend=onnxruntime --precision=int8"):
         assert figures["variants"][variant]["wall_s"] > 0 and figures["variants"][variant]["peak_gib"] > 0.1
+
+
+def test_fine_tuning_benchmark_quick_tables_every_condition(tmp_path):
+    """Pretraining, the subsampled 10 % target data and the three conditions of one seed, at `:test` sizes: every row
+    of the table with a finite PR-AUC in [0, 1] and a wall time, fewer training tracks than the target split has."""
+    output = _run("benchmarks.fine_tuning", "--quick", "--out", str(tmp_path))
+    figures = json.loads((tmp_path / "fine_tuning.json").read_text())
+    rows = {(row["fraction"], row["condition"]): row for row in figures["rows"]}
+    assert set(rows) == {(0.1, condition) for condition in ("fine-tuned", "from scratch", "linear probe")}
+    for row in rows.values():
+        assert 0.0 <= row["pr_auc_mean"] <= 1.0 and row["pr_auc_sd"] == 0.0 and row["seconds_mean"] >= 0.0
+        assert 0 < row["train_tracks"] < figures["target"]["train_tracks"]
+    assert 0.0 <= figures["pretrain"]["PR-AUC-macro"] <= 1.0
+    table = (tmp_path / "fine_tuning.md").read_text()
+    assert table.strip() in output and "| 10 % (" in table

@@ -16,10 +16,10 @@ import pytest
 import soundfile
 import tensorflow_datasets as tfds
 
-from data_prep import build, essentia_like, extract, features, layout, metadata, preparation, reader
+from data_prep import build, essentia_like, extract, features, layout, metadata, preparation, reader, synthetic
 from data_prep.reader import PARTS, load_prepared
 
-from .conftest import CHUNK_FRAMES
+from .conftest import CHUNK_FRAMES, SYNTHETIC_TRACKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,42 @@ def test_shards_hold_every_track_of_every_part_with_the_tsv_labels(synthetic_tre
             assert stored["artist_id"].decode() == track.artist_id
             assert stored["duration"] == np.float32(track.duration)
             assert stored["num_frames"] == stored["spectrogram"].shape[1]
+
+
+@pytest.mark.parametrize("subset", ["genre", "instrument", "top50tags"])
+def test_each_subsets_synthetic_data_builds_with_that_subsets_tags(synthetic_tree, prepared_data_dir, tmp_path, subset):
+    """The session tree's audio under another subset's names (the same arguments), built from the session's feature
+    cache: the shards store that subset's tags, each column the same tracks as its planted sound's mood column."""
+    tree = tmp_path / "tree"
+    synthetic.make_synthetic(tree, num_tracks=SYNTHETIC_TRACKS, seed=0, long_tracks=1, subset=subset, with_audio=False)
+    data_dir, config_name = prepared_data_dir
+    options = preparation.BuildOptions(
+        synthetic_tree / "audio",
+        tree / "data",
+        tmp_path / "prepared",
+        subset=subset,
+        workers=2,
+        progress=False,
+        chunk_frames=CHUNK_FRAMES,
+        cache_dir=data_dir / "cache" / config_name,
+    )
+    summary = preparation.build_dataset(options)
+    prepared, moodtheme = load_prepared(tmp_path / "prepared"), load_prepared(*prepared_data_dir)
+    assert prepared.tags == metadata.read_tag_list(tree / "data", subset) == summary.tags
+    assert f"tags: {len(prepared.tags)} (MTG-Jamendo {subset})" in str(summary)
+    assert prepared.track_ids == moodtheme.track_ids and summary.failures == {}
+    rule_of = {name: rule for rule, name in synthetic.SUBSET_TAGS[subset].items()}
+    for part in PARTS:
+        for column, tag in enumerate(prepared.tags):
+            mood_column = moodtheme.tags.index(synthetic.SUBSET_TAGS["moodtheme"][rule_of[tag]])
+            np.testing.assert_array_equal(
+                prepared.parts[part].labels[:, column], moodtheme.parts[part].labels[:, mood_column]
+            )
+    assert f'"subset": "{subset}"' in (prepared.directory / "metadata.json").read_text()
+    with pytest.raises(preparation.BuildError, match=f"holds MTG-Jamendo's {subset} subset .* of its own"):
+        preparation.build_dataset(
+            dataclasses.replace(options, subset="moodtheme", metadata_dir=synthetic_tree / "data")
+        )
 
 
 def test_tracks_are_split_into_time_major_chunks_of_at_most_chunk_frames(prepared_data_dir):

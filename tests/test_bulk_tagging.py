@@ -1,4 +1,4 @@
-"""Bulk tagging (`emorf_jax.bulk_tagging` through `python -m emorf_jax.predict`) on real MP3s with real checkpoints:
+"""Bulk tagging (`emorf_jax.predict`, the library of `python -m emorf_jax.predict`) on real MP3s with real checkpoints:
 a run killed with SIGKILL and resumed, a rerun that skips and appends, decisions, embeddings, short clips in one
 compiled shape, and feature processes without JAX."""
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import soundfile
 from scipy.special import expit
 
 from data_prep import metadata
@@ -170,6 +171,39 @@ def test_decisions_are_the_tags_strictly_above_their_thresholds(mp3_folder, rand
     assert several.returncode == 2 and "several checkpoints are averaged" in several.stderr
 
 
+def test_a_file_that_fails_gets_a_nan_embeddings_row_and_the_others_keep_theirs(
+    mp3_folder, random_checkpoints, tmp_path
+):
+    """`--embeddings` keeps row i for the output's row i: a file that cannot be decoded, among good ones, gets a
+    NaN row (and no taggram row), and the good files after it keep their own embeddings."""
+    good = sorted(mp3_folder.iterdir())[:3]
+    folder = tmp_path / "music"
+    folder.mkdir()
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    broken = folder / f"{good[1].stem}_broken.mp3"  # sorts between the good files
+    broken.write_bytes(b"ID3" + bytes(range(256)) * 8)
+    output = tmp_path / "tags.csv"
+    flags = [str(folder), f"--checkpoint={random_checkpoints[0]}", f"--output={output}", "--embeddings", "--taggram"]
+    result = _predict(*flags, "--workers=1")
+    assert result.returncode == 1 and "cannot decode" in result.stderr, result.stderr
+    with output.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(row["path"]).name for row in rows) == sorted([broken.name, *(path.name for path in good)])
+    embeddings = np.load(tmp_path / "tags.embeddings.npy")
+    model = tagger.load_tagger(random_checkpoints[0])
+    assert embeddings.shape == (4, model.embedding_size) and embeddings.dtype == np.float32
+    for row, embedding in zip(rows, embeddings):
+        if Path(row["path"]) == broken:
+            assert row["error"] and np.isnan(embedding).all()
+        else:
+            assert not row["error"]
+            np.testing.assert_allclose(embedding, model.tag_file(row["path"]).embedding, rtol=1e-5, atol=1e-6)
+    windows = _taggram(tmp_path / "tags.taggram.csv")
+    assert broken.name not in {Path(window["path"]).name for window in windows}
+    assert np.isfinite(np.load(tmp_path / "tags.taggram_embeddings.npy")).all()
+
+
 def test_embeddings_are_the_last_blocks_channels_averaged_as_the_logits_are(mp3_folder, random_checkpoints):
     """A CP-ResNet's embedding is its last block's output averaged over frequency and time (computed here from the
     checkpoint's variables); the track's is its windows' averaged with the window weights, and the 1x1 head and
@@ -228,20 +262,27 @@ def test_short_clips_of_any_length_share_one_compiled_program_and_keep_their_sco
     assert max(differences) < 1e-5, differences
 
 
-def test_the_feature_processes_import_no_jax():
-    """A spawned feature process of `predict` imports the module of its function, not the model's libraries: it asks
-    the real pool's process which of them it holds (a package's `__main__`, as `python -m emorf_jax.predict` runs, is
+def test_the_feature_processes_import_no_jax(tmp_path):
+    """A spawned feature process of `predict` imports the module of its function, not the model's libraries: the
+    real process, once it has sent a file's features, has no shared library of jaxlib (which JAX, Flax, optax and
+    orbax load) or TensorFlow in its memory map (a package's `__main__`, as `python -m emorf_jax.predict` runs, is
     not run again in a spawned child, as `-c` code is not)."""
-    heavy = "{'jax', 'jaxlib', 'flax', 'tensorflow', 'optax', 'orbax'}"
+    song = tmp_path / "song.wav"
+    soundfile.write(song, np.random.default_rng(0).normal(0, 0.1, (44100, 2)), 44100)
     code = (
+        "from pathlib import Path\n"
+        "from data_prep.features import FeatureSettings\n"
         "from emorf_jax import predict\n"
-        "pool = predict._feature_pool(1)\n"
-        f"held = \"sorted({{m.split('.')[0] for m in __import__('sys').modules}} & {heavy})\"\n"
-        "print(pool.submit(eval, held).result())\n"
-        "pool.shutdown()\n"
+        f"processes = predict._FeatureProcesses([{str(song)!r}], FeatureSettings(), 1, predict.DEFAULT_DEADLINE)\n"
+        "processes.give(0)\n"
+        "worker = processes.holder(0)\n"
+        "blocks = list(processes.blocks(worker, 0))\n"
+        "maps = Path(f'/proc/{worker.process.pid}/maps').read_text()\n"
+        "print(len(blocks) > 0, sorted(lib for lib in ('jaxlib', 'tensorflow') if lib in maps))\n"
+        "processes.close()\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "[]", result.stderr
+    assert result.stdout.strip() == "True []", result.stderr
 
 
 def test_the_onnxruntime_backend_gives_the_jax_rows_embeddings_and_short_clip_scores(

@@ -3,6 +3,8 @@ folders. Every build here is a real one (real MP3s, real processes, real signals
 subprocess under a timeout wherever the code under test could hang.
 """
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -18,10 +20,22 @@ import pytest
 import soundfile
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference_masked_crc32c
 
-from data_prep import essentia_like, extract, layout, metadata, preparation, reader, synthetic, worker_pool
+from data_prep import (
+    essentia_like,
+    extract,
+    layout,
+    metadata,
+    preparation,
+    reader,
+    shard_writer,
+    synthetic,
+    worker_pool,
+)
+from data_prep import features as features_lib
 from data_prep.reader import PARTS, load_prepared
 from emorf_jax import input_pipeline
 
+from . import unprivileged
 from .test_build import _shard_bytes
 from .test_extract import _cli
 
@@ -114,16 +128,37 @@ def test_bad_input_files_and_a_hung_read_each_get_a_failure_row_and_the_build_go
     assert set().union(*prepared.track_ids.values()) == whole - set(failures)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions (chmod 000 blocks no one)")
+# One track's extraction, its outcome printed as JSON: argv is the audio and cache folders, then the track.
+_EXTRACT_ONE = """
+import json, sys
+from data_prep import extract
+audio_dir, cache_dir, track_id, path, duration = sys.argv[1:]
+job = extract.TrackJob(track_id, path, float(duration))
+outcome = extract.extract_track(job, audio_dir, cache_dir, extract.features_lib.settings_for("hop512"))
+print(json.dumps({"kind": outcome.kind, "reason": outcome.reason}))
+"""
+
+
 def test_a_file_that_cannot_be_opened_is_reported_as_unreadable(synthetic_tree, tmp_path):
+    """In a child process that respects file permissions even as root (tests/unprivileged.py), so that the case
+    runs in CI too."""
     track = metadata.read_split(synthetic_tree / "data", 0, "train")[0]
     source = tmp_path / track.path
     source.parent.mkdir(parents=True)
     shutil.copyfile(synthetic_tree / "audio" / track.path, source)
     source.chmod(0)
-    job = extract.TrackJob(track.track_id, track.path, track.duration)
-    outcome = extract.extract_track(job, tmp_path, tmp_path, extract.features_lib.settings_for("hop512"))
-    assert outcome.kind == "unreadable" and "Permission denied" in outcome.reason
+    job = [str(tmp_path), str(tmp_path), track.track_id, track.path, str(track.duration)]
+    result = subprocess.run(
+        unprivileged.command([sys.executable, "-c", _EXTRACT_ONE, *job]),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout)
+    assert outcome["kind"] == "unreadable", outcome
+    assert outcome["reason"].startswith(f"cannot read {source}: ") and "Permission denied" in outcome["reason"]
 
 
 # ---------------------------------------------------------------- the shared worker pool
@@ -305,3 +340,58 @@ def test_training_reads_that_verify_checksums_stop_at_a_damaged_record(prepared_
     with pytest.raises(reader.DamagedRecord, match=message):
         for _ in range(len(train)):
             next(batches)
+
+
+# ---------------------------------------------------------------- a track of any length in bounded memory
+
+
+def test_a_track_decoded_in_small_blocks_and_twice_is_cached_as_its_whole_decode_gives(
+    synthetic_tree, tmp_path, monkeypatch
+):
+    """What a three-hour file meets, at the size of a test: the longest synthetic MP3 decoded 10,000 samples at a
+    time, its power spectra larger than the buffer (decoded a second time once its peak is known), and its cache file
+    written 100 frames at a time. The file is what `np.save` writes, and its features are the whole decode's (within
+    the float16 they are stored in)."""
+    monkeypatch.setattr(features_lib, "DECODE_BLOCK_FRAMES", 10_000)
+    monkeypatch.setattr(features_lib, "PEAK_BUFFER_BYTES", 100_000)
+    monkeypatch.setattr(extract, "_WRITE_FRAMES", 100)
+    track = max(metadata.read_split(synthetic_tree / "data", 0, "train"), key=lambda track: track.duration)
+    settings = features_lib.settings_for("hop512")
+    job = extract.TrackJob(track.track_id, track.path, track.duration)
+    outcome = extract.extract_track(job, synthetic_tree / "audio", tmp_path, settings)
+    assert outcome.ok, outcome.reason
+    cached_file = tmp_path / f"{track.track_id}.npy"
+    cached = np.load(cached_file)
+    saved = io.BytesIO()
+    np.save(saved, cached)
+    assert cached_file.read_bytes() == saved.getvalue()
+    data = (synthetic_tree / "audio" / track.path).read_bytes()
+    whole = features_lib.audio_features(data, track.path, settings)
+    assert outcome.frames == cached.shape[1] == whole.shape[1] > 10 * 100
+    assert outcome.sha256 == hashlib.sha256(data).hexdigest()
+    np.testing.assert_allclose(cached, whole.astype(np.float16), rtol=1e-3, atol=1e-3)
+    assert list(tmp_path.iterdir()) == [cached_file]  # no temporary file left
+
+
+def test_the_normalisation_statistics_are_accumulated_in_blocks_as_over_whole_tracks(tmp_path):
+    """A track's cached features are read back `block_frames` at a time (the statistics pass holds one block in
+    float64, not the track), and the per-bin mean and std over blocks of tracks of any length equal the whole
+    frames' in float64."""
+    cache = extract.TrackCache(tmp_path)
+    rng = np.random.default_rng(0)
+    tracks = {"a": 1000, "b": 5, "c": 333, "d": 64}
+    values = {}
+    for track_id, frames in tracks.items():
+        values[track_id] = (rng.normal(-30, 15, (8, frames)) + rng.normal(0, 10, (8, 1))).astype(np.float16)
+        np.save(cache.feature_path(track_id), values[track_id])
+    blocks = {track_id: list(cache.frame_blocks(track_id, 64)) for track_id in tracks}
+    for track_id, frames in tracks.items():
+        assert [block.shape[1] for block in blocks[track_id]] == [64] * (frames // 64) + [frames % 64] * (
+            frames % 64 > 0
+        )
+        np.testing.assert_array_equal(np.concatenate(blocks[track_id], axis=1), values[track_id])
+    mean, std, count = shard_writer.frame_statistics(block for track_id in tracks for block in blocks[track_id])
+    every_frame = np.concatenate(list(values.values()), axis=1).astype(np.float64)
+    assert count == sum(tracks.values())
+    np.testing.assert_allclose(mean, every_frame.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(std, every_frame.std(axis=1), rtol=1e-12)

@@ -18,8 +18,9 @@ import pytest
 import soundfile
 
 from data_prep import features, metadata
-from emorf_jax import evaluate, report, split_predictions, thresholds
+from emorf_jax import evaluate, report, split_predictions, tagger, thresholds, track_features, windowing
 from emorf_jax.predict import __main__ as predict_command
+from tests import unprivileged
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT = [sys.executable, "-m", "emorf_jax.predict", "--no_progress"]
@@ -145,9 +146,9 @@ def _wav(path: Path, samples: np.ndarray, rate: int, subtype: str) -> str:
 
 def test_bad_files_each_get_their_row_and_a_truncated_mp3_is_tagged_with_a_warning(clips, random_checkpoints, tmp_path):
     """Random bytes named .mp3, an MP3 header followed by garbage, NaN and infinite samples, an empty file, one
-    sample, a folder named like audio (searched, not tagged), ten minutes of silence, and an MP3 cut in half (tagged,
-    with both durations named). An unreadable file (chmod 000) is tried only when not running as root, which reads
-    it anyway."""
+    sample, a folder named like audio (searched, not tagged), ten minutes of silence, an MP3 cut in half (tagged,
+    with both durations named), and a file its permissions deny (chmod 000; the command runs without root's power to
+    read it, tests/unprivileged.py, so that the case runs in CI too)."""
     folder = tmp_path / "music"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -163,15 +164,14 @@ def test_bad_files_each_get_their_row_and_a_truncated_mp3_is_tagged_with_a_warni
         _wav(folder / name, np.where(np.arange(noise.size) == 500, value, noise).astype(np.float32), 44100, "FLOAT")
     _wav(folder / "one_sample.wav", noise[:1], 44100, "FLOAT")
     _wav(folder / "silence.wav", np.zeros(600 * 8000, np.int16), 8000, "PCM_16")  # 10 minutes, 9.6 MB
-    failing = {"random.mp3", "garbage.mp3", "empty.mp3", "one_sample.wav", *bad}
-    if os.geteuid() != 0:
-        locked = folder / "locked.mp3"
-        locked.write_bytes(mp3)
-        locked.chmod(0)
-        failing.add("locked.mp3")
+    (folder / "locked.mp3").write_bytes(mp3)
+    (folder / "locked.mp3").chmod(0)
+    failing = {"random.mp3", "garbage.mp3", "empty.mp3", "one_sample.wav", "locked.mp3", *bad}
     output = tmp_path / "rows.csv"
     result = subprocess.run(
-        [*PREDICT, str(folder), f"--checkpoint={random_checkpoints[0]}", f"--output={output}", "--workers=1"],
+        unprivileged.command(
+            [*PREDICT, str(folder), f"--checkpoint={random_checkpoints[0]}", f"--output={output}", "--workers=1"]
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -184,6 +184,7 @@ def test_bad_files_each_get_their_row_and_a_truncated_mp3_is_tagged_with_a_warni
     assert {name for name, row in rows.items() if row["error"]} == failing
     assert "empty file" in rows["empty.mp3"]["error"] and "non-finite samples" in rows["nan.wav"]["error"]
     assert "cannot decode" in rows["random.mp3"]["error"] and "need more than" in rows["one_sample.wav"]["error"]
+    assert "Permission denied" in rows["locked.mp3"]["error"]
     for name in failing:
         assert any(str(folder / name) in line for line in result.stderr.splitlines()), name
     whole = soundfile.info(clips[0]).frames / soundfile.info(clips[0]).samplerate
@@ -319,3 +320,75 @@ def test_a_feature_process_that_dies_fails_only_its_file(clips, random_checkpoin
     assert [row["path"] for row in rows] == [long, *clips[:2]]
     assert rows[0]["error"] == "its feature process died (killed, or out of memory)"
     assert rows[1]["error"] is None and rows[2]["error"] is None
+
+
+def _children(pid: int) -> set[int]:
+    """The processes `pid` has started and not yet reaped."""
+    try:
+        return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_read_that_never_returns_gets_an_error_row_at_its_deadline_and_leaves_no_process(
+    clips, random_checkpoints, tmp_path
+):
+    """A named pipe called x.mp3 that no one writes to (opening it blocks for ever, as a read from a hung network
+    mount would) among good files: at its deadline (the floor: no header, so no duration) its feature process is
+    killed, it gets an error row naming it, the files after it are tagged by a fresh process, and when the run ends
+    none of the feature processes it started is left."""
+    fifo = tmp_path / "x.mp3"
+    os.mkfifo(fifo)
+    output = tmp_path / "rows.csv"
+    files = [clips[0], str(fifo), clips[1]]
+    deadline = ["--deadline_floor_s=15", "--deadline_s_per_audio_s=1"]
+    command = [*PREDICT, *files, f"--checkpoint={random_checkpoints[0]}", f"--output={output}", "--workers=1"]
+    run = subprocess.Popen([*command, *deadline], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    started, give_up = set(), time.monotonic() + 300
+    try:
+        while run.poll() is None and time.monotonic() < give_up:
+            started |= _children(run.pid)
+            time.sleep(0.05)
+    finally:
+        run.kill()
+        stderr = run.communicate()[1]
+    assert run.returncode == 1 and "Traceback" not in stderr, stderr
+    with output.open(newline="") as f:
+        rows = {row["path"]: row["error"] for row in csv.DictReader(f)}
+    assert list(rows) == files
+    assert rows[clips[0]] == rows[clips[1]] == ""
+    assert rows[str(fifo)].startswith("no features within 15 s, the deadline of a file of unknown duration")
+    assert f"{fifo}: no features within 15 s" in stderr
+    assert len(started) >= 2  # the hung process and the one that took the file after it
+    time.sleep(0.5)
+    assert [pid for pid in started if _running(pid)] == []
+
+
+def test_a_track_s_windows_run_as_its_frames_come_and_give_the_whole_track_s_tags(clips, random_checkpoints):
+    """Features that come in blocks of any size (a feature process sends them as it computes them) are cut into the
+    whole track's windows as soon as their frames are there, keeping only a window's frames, and run in the same
+    batches: the same windows, probabilities and embeddings as the whole track's features at once."""
+    model = tagger.load_tagger(random_checkpoints[0], batch_size=2)
+    stored = track_features.stored_file_features(clips[0], model.feature_settings)
+    window = 40
+    assert stored.shape[0] % window and stored.shape[0] > 3 * window
+    for frames in (1, window - 1, window, window + 1, 2 * window, stored.shape[0]):
+        for size in (1, 7, window, 1000):
+            pieces = [stored[start : min(start + size, frames)] for start in range(0, frames, size)]
+            cut = list(tagger.track_windows(iter(pieces), window))
+            assert [(start, stop, weight) for start, stop, weight, _ in cut] == windowing.window_ranges(frames, window)
+            for start, stop, _, frames_of_window in cut:
+                np.testing.assert_array_equal(frames_of_window, stored[start:stop])
+    whole = model.tag_stored(stored, window)
+    streamed = model.tag_blocks((stored[start : start + 7] for start in range(0, len(stored), 7)), window)
+    assert streamed.windows == whole.windows
+    for field in ("probabilities", "window_probabilities", "window_embeddings", "embedding"):
+        np.testing.assert_array_equal(getattr(streamed, field), getattr(whole, field), err_msg=field)

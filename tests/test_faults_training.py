@@ -1,6 +1,7 @@
-"""Faults and mistakes of a training run, for real: `python -m emorf_jax.main` in subprocesses that get SIGTERM at a
-random step, meet a live or a dead run's lock, resume from a truncated or missing checkpoint file, fill a disk (a
-file size limit), or are given a wrong data_dir, config field or workdir."""
+"""Faults and mistakes of a training run, for real: `python -m emorf_jax.main` in subprocesses that get SIGTERM or
+SIGINT at a seeded random step, meet a live or a dead run's lock, resume from a truncated or missing checkpoint
+file or from whole checkpoints of another model structure, make the final report over damaged final checkpoints,
+fill a disk (a file size limit), or are given a wrong data_dir, config field or workdir."""
 
 import json
 import os
@@ -14,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configs import faresnet
-from emorf_jax import checkpoints, train, workdir_lock
+from emorf_jax import checkpoints, ensemble, train, workdir_lock
 from tests.test_train import _assert_same_end, _latest_params
 from tests.test_train import _command as train_command
 
@@ -58,23 +60,40 @@ def reference_run(prepared_data_dir, tmp_path_factory):
     return data_dir, workdir, total
 
 
-def test_sigterm_at_a_random_step_saves_it_and_the_rerun_ends_as_an_uninterrupted_run(reference_run, tmp_path):
+@pytest.mark.parametrize(
+    "signal_number, seed", [(signal.SIGTERM, 0), (signal.SIGINT, 1)], ids=["SIGTERM-seed0", "SIGINT-seed1"]
+)
+def test_a_signal_at_a_random_step_saves_it_and_the_rerun_ends_as_an_uninterrupted_run(
+    reference_run, tmp_path, signal_number, seed
+):
+    """SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C, sent to the run's process group as a terminal does)
+    after a step drawn by `random.Random(seed)`: the run saves the step in progress and exits 128 + the signal
+    (143, 130); the same command then resumes and ends as the uninterrupted run."""
     data_dir, reference, total = reference_run
     assert not (reference / workdir_lock.LOCK_NAME).exists(), "a finished run leaves no lock"
-    workdir = tmp_path / "preempted"
-    signalled_after = random.randint(1, total - 2)
+    workdir = tmp_path / "interrupted"
+    signalled_after = random.Random(seed).randint(1, total - 2)
     process = subprocess.Popen(
-        _command(data_dir, workdir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        _command(data_dir, workdir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    logged, lines = [], []
+    logged, lines, signalled = [], [], False
     for line in process.stderr:  # read to the end, so that the pipe never fills
         lines.append(line)
         passed = re.search(r"\] \[(\d+)\] ", line)
         if passed:
             logged.append(int(passed.group(1)))
-            if logged[-1] == signalled_after:
-                process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM, "".join(lines[-30:])
+            if logged[-1] == signalled_after and not signalled:  # once: a second Ctrl-C stops without a save
+                if signal_number == signal.SIGINT:
+                    os.killpg(process.pid, signal.SIGINT)
+                else:
+                    process.send_signal(signal_number)
+                signalled = True
+    assert process.wait(timeout=TIMEOUT) == 128 + signal_number, "".join(lines[-30:])
     stops = [re.search(r"Stopped by a signal after step (\d+) of", line) for line in lines]
     (stopped_at,) = [int(stop.group(1)) for stop in stops if stop]
     saved_at, _, _ = _latest_params(workdir)
@@ -169,12 +188,106 @@ def test_an_unreadable_latest_checkpoint_is_named_and_the_one_before_restored(re
     assert (workdir / "damaged" / f"{checkpoints.LATEST}-{last}").is_dir()
 
 
+def _steps(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _files(directory: Path) -> dict[str, int]:
+    """Every file under `directory` by its relative path, with its size."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()}
+
+
+def test_damaged_final_checkpoints_are_named_and_left_out_of_the_report_and_the_status_says_so(reference_run, tmp_path):
+    """After training, `swa/` and the last snapshot are damaged; the same command on the finished run makes the
+    final report again, from the intact models only, and exits with 3."""
+    data_dir, reference, _ = reference_run
+    workdir = tmp_path / "damaged_final"
+    shutil.copytree(reference, workdir)
+    (swa_step,) = _steps(workdir / checkpoints.SWA)
+    snapshot_steps = _steps(workdir / checkpoints.SNAPSHOTS)
+    members = snapshot_steps[-faresnet.get_config("test").snapshots.ensemble_size :]
+    assert len(members) == 2, snapshot_steps
+    swa_data = _largest_file(workdir / checkpoints.SWA / str(swa_step) / "weights" / "d")
+    swa_data.write_bytes(swa_data.read_bytes()[: swa_data.stat().st_size // 2])
+    (workdir / checkpoints.SNAPSHOTS / str(members[-1]) / "meta" / "metadata").unlink()
+
+    rerun = _run(_command(data_dir, workdir))
+    assert rerun.returncode == 3, rerun.stderr[-3000:]
+    assert not _error_lines(rerun.stderr), rerun.stderr[-3000:]
+    # The only tracebacks allowed are tensorstore's, at times, for reads of the truncated file still in flight when
+    # orbax closed its event loop.
+    assert rerun.stderr.count("Traceback") == rerun.stderr.count("RuntimeError: Event loop is closed"), rerun.stderr
+    left_out = re.findall(r"Left out of the report: the checkpoint (\S+) cannot be read \(\w+", rerun.stderr)
+    damaged = [workdir / checkpoints.SWA / str(swa_step), workdir / checkpoints.SNAPSHOTS / str(members[-1])]
+    assert sorted(left_out) == sorted(map(str, damaged)), rerun.stderr[-3000:]
+
+    report = json.loads((workdir / "report" / "test_report.json").read_text())
+    reference_report = json.loads((reference / "report" / "test_report.json").read_text())
+    assert set(report) == {"final", "selected", "snapshot_ensemble_1", "constant_predictor"}
+    assert sorted(p.name for p in (workdir / "report").iterdir() if p.is_dir()) == [
+        "final",
+        "selected",
+        "snapshot_ensemble_1",
+    ], "the folders of the models left out are gone with them"
+    for name in ("final", "selected"):
+        assert report[name]["PR-AUC-macro"] == pytest.approx(reference_report[name]["PR-AUC-macro"], abs=1e-6)
+    # The snapshot ensemble is the intact member alone: its predictions are that snapshot's.
+    (intact,), _ = ensemble.checkpoint_members(
+        [str(workdir / checkpoints.SNAPSHOTS / str(members[0]))], str(data_dir), batch_size=8
+    )
+    np.testing.assert_allclose(
+        np.load(workdir / "report" / "snapshot_ensemble_1" / "test_predictions.npy"),
+        intact["test"].probabilities,
+        atol=1e-6,
+    )
+    assert "Tag music with the model just trained" not in rerun.stdout
+
+
+def test_a_resumable_checkpoint_of_another_model_structure_stops_the_run_in_one_line_and_moves_nothing(
+    reference_run, tmp_path
+):
+    """A code change that reshapes the model (simulated: the run's recorded config edited to the new model's, so
+    that the config check passes) meets whole checkpoints of the old model: not damage."""
+    data_dir, reference, _ = reference_run
+    workdir = _copy_of_run(reference, tmp_path / "changed_model")
+    recorded = json.loads((workdir / "config.json").read_text())
+    recorded["model"]["base_channels"] = 8
+    (workdir / "config.json").write_text(json.dumps(recorded, indent=2, sort_keys=True))
+    before = _files(workdir)
+    last = _resumable_steps(workdir)[-1]
+
+    changed = _run(_command(data_dir, workdir, "--config.model.base_channels=8"))
+    _assert_one_line_refusal(
+        changed,
+        f"the resumable checkpoint of step {last} in {workdir / checkpoints.LATEST} holds a model of another "
+        "structure than the config builds: params/feed_forward_conv/kernel is shape (1, 1, 16, 9) there and shape "
+        "(1, 1, 32, 9) in the model",
+        "the checkpoint is whole and was left as it is",
+    )
+    assert "cannot be read" not in changed.stderr
+    assert _files(workdir) == before, "nothing is moved, removed or written"
+
+
+def test_a_structure_check_names_a_parameter_added_or_removed():
+    stored = {"params/conv/kernel": (3, 3, 1, 4), "params/old/bias": (4,)}
+    same = {"params": {"conv": {"kernel": np.zeros((3, 3, 1, 4))}, "old": {"bias": np.zeros(4)}}}
+    checkpoints.check_structure(stored, same, "C")
+    added = {"params": {**same["params"], "new": {"bias": np.zeros(2)}}}
+    with pytest.raises(checkpoints.StructureMismatch, match=r"params/new/bias is absent there and shape \(2,\)"):
+        checkpoints.check_structure(stored, added, "C")
+    removed = {"params": {"conv": same["params"]["conv"]}}
+    with pytest.raises(checkpoints.StructureMismatch, match=r"params/old/bias is shape \(4,\) there and absent in"):
+        checkpoints.check_structure(stored, removed, "C")
+
+
 def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
     """The command in a process whose files cannot grow past `limit` bytes: a write beyond fails with EFBIG, as on
-    a full disk (set before exec, as a fork of this multithreaded process must not run Python)."""
+    a full disk (set before exec, as a fork of this multithreaded process must not run Python). It reads the tests'
+    compilation cache but writes no entry there: JAX writes an entry in place, so a cut one would stay, unreadable."""
     program = (
         "import os, resource, signal, sys; limit = int(sys.argv[1]); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = str(2**62); "
         "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
     )
     return [sys.executable, "-c", program, str(limit), *command[1:]]

@@ -75,9 +75,9 @@ def test_unknown_order_is_named():
         features.spectrogram(_stereo_signal(), SAMPLE_RATE, order="power_first")
 
 
-def _encoded(signal: np.ndarray, sample_rate: int, file_format: str) -> bytes:
+def _encoded(signal: np.ndarray, sample_rate: int, file_format: str, subtype: str | None = None) -> bytes:
     buffer = io.BytesIO()
-    soundfile.write(buffer, signal, sample_rate, format=file_format)
+    soundfile.write(buffer, signal, sample_rate, format=file_format, subtype=subtype)
     return buffer.getvalue()
 
 
@@ -233,3 +233,105 @@ def test_ffmpeg_decodes_what_libsndfile_cannot_read(ffmpeg, tmp_path):
             assert _snr_db(decoded[SAMPLE_RATE:length], source[SAMPLE_RATE:length]) > 10
     with pytest.raises(features.AudioError, match=r"cannot decode music/notes\.m4a: libsndfile: .+; ffmpeg: .+"):
         features.decode_audio(b"not audio at all" * 100, "music/notes.m4a")
+
+
+def _streamed(path, settings, **options) -> np.ndarray:
+    """The features of a file computed in blocks (`FileFeatures`), put together."""
+    with features.AudioFile(path, str(path)) as audio:
+        return np.concatenate(list(features.FileFeatures(audio, settings, **options).blocks()), axis=-1)
+
+
+# Decoded blocks of 1,000 samples: shorter than the half frame (1,024) that the start's reflection needs, not a
+# multiple of the hop, and many per frame of 2,048, so that every frame spans several blocks. A buffer of 40 KB
+# holds a few frames' power spectra only: the file is decoded a second time once its peak is known.
+SMALL_BLOCKS = {"block_frames": 1000, "buffer_bytes": 40_000}
+
+
+@pytest.mark.parametrize(
+    "config, sample_rate, channels",
+    [
+        ("hop512", 44100, 2),
+        ("hop512_logmel", 44100, 1),
+        ("hop1536", 44100, 2),  # a hop shorter than the half frame: the end's reflection from the samples kept
+        ("hop512", 48000, 2),  # resampled in blocks
+        ("hop512", 8000, 1),
+        ("hop512_stereo", 44100, 2),
+        ("hop512_stereo", 22050, 1),  # a mono file's one channel twice, resampled
+    ],
+)
+@pytest.mark.parametrize("options", [SMALL_BLOCKS, {"block_frames": 4096}], ids=["two_decodes", "one_decode"])
+def test_features_in_blocks_equal_the_whole_track_computation(tmp_path, config, sample_rate, channels, options):
+    """Decoded, resampled, framed and computed in blocks, a file's features equal `waveform_features` of its whole
+    waveform within 1e-5, at every frame: those whose STFT frame spans a block edge, the reflect-padded first and
+    last frames, and across the resampler's blocks (its length fixed at the end as librosa's)."""
+    settings = features.settings_for(config)
+    signal = _stereo_signal(13.0)[:, :channels]  # 1,120 frames at hop 512: past the first block of 1,024
+    signal = (
+        librosa.resample(signal.T, orig_sr=SAMPLE_RATE, target_sr=sample_rate).T
+        if sample_rate != SAMPLE_RATE
+        else signal
+    )
+    # A last block of 3 samples; at 48 and 8 kHz, the resampler then gives one sample fewer than librosa's length
+    # (rounded up), and the end is padded as librosa pads it.
+    signal = np.ascontiguousarray(signal[: (len(signal) // 1000 - 1) * 1000 + 3])
+    path = tmp_path / "song.wav"
+    soundfile.write(path, signal, sample_rate, subtype="FLOAT")
+    whole = features.waveform_features(signal.astype(np.float32), sample_rate, "song.wav", settings, resample=True)
+    streamed = _streamed(path, settings, resample=True, **options)
+    assert streamed.shape == whole.shape and streamed.dtype == np.float32
+    np.testing.assert_allclose(streamed, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_an_mp3_decoded_twice_gives_its_features_and_its_decoder_messages_once(tmp_path, capfd):
+    """A real MP3 cut in half (libmpg123 warns about it, and it decodes short of its header): decoded twice in
+    blocks (libsndfile reopened on the file), the features equal the whole decode's, and the decoder's messages
+    and the short-decode warning are printed once, naming the file. Its quiet first half second followed by sound
+    is where a block read that seeks after itself (`SoundFile.read`) decodes a frame as zeros."""
+    path = tmp_path / "cut.mp3"
+    data = _encoded(_stereo_signal(3.0), SAMPLE_RATE, "MP3")
+    path.write_bytes(data[: len(data) // 2])
+    whole = features.audio_features(path.read_bytes(), str(path), features.FeatureSettings())
+    capfd.readouterr()
+    streamed = _streamed(path, features.FeatureSettings(), **SMALL_BLOCKS)
+    np.testing.assert_allclose(streamed, whole, rtol=1e-5, atol=1e-5)
+    lines = capfd.readouterr().err.splitlines()
+    assert sum("Xing stream size off" in line for line in lines) == 1, lines
+    assert sum(line.startswith(f"warning: {path}: decoded") for line in lines) == 1, lines
+    assert all(str(path) in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "data, error, message",
+    [
+        (b"", features.AudioError, "empty file: NAME"),
+        (b"ID3\x03\x00garbage" * 100, features.AudioError, "cannot decode NAME"),
+        (_encoded(_stereo_signal(1.0), 48000, "WAV"), features.AudioError, "sample rate 48000 Hz in NAME"),
+        (_encoded(np.zeros((SAMPLE_RATE, 3), np.float32), SAMPLE_RATE, "WAV"), features.AudioError, "channel count 3"),
+        (
+            _encoded(np.full((5000, 1), np.nan, np.float32), SAMPLE_RATE, "WAV", "FLOAT"),
+            features.AudioError,
+            "non-finite",
+        ),
+        (_encoded(np.zeros((1, 1), np.float32), SAMPLE_RATE, "WAV"), ValueError, "1 samples: need more than"),
+    ],
+)
+def test_a_bad_file_read_in_blocks_fails_before_any_features_with_the_whole_decode_s_error(
+    tmp_path, without_ffmpeg, data, error, message
+):
+    path = tmp_path / "48" / "948.mp3"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    blocks = features.file_feature_blocks(path, "48/948.mp3", features.FeatureSettings())
+    with pytest.raises(error, match=message.replace("NAME", "48/948.mp3")):
+        next(blocks)
+
+
+def test_ffmpeg_decodes_in_blocks_what_libsndfile_cannot_read(ffmpeg, tmp_path):
+    source = _stereo_signal(2.0)
+    soundfile.write(tmp_path / "source.flac", source, SAMPLE_RATE, subtype="PCM_16")
+    encoded = tmp_path / "song.mka"  # Matroska FLAC: lossless, and not libsndfile's
+    subprocess.run([ffmpeg, "-v", "error", "-i", tmp_path / "source.flac", "-c:a", "flac", encoded], check=True)
+    decoded, sample_rate = features.decode_audio(encoded.read_bytes(), "song.mka")
+    whole = features.waveform_features(decoded, sample_rate, "song.mka", features.FeatureSettings())
+    streamed = _streamed(encoded, features.FeatureSettings(), **SMALL_BLOCKS)
+    np.testing.assert_allclose(streamed, whole, rtol=1e-5, atol=1e-5)

@@ -3,12 +3,14 @@ at once with the pip line that brings them. Each check runs a fresh interpreter;
 interpreter's import finders are wrapped so that they do not find it, as in an environment without it (an import
 raises ModuleNotFoundError, `importlib.util.find_spec` answers None)."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from data_prep import extras, metadata
 
@@ -92,3 +94,21 @@ def test_a_training_command_without_tensorflow_names_the_extra_to_install(module
 def test_this_environment_has_every_package_of_the_train_extra():
     """The test install ([test]) brings the [train] extra, so that the README's two commands set everything up."""
     assert extras.missing_modules(extras.TRAIN) == []
+
+
+def test_this_environment_has_every_distribution_that_the_test_install_promises():
+    """Every requirement of `pip install -e '.[test]'` (setup.py, as installed) is met, version included: without
+    one, the tests that need it would skip (`pytest.importorskip`: about 20 for onnxruntime) rather than fail."""
+    requirements = [Requirement(text) for text in importlib.metadata.requires("emorf_jax")]
+    promised = [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": "test"})]
+    assert {"onnxruntime", "torch", "pytest", "tensorflow-cpu"} <= {r.name for r in promised}
+    unmet = {}
+    for requirement in promised:
+        try:
+            version = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            unmet[str(requirement)] = "not installed"
+            continue
+        if not requirement.specifier.contains(version, prereleases=True):
+            unmet[str(requirement)] = f"{version} installed"
+    assert not unmet, f"the [test] extra's requirements not met: {unmet}; run pip install -e '.[test]'"

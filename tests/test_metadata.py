@@ -146,3 +146,82 @@ def test_tag_list_errors_and_split_arguments(tmp_path):
     with pytest.raises(ValueError, match="split_index"):
         metadata.split_tsv_path(tmp_path, -1, "train")
     assert metadata.audio_path_for("track_0000007") == "07/7.mp3"
+
+
+ML4MD2019_RESULTS = reference_data.ROOT / "mtg-jamendo" / "results" / "ml4md2019"
+# The dataset paper's top-50 baseline table names 4 tags of an earlier top-50 list in place of 4 of tags/top50.txt.
+EARLIER_TOP50 = {"genre---electropop", "genre---progressive", "instrument---sampler", "mood/theme---dark"}
+LATER_TOP50 = {"genre---funk", "instrument---electricpiano", "instrument---strings", "mood/theme---emotional"}
+
+
+@needs_real_metadata
+@pytest.mark.parametrize(
+    "subset, results, tag_count, tracks, first, last",
+    [
+        ("moodtheme", "mood", 56, (9949, 3802, 4231), "mood/theme---action", "mood/theme---uplifting"),
+        ("genre", "genre", 87, (32572, 11043, 11479), "genre---60s", "genre---worldfusion"),
+        ("instrument", "instrument", 40, (14395, 5466, 5115), "instrument---accordion", "instrument---voice"),
+        ("top50tags", "top50", 50, (32136, 10888, 11356), "genre---alternative", "mood/theme---relaxing"),
+    ],
+)
+def test_every_subsets_real_split_0_has_its_tags_in_alphabetical_order(subset, results, tag_count, tracks, first, last):
+    tag_list = metadata.read_tag_list(REAL_METADATA, subset)
+    assert len(tag_list) == tag_count and (tag_list[0], tag_list[-1]) == (first, last)
+    parts = {part: metadata.read_split(REAL_METADATA, 0, part, subset, tag_list) for part in metadata.SPLIT_PARTS}
+    assert tuple(len(part) for part in parts.values()) == tracks
+    # The rule: a published list where there is one (moodtheme, top-50) is the split's tags alphabetically, which is
+    # what genre and instrument, without one, get.
+    assert list(tag_list) == sorted({tag for part in parts.values() for track in part for tag in track.tags})
+    artists = [{track.artist_id for track in part} for part in parts.values()]
+    assert not (artists[0] & artists[1] or artists[0] & artists[2] or artists[1] & artists[2])
+    if not ML4MD2019_RESULTS.is_dir():
+        return
+    published = [line.split("\t")[0] for line in (ML4MD2019_RESULTS / f"auc_{results}.tsv").read_text().splitlines()]
+    assert published[0] == "tag" and published[1:] == sorted(published[1:])
+    if subset == "top50tags":
+        assert set(published[1:]) ^ set(tag_list) == EARLIER_TOP50 | LATER_TOP50
+    else:
+        assert published[1:] == list(tag_list)
+
+
+def test_other_subsets_are_read_by_their_own_file_names_and_a_collection_by_any_names(tmp_path):
+    genre_row = "track_0000950\tartist_000087\talbum_000149\t50/950.mp3\t248.0\tgenre---rock\tgenre---pop"
+    for part in metadata.SPLIT_PARTS:
+        write_tsv(metadata.split_tsv_path(tmp_path, 0, part, "genre"), [genre_row])
+    assert metadata.split_tsv_path(tmp_path, 0, "test", "genre").name == "autotagging_genre-test.tsv"
+    assert metadata.tag_list_path(tmp_path, "genre") is None
+    assert metadata.read_tag_list(tmp_path, "genre") == ("genre---pop", "genre---rock")
+    metadata.check_metadata_dir(tmp_path, 0, "genre")
+    with pytest.raises(metadata.MetadataError, match=r"holds no tags/top50.txt and splits/split-0/autotagging_top50"):
+        metadata.check_metadata_dir(tmp_path, 0, "top50tags")
+    with pytest.raises(ValueError, match="unknown subset 'genres'"):
+        metadata.split_tsv_path(tmp_path, 0, "train", "genres")
+
+    collection_row = "track_0000000000000000007\tThe Band\t\trock/one, two.mp3\t3.5\tHappy Days\tsad"
+    path = write_tsv(tmp_path / "collection.tsv", [collection_row])
+    (track,) = metadata.read_tracks(path, collection=True)
+    assert (track.artist_id, track.album_id, track.path, track.tags) == (
+        "The Band",
+        "",
+        "rock/one, two.mp3",
+        ("Happy Days", "sad"),
+    )
+    with pytest.raises(metadata.MetadataError, match="malformed ARTIST_ID"):
+        metadata.read_tracks(path)  # MTG-Jamendo's own TSVs keep their checks
+    metadata.write_tracks(tmp_path / "again.tsv", [track])
+    assert (tmp_path / "again.tsv").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.skipif(not ML4MD2019_RESULTS.is_dir(), reason=f"published baselines not found at {ML4MD2019_RESULTS}")
+def test_the_results_page_gives_each_subsets_published_baseline_as_its_files_average_it():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text(encoding="utf-8")
+    for subset, results in (
+        ("moodtheme", "mood"),
+        ("genre", "genre"),
+        ("instrument", "instrument"),
+        ("top50tags", "top50"),
+    ):
+        rows = [line.split("\t") for line in (ML4MD2019_RESULTS / f"auc_{results}.tsv").read_text().splitlines()[1:]]
+        roc_auc, pr_auc = (np.mean([float(row[column]) for row in rows]) for column in (1, 2))
+        row = next(line for line in page.splitlines() if f"(`{subset}`) |" in line)
+        assert f"| {len(rows)} |" in row and f"| {roc_auc:.4f} | {pr_auc:.4f} |" in row, row

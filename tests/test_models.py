@@ -319,8 +319,15 @@ def test_frequency_roll_draws_every_shift_from_minus_50_to_50_per_block_in_train
 
 
 def test_checkpoint_fields_with_and_without_the_roll_build_and_describe_the_model():
-    fields = {"num_classes": 56, "rho": 5, "base_channels": 128, "frequency_aware": True, "shake_shake": False}
-    assert registry.build(fields).features_shift is False  # fields of checkpoints written before the roll
+    fields = {
+        "num_classes": 56,
+        "rho": 5,
+        "base_channels": 128,
+        "frequency_aware": True,
+        "shake_shake": False,
+        "features_shift": False,
+    }
+    assert registry.build(fields).features_shift is False
     assert registry.describe(fields) == "FA-ResNet, rho=5, base_channels=128, 56 tags"
     rolled = {**fields, "features_shift": True}
     assert registry.build(rolled).features_shift is True

@@ -1,5 +1,6 @@
 """Two real processes on JAX's multi-controller runtime (gloo CPU collectives, one device each) train as one
-process with two devices does: `python -m emorf_jax.main --coordinator_address=... --num_processes=2`."""
+process with two devices does: `python -m emorf_jax.main --coordinator_address=... --num_processes=2`; a signal
+or a full disk on one of them ends both alike."""
 
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 
 from configs import faresnet
 from emorf_jax import checkpoints, distributed, train
+from tests.test_faults_training import _with_file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds for any run: a hang fails the test instead of blocking the suite
@@ -44,24 +46,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(data_dir: Path, workdir: Path, extra_of_process=((), ())) -> list[subprocess.Popen]:
+def _start_two_processes(
+    data_dir: Path, workdir: Path, extra_of_process=((), ()), wrap_process_0=lambda command: command
+) -> list[subprocess.Popen]:
     """Process 0 and 1 of a two-process job on this machine, one CPU device each; their output goes to files
-    beside the workdir (`<workdir>.<index>.out`, `.err`), so that no full pipe can stall them."""
+    beside the workdir (`<workdir>.<index>.out`, `.err`), so that no full pipe can stall them. `wrap_process_0`
+    rewrites process 0's command (a file size limit)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     address = f"localhost:{_free_port()}"
     processes = []
     for index, extra in enumerate(extra_of_process):
+        command = _command(
+            data_dir, workdir, f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}", *extra
+        )
         with open(f"{workdir}.{index}.out", "w") as stdout, open(f"{workdir}.{index}.err", "w") as stderr:
             processes.append(
                 subprocess.Popen(
-                    _command(
-                        data_dir,
-                        workdir,
-                        f"--coordinator_address={address}",
-                        "--num_processes=2",
-                        f"--process_id={index}",
-                        *extra,
-                    ),
+                    wrap_process_0(command) if index == 0 else command,
                     cwd=REPO,
                     env=env,
                     stdout=stdout,
@@ -164,8 +165,13 @@ def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(si
     assert json.loads((workdir / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
 
 
-def test_a_sigterm_to_one_process_stops_every_process_after_the_same_saved_step(prepared_data_dir, tmp_path):
-    """JAX's preemption service carries the notice to the other process; both save the step they agree on."""
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_process_stops_every_process_after_the_same_saved_step(
+    prepared_data_dir, tmp_path, signal_number
+):
+    """JAX's preemption service carries the notice to the other process (a SIGINT, Ctrl-C, is relayed to it as a
+    SIGTERM); both save the step they agree on. The signalled process exits 128 + its signal (130 for Ctrl-C), the
+    other 143, as a preempted process."""
     data_dir, _ = prepared_data_dir
     workdir = tmp_path / "preempted"
     longer = ("--config.num_epochs=2", "--config.log_every_steps=1")  # steps 1-7, each logged by process 0
@@ -174,14 +180,57 @@ def test_a_sigterm_to_one_process_stops_every_process_after_the_same_saved_step(
     log_0 = Path(f"{workdir}.0.err")
     while "] [2] " not in log_0.read_text() and time.time() < deadline and processes[0].poll() is None:
         time.sleep(0.01)
-    processes[1].send_signal(signal.SIGTERM)
+    processes[1].send_signal(signal_number)
     outputs = _finish(processes, workdir)
     stops = []
     for index, (returncode, _, stderr) in enumerate(outputs):
-        assert returncode == 128 + signal.SIGTERM, f"process {index}: {stderr[-3000:]}"
+        expected = 128 + (signal_number if index == 1 else signal.SIGTERM)
+        assert returncode == expected, f"process {index}: {stderr[-3000:]}"
         stops += [int(step) for step in re.findall(r"Stopped by a signal after step (\d+) of \d+", stderr)]
     assert len(stops) == 2 and stops[0] == stops[1] and 2 <= stops[0] < 7, stops
     assert _latest(workdir)[0] == stops[0]
+
+
+def test_a_full_disk_on_one_process_ends_every_process_at_once_with_the_same_line(single_process_run, tmp_path):
+    """Process 0, which writes the checkpoints, meets a file size limit during its first save; process 1, then
+    waiting for it inside the save, must end at once with the same line and status (before, the runtime aborted it
+    when process 0 exited)."""
+    data_dir, reference = single_process_run
+    first_save = min(_steps(reference / checkpoints.LATEST))
+    limit = _largest_file(reference / checkpoints.LATEST / str(first_save)).stat().st_size // 2
+    workdir = tmp_path / "full"
+    processes = _start_two_processes(
+        data_dir, workdir, wrap_process_0=lambda command: _with_file_size_limit(command, limit)
+    )
+    ended = [None, None]
+    deadline = time.time() + TIMEOUT
+    while None in ended and time.time() < deadline:
+        for index, process in enumerate(processes):
+            if ended[index] is None and process.poll() is not None:
+                ended[index] = time.time()
+        time.sleep(0.05)
+    outputs = _finish(processes, workdir)
+    lines = []
+    for index, (returncode, _, stderr) in enumerate(outputs):
+        assert returncode == 1, f"process {index}: {stderr[-3000:]}"
+        lines.append([line for line in stderr.splitlines() if line.startswith("error: ")])
+    assert lines[0] == lines[1] and len(lines[0]) == 1, lines
+    checkpoints_dir = re.escape(str(workdir / checkpoints.LATEST))
+    assert re.fullmatch(
+        rf"error: out of disk space \(File too large\) while writing the checkpoint of step \d+ in {checkpoints_dir}; "
+        "free space and run the same command again",
+        lines[0][0],
+    ), lines[0][0]
+    assert "Traceback" not in outputs[1][2]
+    assert abs(ended[0] - ended[1]) < distributed.NOTICE_SECONDS, "the other process ended at once, not at a timeout"
+
+
+def _steps(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
 def test_processes_started_with_different_configs_are_refused(prepared_data_dir, tmp_path):

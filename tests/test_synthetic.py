@@ -215,3 +215,28 @@ def test_track_lengths_have_the_real_shape_around_their_median():
     assert durations.min() >= 30.0 and durations.max() <= 2645.0
     short = np.array([plan.duration for plan in synthetic.plan_tracks(200, seed=0, duration=6.0)])
     assert short.min() >= synthetic.MIN_DURATION and short.max() > 2 * np.median(short)
+
+
+@pytest.mark.parametrize("subset", ["genre", "instrument", "top50tags"])
+def test_another_subsets_tree_plants_the_same_sounds_under_that_subsets_real_names(tree, tmp_path, subset):
+    synthetic.make_synthetic(
+        tmp_path, num_tracks=20, seed=3, duration=2.0, long_tracks=1, subset=subset, with_audio=False
+    )
+    data = tmp_path / "data"
+    assert not (tmp_path / "audio").exists() and metadata.full_tsv_path(data, subset).is_file()
+    names = synthetic.SUBSET_TAGS[subset]
+    for part in metadata.SPLIT_PARTS:
+        moodtheme = metadata.read_split(tree / "data", 0, part)
+        renamed = metadata.read_split(data, 0, part, subset)
+        assert [track.track_id for track in renamed] == [track.track_id for track in moodtheme]
+        assert [track.tags for track in renamed] == [
+            tuple(names[metadata.short_tag_name(tag)] for tag in track.tags) for track in moodtheme
+        ]
+    tag_list = metadata.read_tag_list(data, subset)
+    assert set(tag_list) <= set(synthetic.label_tags(subset)) and list(tag_list) == sorted(tag_list)
+    assert (metadata.tag_list_path(data, subset) is None) == (subset != "top50tags")
+    if REAL_METADATA.is_dir():
+        real = set(metadata.read_tag_list(REAL_METADATA, subset))
+        assert set(synthetic.label_tags(subset)) <= real
+        real_or_mood = real | set(metadata.read_tag_list(REAL_METADATA))  # top-50's left-out tag is a mood
+        assert names[synthetic.DROPPED_NAME] in real_or_mood - set(synthetic.label_tags(subset))

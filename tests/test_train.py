@@ -1,5 +1,6 @@
 """The main job end to end on real shards: `python -m emorf_jax.main` in subprocesses, killed and resumed for real."""
 
+import functools
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import jax
 import librosa
 import numpy as np
 import pytest
+from flax import jax_utils
 
 from configs import faresnet
 from data_prep import build, features, metadata
@@ -25,9 +27,11 @@ from emorf_jax import (
     input_pipeline,
     metrics,
     run_folder,
+    split_predictions,
     submission,
     thresholds,
     train,
+    weight_averaging,
 )
 from emorf_jax.ensemble import __main__ as ensemble_command
 from emorf_jax.tagger import load_tagger, model_card
@@ -143,6 +147,10 @@ def test_the_demo_prepares_its_data_with_command_lines_the_data_tools_accept(tmp
     assert building[1:3] == ["-m", "data_prep.build"]
     options = build.parse_options(building[3:])
     assert options.features == config.dataset.config_name and Path(options.data_dir) == tmp_path / "data"
+    assert options.subset == "moodtheme"
+    config.dataset.synthetic_subset = "genre"  # the synthetic data's tag names, made and prepared alike
+    *making, building = demo.data_preparation_commands(config, str(tmp_path))
+    assert making[0][making[0].index("--subset") + 1] == "genre" and build.parse_options(building[3:]).subset == "genre"
 
 
 def test_snapshots_are_where_the_config_puts_them(reference_run):
@@ -154,6 +162,92 @@ def test_snapshots_are_where_the_config_puts_them(reference_run):
     expected = train.snapshot_steps(config, steps_per_epoch, total)
     assert len(expected) >= 2
     assert sorted(int(p.name) for p in (workdir / "snapshots").iterdir() if p.name.isdigit()) == expected
+
+
+def _restore(workdir: Path, kind: str, step: int | None = None):
+    with checkpoints.open_manager(str(workdir), kind, read_only=True) as manager:
+        return checkpoints.restore(manager, step)
+
+
+def test_swa_holds_the_averaged_weights_with_batchnorm_statistics_reestimated_for_them(reference_run):
+    """An averaged model with the last model's BatchNorm statistics is another, usually worse, model: `swa/` must
+    hold the statistics that the re-estimation (the config's batches from seed + 1, training mode, momentum 0) gives
+    the averaged weights, recomputed here from the run's last state."""
+    data_dir, workdir, _ = reference_run
+    config = _test_config(data_dir)
+    prepared = load_prepared(data_dir, "hop512")
+    swa, meta = _restore(workdir, checkpoints.SWA)
+    last, last_meta = _restore(workdir, checkpoints.LATEST)
+    assert meta["step"] == last_meta["step"] and int(last["average_count"]) >= 2
+    jax.tree.map(np.testing.assert_array_equal, swa["params"], last["average_params"])
+    model = train.create_model(meta["model"], axis_name="batch").clone(bn_momentum=0.0)
+    batch_stats_step = jax.pmap(
+        functools.partial(train.batch_stats_step, model=model, normalisation=(prepared.mean, prepared.std)),
+        axis_name="batch",
+        in_axes=(0, 0, 0, None),
+    )
+    running = jax_utils.replicate(last["batch_stats"])
+
+    def reestimated(params):
+        batches = input_pipeline.train_batches(
+            prepared,
+            global_batch_size=config.batch_size,
+            crop_frames=config.input.crop_frames,
+            max_time_shift=config.input.max_time_shift,
+            seed=config.seed + 1,
+        )
+        stats = weight_averaging.reestimate_batch_stats(
+            lambda params, batch, key: batch_stats_step(params, running, batch, key),
+            jax_utils.replicate(params),
+            batches,
+            config.bn_reestimate_batches,
+            jax.random.PRNGKey(config.seed + 1),
+        )
+        return jax_utils.unreplicate(stats)
+
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, swa["batch_stats"], reestimated(last["average_params"]))
+    for other in (last["batch_stats"], reestimated(last["params"])):  # the last model's, kept or re-estimated
+        differs = jax.tree.leaves(
+            jax.tree.map(lambda a, b: not np.allclose(a, b, rtol=1e-3), swa["batch_stats"], other)
+        )
+        assert sum(differs) > len(differs) / 2
+
+
+def _logged_scalars(workdir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar of the run's TensorBoard event files, as its metric writer stored it."""
+    import tensorflow as tf
+
+    values = {}
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_best_holds_the_evaluation_with_the_lowest_validation_loss_of_the_run(reference_run):
+    """Of every evaluation the run logged, `best/` keeps the one of lowest validation loss (the config's selection),
+    and its weights are those that scored it: evaluated again, they give the logged loss."""
+    data_dir, workdir, _ = reference_run
+    config = _test_config(data_dir)
+    assert config.selection_metric == "loss"
+    history = _logged_scalars(workdir, "val_loss")
+    assert len(history) >= 2 and len(set(history.values())) == len(history), history
+    lowest = min(history, key=history.get)
+    with checkpoints.open_manager(str(workdir), checkpoints.BEST, read_only=True) as manager:
+        assert manager.all_steps() == [lowest], history
+    variables, meta = _restore(workdir, checkpoints.BEST, lowest)
+    assert meta["validation"]["loss"] == pytest.approx(history[lowest], rel=1e-6)
+    predictor = split_predictions.Predictor(
+        train.create_model(meta["model"]),
+        load_prepared(data_dir, "hop512"),
+        window_frames=config.input.eval_window_frames,
+        batch_size=config.eval_batch_size,
+    )
+    scored = predictor.evaluate(variables, "validation", pos_weight=config.loss.pos_weight)
+    assert scored["loss"] == pytest.approx(history[lowest], rel=1e-5)
 
 
 def test_every_checkpoint_the_report_scores_stores_its_validation_thresholds(reference_run):

@@ -11,7 +11,11 @@ is exercised on a small tree that has the real dataset's layout and file formats
 
 Run ``python -m data_prep.synthetic --out DIR --tracks N --seed S`` (__main__.py); the same arguments give
 byte-identical files. The tags are real MTG-Jamendo mood/theme names, each planted by a layer of sound that lasts the
-whole track, so that any ~3 s crop carries the evidence:
+whole track, so that any ~3 s crop carries the evidence. With ``subset`` (``--subset genre|instrument|top50tags``)
+the same rules plant real names of that subset instead (``SUBSET_TAGS``: ``film`` is ``genre---soundtrack``,
+``instrument---strings``, ``mood/theme---film``, ...), in that subset's file names (``autotagging_genre*.tsv``;
+``tags/top50.txt`` for top-50, no tag list for genre and instrument, whose columns are their split's tags): the same
+seed gives the same audio and split for every subset. The rules, by their mood/theme names:
 
 * ``deep`` (register): every track has a melody of pure-tone notes (0.15-0.45 s, vibrato of +-1 semitone)
   within +-2 semitones of a centre; the centre is 1.2-1.4 kHz for ``deep`` tracks and a fifth higher
@@ -80,9 +84,58 @@ TAG_PROBABILITIES: dict[str, float] = {
     "retro": 0.045,
     "space": 0.05,
 }
-LABEL_TAGS: tuple[str, ...] = tuple(TAG_PREFIX + name for name in sorted(TAG_PROBABILITIES))
+RULES: tuple[str, ...] = tuple(sorted(TAG_PROBABILITIES))
 DROPPED_NAME = "mellow"  # in the full TSV only, like the real ambiental/horror/mellow
-DROPPED_TAG = TAG_PREFIX + DROPPED_NAME
+# The real tag of each subset that each rule plants (its sound suits the tag where the subset has such a tag), and
+# the tag of the tracks left out of the split (DROPPED_NAME's).
+SUBSET_TAGS: dict[str, dict[str, str]] = {
+    "moodtheme": {name: TAG_PREFIX + name for name in (*RULES, DROPPED_NAME)},
+    "genre": {
+        "calm": "genre---ambient",
+        "christmas": "genre---classical",
+        "deep": "genre---deephouse",
+        "fast": "genre---drumnbass",
+        "film": "genre---soundtrack",
+        "heavy": "genre---metal",
+        "nature": "genre---newage",
+        "retro": "genre---synthpop",
+        "space": "genre---psychedelic",
+        DROPPED_NAME: "genre---chanson",
+    },
+    "instrument": {
+        "calm": "instrument---piano",
+        "christmas": "instrument---bell",
+        "deep": "instrument---cello",
+        "fast": "instrument---drums",
+        "film": "instrument---strings",
+        "heavy": "instrument---electricguitar",
+        "nature": "instrument---flute",
+        "retro": "instrument---computer",
+        "space": "instrument---synthesizer",
+        DROPPED_NAME: "instrument---accordion",
+    },
+    "top50tags": {
+        "calm": "mood/theme---relaxing",
+        "christmas": "genre---classical",
+        "deep": "instrument---bass",
+        "fast": "mood/theme---energetic",
+        "film": "mood/theme---film",
+        "heavy": "genre---metal",
+        "nature": "genre---newage",
+        "retro": "instrument---synthesizer",
+        "space": "genre---ambient",
+        DROPPED_NAME: "mood/theme---dark",
+    },
+}
+
+
+def label_tags(subset: str = metadata.DEFAULT_SUBSET) -> tuple[str, ...]:
+    """The planted tags of a subset, alphabetically: its label columns when every one is in the split."""
+    return tuple(sorted(SUBSET_TAGS[subset][name] for name in RULES))
+
+
+LABEL_TAGS: tuple[str, ...] = label_tags()
+DROPPED_TAG = SUBSET_TAGS[metadata.DEFAULT_SUBSET][DROPPED_NAME]
 DROPPED_FRACTION = 0.03
 SPLIT_FRACTIONS: dict[str, float] = {"train": 0.55, "validation": 0.20, "test": 0.25}
 MAX_TAGS_PER_TRACK = 3
@@ -111,7 +164,7 @@ class TrackPlan:
     artist_number: int
     album_number: int
     duration: float  # seconds, one decimal
-    tags: tuple[str, ...]  # short names, e.g. "calm"
+    tags: tuple[str, ...]  # rule names, e.g. "calm"
     style: ArtistStyle
     copy_of: int | None = None  # the track whose MP3 bytes this one repeats
 
@@ -123,16 +176,17 @@ class TrackPlan:
     def path(self) -> str:
         return metadata.audio_path_for(self.track_id)
 
-    def tsv_row(self) -> str:
-        fields = [
-            self.track_id,
-            f"artist_{self.artist_number:06d}",
-            f"album_{self.album_number:06d}",
-            self.path,
-            f"{self.duration:.1f}",
-            *(TAG_PREFIX + tag for tag in self.tags),
-        ]
-        return "\t".join(fields)
+    def track(self, subset: str = metadata.DEFAULT_SUBSET) -> metadata.Track:
+        """The track's row of the metadata TSVs, with the tag names of ``subset``."""
+        return metadata.Track(
+            track_id=self.track_id,
+            artist_id=f"artist_{self.artist_number:06d}",
+            album_id=f"album_{self.album_number:06d}",
+            path=self.path,
+            duration=self.duration,
+            tags=tuple(SUBSET_TAGS[subset][tag] for tag in self.tags),
+            line=0,
+        )
 
 
 # ---------------------------------------------------------------- planning (metadata only)
@@ -508,15 +562,9 @@ def _render_and_write(plan: TrackPlan, seed: int, audio_dir: Path) -> None:
 # ---------------------------------------------------------------- the tree
 
 
-def _write_lines(path: Path, lines: Sequence[str], newline: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes("".join(line + newline for line in lines).encode("utf-8"))
-
-
-def _write_tsv(path: Path, plans: Sequence[TrackPlan]) -> None:
-    """A metadata TSV as the real ones: CRLF, header, one row per track with its variable tag columns."""
-    rows = ["\t".join(metadata.TSV_HEADER)] + [plan.tsv_row() for plan in sorted(plans, key=lambda p: p.number)]
-    _write_lines(path, rows, "\r\n")
+def _write_tsv(path: Path, plans: Sequence[TrackPlan], subset: str) -> None:
+    """A metadata TSV as the real ones, sorted by track id."""
+    metadata.write_tracks(path, [plan.track(subset) for plan in sorted(plans, key=lambda p: p.number)])
 
 
 def _write_audio(plans: Sequence[TrackPlan], seed: int, audio_dir: Path, workers: int) -> None:
@@ -540,11 +588,17 @@ def make_synthetic(
     duplicate_groups: int = 2,
     workers: int | None = None,
     length_log_std: float = LENGTH_LOG_STD,
+    subset: str = metadata.DEFAULT_SUBSET,
+    with_audio: bool = True,
 ) -> None:
-    """Write ``out_dir/audio`` and ``out_dir/data`` (see the module docstring); refuses to overwrite a tree."""
+    """Write ``out_dir/audio`` and ``out_dir/data`` with the tag names of an MTG-Jamendo ``subset`` (see the module
+    docstring); refuses to overwrite a tree. Without ``with_audio``, ``data`` only: the same arguments give the same
+    audio for every subset, so another subset's tree of them has it."""
+    if subset not in metadata.SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}; expected one of {metadata.SUBSETS}")
     out_dir = Path(out_dir)
     audio_dir, data_dir = out_dir / "audio", out_dir / "data"
-    for existing in (audio_dir, data_dir):
+    for existing in (audio_dir, data_dir) if with_audio else (data_dir,):
         if existing.exists():
             raise FileExistsError(f"{existing} already exists; remove it or choose another output directory")
     workers = min(os.cpu_count() or 1, 8) if workers is None else workers
@@ -552,9 +606,13 @@ def make_synthetic(
     split = add_duplicates(assign_split(plans, seed), duplicate_groups, seed)
     replaced = {plan.number: plan for part in split.values() for plan in part}
     plans = [replaced.get(plan.number, plan) for plan in plans]
-    _write_audio(plans, seed, audio_dir, workers)
-    _write_tsv(metadata.full_tsv_path(data_dir), plans)
+    if with_audio:
+        _write_audio(plans, seed, audio_dir, workers)
+    _write_tsv(metadata.full_tsv_path(data_dir, subset), plans, subset)
     for part, part_plans in split.items():
-        _write_tsv(metadata.split_tsv_path(data_dir, 0, part), part_plans)
-    _write_lines(metadata.tag_list_path(data_dir), LABEL_TAGS, "\n")
-    _write_lines(data_dir / "tags" / "moodtheme.txt", sorted({*LABEL_TAGS, DROPPED_TAG}), "\n")
+        _write_tsv(metadata.split_tsv_path(data_dir, 0, part, subset), part_plans, subset)
+    tag_list = metadata.tag_list_path(data_dir, subset)
+    if tag_list is not None:
+        metadata.write_tag_list(tag_list, label_tags(subset))
+    if subset == metadata.DEFAULT_SUBSET:
+        metadata.write_tag_list(data_dir / "tags" / "moodtheme.txt", sorted({*LABEL_TAGS, DROPPED_TAG}))

@@ -1,5 +1,6 @@
 """Writes a synthetic MTG-Jamendo: real MP3s (44.1 kHz stereo) and metadata in the real dataset's layout, with nine
-mood/theme tags planted in the audio, for running the whole pipeline where the real audio is out of reach.
+mood/theme tags planted in the audio (or, with --subset, nine tags of the genre, instrument or top-50 subset), for
+running the whole pipeline where the real audio is out of reach.
 
 OUT/audio/NN/ID.mp3 holds the tracks; OUT/data/ the full TSV, the artist-disjoint split-0 TSVs and the tag lists.
 Track lengths spread like the real ones around the median --duration; --duplicate_groups pairs of byte-identical
@@ -7,6 +8,7 @@ MP3s with different tags copy a quality issue of the real data. The same argumen
 
 Example:
   python -m data_prep.synthetic --out runs/synthetic --tracks 300 --seed 0
+  python -m data_prep.synthetic --out runs/synthetic-genre --tracks 300 --seed 0 --subset genre
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from data_prep import worker_pool
+from data_prep import metadata, worker_pool
 from data_prep.synthetic import LENGTH_LOG_STD, make_synthetic
 
 
@@ -36,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--long_tracks", type=int, default=0, help="extra tracks of 30-50 s")
     parser.add_argument("--duplicate_groups", type=int, default=2, help="pairs of byte-identical MP3s")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count, at most 8)")
+    parser.add_argument(
+        "--subset",
+        default=metadata.DEFAULT_SUBSET,
+        choices=metadata.SUBSETS,
+        help="the MTG-Jamendo subset whose tag and file names the tree takes (default: moodtheme)",
+    )
     args = parser.parse_args(argv)
     try:
         make_synthetic(
@@ -47,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             duplicate_groups=args.duplicate_groups,
             workers=args.workers,
             length_log_std=args.length_log_std,
+            subset=args.subset,
         )
     except worker_pool.JobsFailed as error:
         sys.exit(f"error: {error}")

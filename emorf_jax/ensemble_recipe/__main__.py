@@ -30,10 +30,13 @@ flags.mark_flag_as_required("workdir")
 
 def main(_argv: list[str]) -> None:
     extras.exit_unless_installed(extras.TRAIN, PROG)
-    from emorf_jax import ensemble_recipe  # imported after the check: training needs the [train] extra
+    from emorf_jax import checkpoints, ensemble_recipe, workdir_lock  # imported after the check: training needs [train]
 
     command_line.quiet_libraries()
-    figures = ensemble_recipe.run(FLAGS.config, FLAGS.workdir, command_line.overrides())
+    try:
+        figures = ensemble_recipe.run(FLAGS.config, FLAGS.workdir, command_line.overrides())
+    except (workdir_lock.WorkdirLocked, checkpoints.StructureMismatch) as error:  # a member's run's own one line
+        command_line.refuse(error)
     print(f"{len(FLAGS.config.ensemble.members)} trained members -> {os.path.join(FLAGS.workdir, 'ensemble')}")
     print(report.format_table(figures))
 

@@ -91,6 +91,24 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], model: CPResNet) -> dic
     return variables
 
 
+def arrays_by_flax_path(
+    state_dict: Mapping[str, Any], paths: list[tuple[str, ...]]
+) -> tuple[dict[tuple[str, ...], np.ndarray], dict[str, np.ndarray]]:
+    """A loose reading of the authors' state_dict, for a model it may not fit (fine-tuning compares the shapes):
+    ({Flax path: array} for each of `paths` (collection first, e.g. ("params", "in_c_conv", "kernel")) whose key the
+    state_dict holds, kernels in Flax's layout; {key: array} of the keys no path names, `num_batches_tracked` left
+    out)."""
+    by_key = {torch_name(path[1:]): path for path in paths}
+    found, other = {}, {}
+    for key, value in state_dict.items():
+        array = np.asarray(value, dtype=np.float32)
+        if key in by_key:
+            found[by_key[key]] = array.transpose(TORCH_TO_FLAX_KERNEL) if array.ndim == 4 else array
+        elif not key.endswith(_IGNORED_SUFFIX):
+            other[key] = array
+    return found, other
+
+
 def load_torch_checkpoint(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """A `.pth` file's state_dict as name -> numpy array. Accepts a bare state_dict or a dict holding one under
     "state_dict"/"model", and strips the "module." prefix that DataParallel adds. Needs the `torch` extra."""

@@ -3,9 +3,11 @@ finishes, a rerun that resumes, decisions and embeddings; what `python -m emorf_
 
 - `tag_stream` decodes and computes features in `workers` processes (spawned: they import
   `emorf_jax.track_features` and data preparation's feature code, no JAX), at most `2 x workers` files in flight,
-  while this process runs the model on the finished ones (`Tagger.tag_stored`, windows in batches): memory does not
-  grow with the number of files, and a track's only in its stored features (float16, a few MB for 5 minutes).
-  Results come in the order of the files; a file that fails gives its reason and the others go on.
+  each file decoded and computed in blocks and its blocks sent as they are ready, while this process runs each
+  window as soon as its frames are there (`Tagger.tag_blocks`, windows in batches): memory grows neither with the
+  number of files nor with a track's length. Results come in the order of the files; a file that fails gives its
+  reason and the others go on. A file whose features do not come within its deadline (`FileDeadline`: a read
+  that never returns) has its process killed and gets an error row; a process that dies fails only its file.
 - `OutputFiles` writes one row per file, flushed as each file finishes: CSV (`path`, the tags, `top_tags`,
   `decisions` with thresholds, `error`) or JSON Lines (`.jsonl`, the same fields); `.json` is one document written
   at the end (no resume). Beside it: `<stem>.taggram.csv` (each window's probabilities), `<stem>.embeddings.npy`
@@ -24,11 +26,12 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import os
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,76 +68,222 @@ def default_workers() -> int:
 
 
 def _reason(error: BaseException) -> str:
-    """What went wrong with a file, in words: an OSError's own words, a ValueError's message (features.AudioError
-    names the file), or the exception's type and message."""
-    if isinstance(error, OSError) and error.strerror:
-        reason = f"cannot read: {error.strerror}"
-    elif isinstance(error, (OSError, ValueError)):
-        reason = str(error)
-    else:
-        reason = f"{type(error).__name__}: {error}"
-    return " ".join(reason.splitlines())  # one line: a row's error field and the run's message for the file
+    """What went wrong with a file, in one line (`track_features.failure_reason`)."""
+    return track_features.failure_reason(error)
 
 
-def _feature_pool(workers: int) -> ProcessPoolExecutor:
-    """Spawned processes (a fork would copy this process's JAX threads and memory into every one) that end when
-    this process does, even killed."""
-    return ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=track_features.exit_with_parent,
-        initargs=(os.getpid(),),
-    )
+@dataclasses.dataclass(frozen=True)
+class FileDeadline:
+    """How long the run waits for one file's features before its feature process is killed and the file gets an
+    error row: a read that never returns (a named pipe or a device named .mp3, a hung network mount) or a stuck
+    decoder must not stop the run for good. Counted is the time spent waiting for that file's next block, not the
+    time the model runs. Data preparation's per-track deadline (`data_prep.worker_pool.TrackDeadline`), with the
+    same defaults: the floor covers a feature process's start and a short file; the part per second of the duration
+    the file's header announces (unknown until the file is open) is 20-30 times the measured cost of decoding and
+    features, so a slow but healthy file is never cut: 81 s for a 206-s track, 19 min for three hours."""
+
+    floor_s: float = 60.0
+    seconds_per_audio_second: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.floor_s <= 0 or self.seconds_per_audio_second < 0:
+            raise ValueError(
+                f"deadline floor {self.floor_s} s, {self.seconds_per_audio_second} s per audio second: the floor must "
+                "be positive and the part per audio second not negative"
+            )
+
+    def seconds(self, duration: float | None) -> float:
+        """The deadline of a file of `duration` seconds (None: not known yet)."""
+        return self.floor_s + self.seconds_per_audio_second * (duration or 0.0)
+
+    def reason(self, duration: float | None) -> str:
+        """A file's error row when it overran its deadline."""
+        basis = (
+            f"the deadline for its {duration:.0f} s of audio ({self.floor_s:g} s + {self.seconds_per_audio_second:g} "
+            "s per second)"
+            if duration is not None
+            else f"the deadline of a file of unknown duration ({self.floor_s:g} s)"
+        )
+        return (
+            f"no features within {self.seconds(duration):.0f} s, {basis}: its feature process hung (a read that never "
+            "returns, as from a named pipe or a hung network mount, or a stuck decoder?) and was killed"
+        )
+
+
+DEFAULT_DEADLINE = FileDeadline()
+_DIED = "its feature process died (killed, or out of memory)"
+
+
+class FileFailed(Exception):
+    """The features of a file could not be computed; `reason` is its error row."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class _Worker:
+    """A feature process, the connection it sends its messages on, and the indices of the files it was given, in
+    order: it works on the first."""
+
+    process: multiprocessing.process.BaseProcess
+    connection: multiprocessing.connection.Connection
+    files: deque = dataclasses.field(default_factory=deque)
+
+
+class _FeatureProcesses:
+    """Feature processes (`track_features.feature_worker`: spawned, no JAX; a fork would copy this process's JAX
+    threads and memory into each) driven one file at a time over their own pipes, at most `FILES_PER_WORKER` files
+    given to each, so that this process always knows which file a process holds, and can kill one that overruns
+    its file's deadline, or replace one that died, without losing the others."""
+
+    FILES_PER_WORKER = 2
+
+    def __init__(self, paths: Sequence[str], settings: FeatureSettings, size: int, deadline: FileDeadline):
+        self.paths, self.settings, self.deadline = paths, settings, deadline
+        self._context = multiprocessing.get_context("spawn")
+        self.workers = [self._start() for _ in range(size)]
+
+    def _start(self) -> _Worker:
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=track_features.feature_worker, args=(child_end, self.settings, os.getpid()), daemon=True
+        )
+        process.start()
+        child_end.close()
+        return _Worker(process, parent_end)
+
+    def give(self, index: int) -> bool:
+        """Gives file `index` to the process with the fewest files; False when every one has its share."""
+        worker = min(self.workers, key=lambda worker: len(worker.files))
+        if len(worker.files) >= self.FILES_PER_WORKER:
+            return False
+        self._send(worker, index)
+        return True
+
+    def _send(self, worker: _Worker, index: int) -> None:
+        worker.files.append(index)
+        with contextlib.suppress(OSError):  # a dead process is noticed when its file is read
+            worker.connection.send(self.paths[index])
+
+    def holder(self, index: int) -> _Worker:
+        return next(worker for worker in self.workers if worker.files and worker.files[0] == index)
+
+    def replace(self, worker: _Worker) -> None:
+        """Kills a process and starts a fresh one in its place, which is given the files the old one had not begun."""
+        worker.process.kill()
+        worker.process.join()
+        worker.connection.close()
+        fresh = self._start()
+        self.workers[self.workers.index(worker)] = fresh
+        for index in list(worker.files)[1:]:
+            self._send(fresh, index)
+
+    def blocks(self, worker: _Worker, index: int) -> Iterator[np.ndarray]:
+        """The stored feature blocks of file `index` (its holder's first) as they come. FileFailed with the reason
+        when the file fails, its process dies, or the waits for it pass its deadline. A file its process has not
+        ended (died, overdue, or not read to its end) is still its holder's first: see `settle`."""
+        duration, waited = None, 0.0
+        while True:
+            allowed = self.deadline.seconds(duration)
+            if not worker.connection.poll():
+                began = time.monotonic()
+                multiprocessing.connection.wait(
+                    [worker.connection, worker.process.sentinel], max(0.0, allowed - waited)
+                )
+                waited += time.monotonic() - began
+                if not worker.connection.poll():
+                    if not worker.process.is_alive():
+                        raise FileFailed(_DIED)
+                    if waited >= allowed:
+                        raise FileFailed(self.deadline.reason(duration))
+                    continue
+            try:
+                kind, value = worker.connection.recv()
+            except (EOFError, OSError):
+                raise FileFailed(_DIED) from None
+            if kind == "duration":
+                duration = value
+            elif kind == "frames":
+                yield value
+            elif kind == "error":
+                worker.files.popleft()
+                raise FileFailed(value)
+            else:
+                worker.files.popleft()
+                return
+
+    def settle(self, worker: _Worker, index: int) -> None:
+        """After file `index` is done with: if its process did not end it (it died, overran its deadline, or its
+        blocks were not all read), that process cannot go on, and is replaced."""
+        if worker.files and worker.files[0] == index:
+            self.replace(worker)
+
+    def close(self) -> None:
+        """Ends every process, a hung one too: none is left behind."""
+        for worker in self.workers:
+            worker.process.kill()
+        for worker in self.workers:
+            worker.process.join()
+            worker.connection.close()
+
+
+def _named_failures(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """`blocks`, any error of the file raised as its FileFailed."""
+    try:
+        yield from blocks
+    except Exception as error:  # any failure of one file is that file's row
+        raise FileFailed(_reason(error)) from error
 
 
 def feature_stream(
-    paths: Sequence[str], settings: FeatureSettings, workers: int
-) -> Iterator[tuple[str, np.ndarray | str]]:
-    """(path, stored features or the reason they could not be computed) of each file, in order: computed in
-    `workers` processes with at most 2 x workers files in flight, or in this process for 0 workers. A process that
-    dies (killed, out of memory) fails the file it was given; a new pool takes the others."""
+    paths: Sequence[str], settings: FeatureSettings, workers: int, deadline: FileDeadline = DEFAULT_DEADLINE
+) -> Iterator[tuple[str, Iterator[np.ndarray]]]:
+    """(path, its stored feature blocks as they are computed) of each file, in order; the blocks of a file that fails
+    end with FileFailed and its reason. Computed in `workers` processes with at most 2 x workers files in flight,
+    each file's process killed when the waits for it pass `deadline` and replaced when it dies; or in this process
+    for 0 workers (no deadline). Each file's blocks must be read (or dropped) before the next file's: a file whose
+    blocks are not all read has its process replaced. The processes end with the stream, none left behind."""
     if workers == 0:
         for path in paths:
-            try:
-                yield path, track_features.stored_file_features(path, settings)
-            except Exception as error:  # any failure of one file is that file's row
-                yield path, _reason(error)
+            yield path, _named_failures(track_features.stored_file_blocks(path, settings))
         return
-    todo, pending = iter(paths), deque()
-    pool = _feature_pool(workers)
+    processes = _FeatureProcesses(paths, settings, workers, deadline)
     try:
-        while True:
-            while len(pending) < 2 * workers and (path := next(todo, None)) is not None:
-                pending.append((path, pool.submit(track_features.stored_file_features, path, settings)))
-            if not pending:
-                return
-            path, future = pending.popleft()
+        given = 0
+        for index, path in enumerate(paths):
+            while given < len(paths) and processes.give(given):
+                given += 1
+            worker = processes.holder(index)
+            blocks = processes.blocks(worker, index)
             try:
-                result = future.result()
-            except BrokenProcessPool:
-                result = "its feature process died (killed, or out of memory)"
-                pool.shutdown(cancel_futures=True)
-                pool = _feature_pool(workers)
-                pending = deque((p, pool.submit(track_features.stored_file_features, p, settings)) for p, _ in pending)
-            except Exception as error:  # any failure of one file is that file's row
-                result = _reason(error)
-            yield path, result
+                yield path, blocks
+            finally:
+                blocks.close()
+            processes.settle(worker, index)
     finally:
-        pool.shutdown(cancel_futures=True)
+        processes.close()
 
 
 def tag_stream(
-    tagger: Tagger, paths: Sequence[str], *, window_frames: int | None = None, workers: int = 0
+    tagger: Tagger,
+    paths: Sequence[str],
+    *,
+    window_frames: int | None = None,
+    workers: int = 0,
+    deadline: FileDeadline = DEFAULT_DEADLINE,
 ) -> Iterator[tuple[str, TrackTags | str]]:
-    """(path, its tags or why it has none) of each file, in order: features from `feature_stream`, the model here."""
-    for path, stored in feature_stream(paths, tagger.feature_settings, workers):
-        if isinstance(stored, str):
-            yield path, stored
-            continue
+    """(path, its tags or why it has none) of each file, in order: features from `feature_stream`, each window run
+    here as soon as its frames are there (`Tagger.tag_blocks`), so that memory does not grow with a track's length."""
+    for path, blocks in feature_stream(paths, tagger.feature_settings, workers, deadline):
         try:
-            yield path, tagger.tag_stored(stored, window_frames)
+            result: TrackTags | str = tagger.tag_blocks(blocks, window_frames)
+        except FileFailed as failure:
+            result = failure.reason
         except ValueError as error:  # a clip the model cannot take (e.g. shorter than its smallest input)
-            yield path, _reason(error)
+            result = _reason(error)
+        yield path, result
 
 
 def decision_thresholds(tagger: Tagger, thresholds_path: str | None, checkpoint_paths: Sequence[str]) -> np.ndarray:

@@ -3,21 +3,23 @@ or writes all their probabilities to a CSV, JSON Lines or JSON file, one row as 
 
     python -m emorf_jax.predict PATH... --checkpoint=CKPT [--checkpoint=CKPT ...] [--output=FILE.csv|.jsonl|.json]
         [--taggram] [--embeddings] [--decisions [--thresholds=FILE.tsv]] [--workers=N] [--backend=jax|onnxruntime]
-        [--precision=float32|int8 [--calibration_audio=PATH]]
+        [--precision=float32|int8 [--calibration_audio=PATH]] [--deadline_floor_s=S] [--deadline_s_per_audio_s=S]
     python -m emorf_jax.predict --describe=CKPT
 
 PATH: audio files or folders (searched recursively for MP3, WAV, FLAC, OGG, Opus, AIFF, M4A, AAC and WMA; the last
 three through ffmpeg when it is on the PATH), at any sample rate and channel
 count: mixed down and resampled by data preparation's own feature code. CKPT: any checkpoint a run writes
 (`runs/demo/swa`, `runs/demo/best`, `runs/demo/snapshots/242`, ...); several are averaged (their probabilities).
-Each whole track is cut into the evaluation's windows, run in batches of a fixed size, while --workers processes
-decode and compute the features of the next files (`emorf_jax.bulk_tagging`). A .csv or .jsonl output gets each
-file's row as it finishes; run again with the same PATHs and --output, it tags only the files not yet in it and
-appends. A file that cannot be read gets a row with its reason (`error`) and one line on standard error, and the
-others go on. An output that cannot be written (a full disk) ends the run with one line naming the file; its rows
-so far stay, and the same command run again after space is freed tags the rest. A reader of standard output that
-stops reading (`| head -1`) ends the run quietly. Exit status: 0 when every input was tagged, 1 when some could
-not be (or the output could not be written), 2 for a usage error.
+Each whole track is cut into the evaluation's windows, run in batches of a fixed size as soon as their frames are
+decoded, while --workers processes decode and compute the features of the next files in blocks (`emorf_jax.predict`):
+memory does not grow with a track's length. A file whose features keep the run waiting past its deadline (a read
+that never returns: a named pipe, a hung network mount) gets an error row and its process is killed. A .csv or
+.jsonl output gets each file's row as it finishes; run again with the same PATHs and --output, it tags only the files
+not yet in it and appends. A file that cannot be read gets a row with its reason (`error`) and one line on standard
+error, and the others go on. An output that cannot be written (a full disk) ends the run with one line naming the
+file; its rows so far stay, and the same command run again after space is freed tags the rest. A reader of standard
+output that stops reading (`| head -1`) ends the run quietly. Exit status: 0 when every input was tagged, 1 when some
+could not be (or the output could not be written), 2 for a usage error.
 """
 
 import argparse
@@ -107,6 +109,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, help="processes computing features (default: one per two cores, 1 to 4; 0: none)"
     )
+    parser.add_argument(
+        "--deadline_floor_s",
+        type=float,
+        help="a file's deadline: this floor (default 60), plus --deadline_s_per_audio_s per second of the duration "
+        "its header announces; a feature process that keeps the run waiting for a file longer (a read that never "
+        "returns) is killed and the file gets an error row (with --workers=0: no deadline)",
+    )
+    parser.add_argument(
+        "--deadline_s_per_audio_s", type=float, help="the deadline's part per second of audio (default 0.1)"
+    )
     parser.add_argument("--describe", metavar="CKPT", help="print a checkpoint's model card and exit")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -181,6 +193,15 @@ def _run(argv: Sequence[str] | None) -> int:
         parser.error("--thresholds are for --decisions: add it")
     if args.workers is not None and args.workers < 0:
         parser.error("--workers: give 0 or more")
+    try:
+        deadline = predict.FileDeadline(
+            predict.DEFAULT_DEADLINE.floor_s if args.deadline_floor_s is None else args.deadline_floor_s,
+            predict.DEFAULT_DEADLINE.seconds_per_audio_second
+            if args.deadline_s_per_audio_s is None
+            else args.deadline_s_per_audio_s,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     files = [str(path) for path in audio_files(args.paths)]
     if not files:
         parser.error("no audio files among the PATHs" if args.paths else "give at least one PATH")
@@ -216,7 +237,7 @@ def _run(argv: Sequence[str] | None) -> int:
     todo, failed = remaining.todo, remaining.failed
     tags, frame_seconds = tagger.tags, tagger.seconds_per_frame
     workers = predict.default_workers() if args.workers is None else args.workers
-    stream = predict.tag_stream(tagger, todo, window_frames=args.window_frames, workers=workers)
+    stream = predict.tag_stream(tagger, todo, window_frames=args.window_frames, workers=workers, deadline=deadline)
     written = 0
     try:
         try:

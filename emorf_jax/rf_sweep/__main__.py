@@ -62,7 +62,7 @@ def main(_argv: list[str]) -> None:
     except ValueError as error:
         command_line.refuse(error)
     extras.exit_unless_installed(extras.TRAIN, PROG)
-    from emorf_jax import distributed, rf_sweep, training_run  # imported after the check: training needs [train]
+    from emorf_jax import checkpoints, distributed, rf_sweep, training_run, workdir_lock  # training needs [train]
 
     command_line.quiet_libraries()
     try:
@@ -73,15 +73,13 @@ def main(_argv: list[str]) -> None:
     baseline_overrides = {
         name: value for name, value in command_line.overrides().items() if not name.startswith("model.")
     }
-    table = rf_sweep.run(
-        FLAGS.config,
-        rhos,
-        range(FLAGS.seeds),
-        FLAGS.workdir,
-        baselines,
-        command_line.config_variant(),
-        baseline_overrides,
-    )
+    variant = command_line.config_variant()
+    try:
+        table = rf_sweep.run(
+            FLAGS.config, rhos, range(FLAGS.seeds), FLAGS.workdir, baselines, variant, baseline_overrides
+        )
+    except (workdir_lock.WorkdirLocked, checkpoints.StructureMismatch) as error:  # a run's own one line
+        command_line.refuse(error)
     print(table)
     print(f"-> {os.path.join(FLAGS.workdir, rf_sweep.TABLE_NAME)}.md, .json, .png")
 
