@@ -39,6 +39,7 @@ setuptools.setup(
         "google-crc32c>=1.5",  # TFRecord checksums on the read side (data_prep.verify, config.dataset.verify_checksums)
         "librosa>=0.10.1",
         "soundfile>=0.12.1",
+        "soxr>=0.3",  # the streaming resampler of block-wise features (data_prep/features.py)
         "scikit-learn>=1.3",
         "scipy>=1.10",
         "tqdm>=4.66",
