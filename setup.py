@@ -44,6 +44,9 @@ setuptools.setup(
         "scipy>=1.10",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        # The ONNX export writes its graph with onnx alone, and onnxruntime runs it: the CPU tagging backend.
+        "onnx>=1.17",
+        "onnxruntime>=1.20",
     ],
     extras_require={
         # Data preparation and training: TFDS writes the shards, grain loads the training batches, clu and
@@ -52,9 +55,8 @@ setuptools.setup(
         "train": TRAIN_REQUIREMENTS,
         # Only needed to read the authors' .pth files; the importer itself works on numpy arrays.
         "torch": ["torch>=2.1"],
-        # `python -m emorf_jax.export`: torch writes state_dicts and traces the ONNX graph (its exporter needs onnx
-        # and onnxscript); onnxruntime runs the exported model.
-        "export": ["torch>=2.6", "onnx>=1.17", "onnxscript>=0.3", "onnxruntime>=1.20"],
+        # `python -m emorf_jax.export --format=torch`: torch writes the state_dict.
+        "export": ["torch>=2.6"],
         # NVIDIA GPUs: jax's CUDA 12 wheels (CUDA and cuDNN come as pip packages; NVIDIA driver >= 525), or its
         # CUDA 13 wheels for a newer driver (`pip install -e '.[cuda13]'`).
         "cuda": ["jax[cuda12]>=0.4.30"],
@@ -72,11 +74,7 @@ setuptools.setup(
             # An ffmpeg binary for the decoding tests where the system has none (tests/test_features.py).
             "imageio-ffmpeg>=0.5",
             # Capped so that a CPU-only machine takes its local CPU wheel instead of the newest CUDA build.
-            "torch>=2.6,<2.14",  # 2.6: the ONNX export (tests/test_export.py)
-            # tests/test_export.py: export to ONNX and run it (the [export] extra's other packages).
-            "onnx>=1.17",
-            "onnxscript>=0.3",
-            "onnxruntime>=1.20",
+            "torch>=2.6,<2.14",  # the torch format and the PyTorch reference model (tests/test_export.py)
         ],
     },
 )

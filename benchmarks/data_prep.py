@@ -8,26 +8,33 @@ Builds a synthetic tree (real 320 kbit/s stereo MP3s, not timed), then times ``b
 fixed cost of a few seconds per run, is timed apart) on the MP3s (``hop512``) and
 on ``.npy`` mel-spectrograms of the same lengths (``essentia96``; their values are random, which does not
 change the cost). Real-time factor per core = audio seconds / (wall seconds * workers); on a machine that
-other jobs share, audio seconds per CPU second (all processes) says what an idle machine would give. Peak memory is
-sampled from /proc every 50 ms: the whole process tree's PSS, and the largest single worker's PSS. Decode
-alone and features alone are timed in this process, on one thread, as reference points.
+other jobs share, audio seconds per CPU second (all processes) says what an idle machine would give, and the load
+average before and after each build says how shared it was. Stage 1 (worker start, hashing, decoding, features,
+float16 cache) is timed apart from the rest (normalisation statistics, TFRecord shards, reports). Peak memory is
+sampled from /proc every 0.5 s (`PEAK_MEMORY_INTERVAL_S`): the whole process tree's PSS, and the largest single
+worker's PSS. Decode alone and features alone are timed in this process, on one thread, as reference points, and
+so is the CPU that a fresh worker's imports cost.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import threadpoolctl
 
-from data_prep import features, metadata, preparation, synthetic
+from data_prep import extract, features, metadata, preparation, synthetic
 
 
 def _pss_bytes(pid: int) -> int:
@@ -52,10 +59,16 @@ def _children(pid: int) -> list[int]:
     return pids
 
 
+# Reading a process's PSS walks its page tables: every 50 ms, this parent's (which holds TensorFlow) and two
+# workers' took 0.3 s of CPU per second, a third of a core taken from the workers being timed; every 0.5 s, 0.05 s
+# per second. A worker's peak (its largest track's buffered spectra) lasts longer than 0.5 s.
+PEAK_MEMORY_INTERVAL_S = 0.5
+
+
 class PeakMemory:
     """Samples the PSS of this process and its descendants in a thread until stopped."""
 
-    def __init__(self, root_pid: int, interval_s: float = 0.05) -> None:
+    def __init__(self, root_pid: int, interval_s: float = PEAK_MEMORY_INTERVAL_S) -> None:
         self.root_pid, self.interval_s = root_pid, interval_s
         self.peak_total = self.peak_worker = 0
         self._stop = threading.Event()
@@ -101,10 +114,31 @@ def _write_npy_inputs(tree: Path, out: Path) -> None:
         np.save(target, rng.normal(-40, 15, size=(settings.n_mels, frames)).astype(np.float32))
 
 
+@contextlib.contextmanager
+def _stage_one_timed(walls: list[float]) -> Iterator[None]:
+    """Appends the wall time of each stage 1 (`extract.extract_all`) that the build runs inside the block."""
+    extract_all = extract.extract_all
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return extract_all(*args, **kwargs)
+        finally:
+            walls.append(time.perf_counter() - start)
+
+    extract.extract_all = timed
+    try:
+        yield
+    finally:
+        extract.extract_all = extract_all
+
+
 def _timed_build(input_dir: Path, tree: Path, data_dir: Path, feature_setting: str, workers: int) -> dict:
     audio_seconds = sum(track.duration for track in _split_tracks(tree))
+    load_before = os.getloadavg()[0]
     cpu_before = os.times()
-    with PeakMemory(os.getpid()) as memory:
+    stage_one: list[float] = []
+    with PeakMemory(os.getpid()) as memory, _stage_one_timed(stage_one):
         start = time.perf_counter()
         options = preparation.BuildOptions(
             input_dir, tree / "data", data_dir, features=feature_setting, workers=workers, progress=False
@@ -118,6 +152,9 @@ def _timed_build(input_dir: Path, tree: Path, data_dir: Path, feature_setting: s
         "tracks": sum(summary.tracks.values()),
         "audio_seconds": round(audio_seconds, 1),
         "wall_seconds": round(wall, 2),
+        "stage1_wall_seconds": round(sum(stage_one), 2),
+        "after_stage1_wall_seconds": round(wall - sum(stage_one), 2),
+        "load_average_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "workers": workers,
         "rtf_per_core": round(audio_seconds / (wall * workers), 1),
         "cpu_seconds": round(cpu, 2),
@@ -152,6 +189,19 @@ def _single_thread_reference(tree: Path, max_tracks: int = 4) -> dict:
         "features_rtf": round(seconds / spectrogram, 1),
         "librosa_pipeline_rtf": round(seconds / reference, 1),
     }
+
+
+def _worker_start_cpu_seconds() -> float:
+    """CPU seconds of a fresh interpreter that imports what an extraction worker imports and computes one short
+    spectrogram (its filterbank built): the start-up cost of each worker."""
+    code = (
+        "import numpy, threadpoolctl; from data_prep import extract, features, worker_pool; "
+        "features.spectrogram(numpy.ones(4096, numpy.float32), 44100)"
+    )
+    before = os.times()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    after = os.times()
+    return after.children_user + after.children_system - before.children_user - before.children_system
 
 
 def _librosa_pipeline(path: Path) -> np.ndarray:
@@ -198,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "mp3": _timed_build(tree / "audio", tree, out / "built_mp3", "hop512", args.workers),
         "npy": _timed_build(out / "npy", tree, out / "built_npy", "essentia96", args.workers),
         "single_thread": _single_thread_reference(tree),
+        "worker_start_cpu_seconds": round(_worker_start_cpu_seconds(), 2),
     }
     print(json.dumps(results, indent=2))
 

@@ -2,12 +2,17 @@
 process and its feature processes together, and the steady rate at which rows arrive.
 
     python -m benchmarks.tagging_command AUDIO_DIR --checkpoint=CKPT [--variant="--backend=onnxruntime" ...]
+        [--baseline_tree=DIR] [--musicnn_python=PYTHON]
     python -m benchmarks.tagging_command --quick      # tiny sizes, for CI: the script cannot rot
 
 Each variant (extra `predict` flags) runs `--repeats` times in turn with the others (A B A B ...), after `--warmups`
 untimed rounds (they fill the ONNX caches: export and int8 calibration happen once per checkpoint and calibration
-files). Memory is the summed resident set of the command's process tree, sampled every 0.1 s; the steady rate is the
-rows of a `.jsonl` output that arrive between the `--skip`-th row and the last, per second of the time between them.
+files). Two more contenders can join the turns: `--baseline_tree`, a checkout of another commit of this repository
+(e.g. `git worktree add /tmp/base 68c2719`), whose `predict` runs with its defaults from there; and
+`--musicnn_python`, the Python of an environment where musicnn is installed, which runs `benchmarks/musicnn_folder.py`
+(musicnn's MTT model over the same files, in one process). Memory is the summed resident set of the command's process
+tree, sampled every 0.1 s; the steady rate is the rows of a `.jsonl` output that arrive between the `--skip`-th row
+and the last, per second of the time between them.
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ def audio_seconds(directory: str) -> tuple[int, float]:
     return len(files), sum(soundfile.info(str(path)).duration for path in files)
 
 
-def run_once(command: list[str], output: Path, skip: int) -> dict:
-    """Runs `command` to its end; its wall seconds, peak summed RSS (GiB) and steady rows/s of `output`."""
+def run_once(command: list[str], output: Path, skip: int, cwd: str | None = None) -> dict:
+    """Runs `command` (in `cwd`) to its end; its wall seconds, peak summed RSS (GiB) and steady rows/s of `output`."""
     output.unlink(missing_ok=True)
     start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     peak, arrivals = 0, []
     while process.poll() is None:
         try:
@@ -61,27 +66,47 @@ def run_once(command: list[str], output: Path, skip: int) -> dict:
     return {"wall_s": wall, "peak_gib": peak / 2**30, "rows_per_s": steady}
 
 
+def contenders(
+    directory: str, checkpoint: str, variants: list[str], baseline_tree: str | None, musicnn_python: str | None
+) -> dict[str, tuple[list[str], str | None]]:
+    """{name: (command without its output flag, working directory)} of everything timed."""
+    predict = [sys.executable, "-m", "emorf_jax.predict", directory, f"--checkpoint={checkpoint}", "--no_progress"]
+    commands = {variant or "(defaults)": (predict + variant.split(), None) for variant in variants}
+    if baseline_tree:
+        commands[f"predict at {baseline_tree}"] = (predict, str(Path(baseline_tree).resolve()))
+    if musicnn_python:
+        from emorf_jax.tagger import audio_files
+
+        script = str(Path(__file__).with_name("musicnn_folder.py"))
+        commands["musicnn (MTT_musicnn)"] = ([musicnn_python, script, *map(str, audio_files([directory]))], None)
+    return commands
+
+
 def measure(
-    directory: str, checkpoint: str, variants: list[str], repeats: int, warmups: int, skip: int, work: Path
+    directory: str,
+    checkpoint: str,
+    variants: list[str],
+    repeats: int,
+    warmups: int,
+    skip: int,
+    work: Path,
+    baseline_tree: str | None = None,
+    musicnn_python: str | None = None,
 ) -> dict:
     files, seconds = audio_seconds(directory)
     results = {"files": files, "audio_seconds": round(seconds, 1), "variants": {}}
-    commands = {
-        variant: [sys.executable, "-m", "emorf_jax.predict", directory, f"--checkpoint={checkpoint}", "--no_progress"]
-        + variant.split()
-        + [f"--output={work / f'out{index}.jsonl'}"]
-        for index, variant in enumerate(variants)
-    }
-    runs = {variant: [] for variant in variants}
+    commands = contenders(directory, checkpoint, variants, baseline_tree, musicnn_python)
+    runs = {name: [] for name in commands}
     for round_index in range(warmups + repeats):
-        for index, variant in enumerate(variants):
-            figures = run_once(commands[variant], work / f"out{index}.jsonl", skip)
+        for index, (name, (command, cwd)) in enumerate(commands.items()):
+            output = work / f"out{index}.jsonl"
+            figures = run_once([*command, f"--output={output}"], output, skip, cwd)
             if round_index >= warmups:  # the first rounds warm the caches
-                runs[variant].append(figures)
+                runs[name].append(figures)
     for variant, measured in runs.items():
         wall = statistics.median(r["wall_s"] for r in measured)
         steady = [r["rows_per_s"] for r in measured if r["rows_per_s"]]
-        results["variants"][variant or "(defaults)"] = {
+        results["variants"][variant] = {
             "wall_s": round(wall, 2),
             "wall_s_all": [round(r["wall_s"], 2) for r in measured],
             "real_time_factor": round(seconds / wall, 1),
@@ -105,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmups", type=int, default=1, help="untimed rounds first (0 when the caches are warm)")
     parser.add_argument("--skip", type=int, default=20, help="rows before the steady rate is counted")
+    parser.add_argument("--baseline_tree", help="a checkout of another commit whose predict joins the turns")
+    parser.add_argument("--musicnn_python", help="the Python of an environment with musicnn, which joins the turns")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for CI")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="emorf_tagging_bench_") as work:
@@ -121,7 +148,17 @@ def main() -> None:
         elif not (args.directory and args.checkpoint):
             parser.error("give the audio DIRECTORY and --checkpoint (or --quick)")
         variants = args.variant or [""]
-        figures = measure(args.directory, args.checkpoint, variants, args.repeats, args.warmups, args.skip, work)
+        figures = measure(
+            args.directory,
+            args.checkpoint,
+            variants,
+            args.repeats,
+            args.warmups,
+            args.skip,
+            work,
+            args.baseline_tree,
+            args.musicnn_python,
+        )
         print(json.dumps(figures, indent=1))
 
 

@@ -4,6 +4,7 @@ and a synthetic stereo MP3 of a given length (a library: the benchmark commands 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ from emorf_jax import checkpoints
 from emorf_jax.models import registry
 
 NUM_TAGS = 56
+DEFAULT_TAGS = tuple(f"mood/theme---tag{k}" for k in range(NUM_TAGS))
 
 
 def write_track(path: Path, seconds: float) -> None:
@@ -24,12 +26,13 @@ def write_track(path: Path, seconds: float) -> None:
     synthetic.write_mp3(path, np.stack([mono, np.roll(mono, 441)], axis=1).astype(np.float32))
 
 
-def save_checkpoint(directory: Path, base_channels: int, window_frames: int) -> str:
-    """A checkpoint of the paper's FA-ResNet at `base_channels`, random kernels, as `emorf_jax.train` saves one."""
+def save_checkpoint(directory: Path, base_channels: int, window_frames: int, tags: Sequence[str] = DEFAULT_TAGS) -> str:
+    """A checkpoint of the paper's FA-ResNet at `base_channels` for `tags`, random kernels, as `emorf_jax.train` saves
+    one."""
     settings = features.settings_for("hop512")
     fields = {
         "name": "cp_resnet",
-        "num_classes": NUM_TAGS,
+        "num_classes": len(tags),
         "rho": 5,
         "base_channels": base_channels,
         "frequency_aware": True,
@@ -51,7 +54,7 @@ def save_checkpoint(directory: Path, base_channels: int, window_frames: int) -> 
         "kind": "swa",
         "step": 0,
         "model": fields,
-        "tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)],
+        "tags": list(tags),
         "features": dataclasses.asdict(settings),
         "normalisation": {"mean": [-30.0] * settings.n_mels, "std": [20.0] * settings.n_mels},
         "window_frames": window_frames,

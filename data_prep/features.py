@@ -4,11 +4,13 @@ The faithful default follows the authors' order: A-weighted dB of the STFT power
 256-band Slaney mel filterbank applied to those dB values. The common log-mel order (mel power, then dB)
 is offered as ``order="mel_then_db"``. Results match librosa's reference pipeline to float32 rounding,
 at several times its speed: the filterbank and weights are computed once per setting, frames are strided
-views, and the mel projection of the (constant per bin) A-weighting is folded into one vector. Features are of the
-mean of the channels, or with ``mono=False`` (``hop512_stereo``) of each of two channels, stacked first. A file's
-features are computed in blocks (`FileFeatures`: decoded, resampled, framed and projected a block at a time), the
-same as the whole decode's, in memory that does not grow with the track's length (docs/faults.md, "Memory of a long
-file").
+views windowed and transformed a cache-sized batch at a time, the dB are natural logarithms (several times
+cheaper than log10) whose factor 10 / ln 10 is folded into the filterbank, the filterbank is a sparse matrix
+(each Slaney filter spans a few FFT bins), and the mel projection of the (constant per bin) A-weighting is
+folded into one vector. Features are of the mean of the channels, or with ``mono=False`` (``hop512_stereo``)
+of each of two channels, stacked first. A file's features are computed in blocks (`FileFeatures`: decoded,
+resampled, framed and projected a block at a time), the same as the whole decode's, in memory that does not grow
+with the track's length (docs/faults.md, "Memory of a long file").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import IO
 
 import numpy as np
 import scipy.fft
+import scipy.sparse
 import soundfile
 import soxr
 
@@ -39,8 +42,17 @@ SOURCES: tuple[str, ...] = ("audio", "npy")
 STEREO_CHANNELS = 2
 AMIN = 1e-10
 TOP_DB = 80.0
-# Frames per FFT block: keeps the temporary frame matrix small (about 8 MiB) whatever the track length.
+# Frames per block of the mel projection (`_project`), counted from a track's first frame.
 _BLOCK_FRAMES = 1024
+# Frames windowed and transformed at a time: their windowed samples and spectra (2 MiB at n_fft 2048) stay in cache.
+_FFT_FRAMES = 256
+# dB per neper of power: 10 log10(x) = DB_PER_NEPER * ln(x).
+DB_PER_NEPER = 10.0 / np.log(10.0)
+# Slaney's mel scale (librosa's default): linear below 1 kHz, logarithmic above.
+_SLANEY_HZ_PER_MEL = 200.0 / 3
+_SLANEY_LOG_START_HZ = 1000.0
+_SLANEY_LOG_START_MEL = _SLANEY_LOG_START_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOG_STEP = np.log(6.4) / 27.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +119,49 @@ def settings_for(config_name: str) -> FeatureSettings:
     return CONFIGS[config_name]
 
 
+def _hz_to_slaney_mel(hz: float) -> float:
+    """A frequency on Slaney's mel scale, as ``librosa.hz_to_mel`` computes it."""
+    if hz < _SLANEY_LOG_START_HZ:
+        return hz / _SLANEY_HZ_PER_MEL
+    return _SLANEY_LOG_START_MEL + float(np.log(hz / _SLANEY_LOG_START_HZ)) / _SLANEY_LOG_STEP
+
+
+def _slaney_mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    """The frequencies of points on Slaney's mel scale, as ``librosa.mel_to_hz`` computes them."""
+    hz = _SLANEY_HZ_PER_MEL * mels
+    logarithmic = mels >= _SLANEY_LOG_START_MEL
+    hz[logarithmic] = _SLANEY_LOG_START_HZ * np.exp(_SLANEY_LOG_STEP * (mels[logarithmic] - _SLANEY_LOG_START_MEL))
+    return hz
+
+
 @functools.lru_cache(maxsize=8)
 def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
-    """Slaney mel matrix (n_mels, 1 + n_fft // 2), librosa's defaults with fmax = sr / 2."""
-    import librosa  # imported here: only needed once per setting, and slow to import
-
-    matrix = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels, dtype=np.float32)
+    """Slaney mel matrix float32 (n_mels, 1 + n_fft // 2): triangles between mel-spaced edges from 0 Hz to sr / 2,
+    each scaled to unit area (Slaney's norm), computed as ``librosa.filters.mel`` computes it with its defaults, to
+    the bit (a test checks it). Computed here, not by librosa, because importing ``librosa.filters`` (scipy.signal,
+    numba) costs each data-preparation worker about 0.9 s of CPU."""
+    fft_hz = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
+    mel_edges = np.linspace(_hz_to_slaney_mel(0.0), _hz_to_slaney_mel(float(sample_rate) / 2), n_mels + 2)
+    edges = _slaney_mel_to_hz(mel_edges)
+    widths = np.diff(edges)
+    ramps = np.subtract.outer(edges, fft_hz)
+    matrix = np.zeros((n_mels, len(fft_hz)), dtype=np.float32)
+    for band in range(n_mels):
+        rising, falling = -ramps[band] / widths[band], ramps[band + 2] / widths[band + 1]
+        matrix[band] = np.maximum(0, np.minimum(rising, falling))
+    matrix *= (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[:, np.newaxis]
     matrix.setflags(write=False)
     return matrix
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_projection(sample_rate: int, n_fft: int, n_mels: int, scale: float) -> scipy.sparse.csr_array:
+    """`scale` times the mel matrix as a sparse float32 (n_mels, 1 + n_fft // 2) matrix: a Slaney filter spans a
+    few FFT bins (under 1 % of the dense matrix at 2048 / 256), so the product with the spectra costs a few multiply-
+    adds per bin instead of one per mel band. Each mel value is summed over its filter's bins in bin order, whatever
+    the number of frames in the product."""
+    matrix = (_mel_filterbank(sample_rate, n_fft, n_mels).astype(np.float64) * scale).astype(np.float32)
+    return scipy.sparse.csr_array(matrix)
 
 
 @functools.lru_cache(maxsize=8)
@@ -161,8 +208,8 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
     if waveform.ndim != 2 or waveform.shape[1] == 0:
         raise ValueError(f"waveform has shape {waveform.shape}: expected (samples,) or (samples, channels)")
     # Column sums: several times faster than mean(axis=1) over a short last axis, and equal to it.
-    mono = waveform[:, 0].copy()
-    for channel in range(1, waveform.shape[1]):
+    mono = waveform[:, 0] + waveform[:, 1] if waveform.shape[1] > 1 else waveform[:, 0].copy()
+    for channel in range(2, waveform.shape[1]):
         mono += waveform[:, channel]
     mono /= np.float32(waveform.shape[1])
     return mono
@@ -173,28 +220,42 @@ def power_spectrogram(mono: np.ndarray, n_fft: int, hop_length: int) -> np.ndarr
     return power_spectrogram_of_frames(np.pad(mono, n_fft // 2, mode="reflect"), n_fft, hop_length)
 
 
-def power_spectrogram_of_frames(padded: np.ndarray, n_fft: int, hop_length: int) -> np.ndarray:
+def power_spectrogram_of_frames(
+    padded: np.ndarray, n_fft: int, hop_length: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """|FFT|^2 float32 (frames, 1 + n_fft // 2) of the periodic-Hann-windowed frames of an already padded signal,
-    every `hop_length` samples from its start (`power_spectrogram` of a padded track, or of a block of it)."""
+    every `hop_length` samples from its start (`power_spectrogram` of a padded track, or of a block of it), in `out`
+    when given. Each frame's spectrum is the same however many frames are transformed with it."""
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop_length]
     window = _hann_window(n_fft)
-    power = np.empty((frames.shape[0], n_fft // 2 + 1), dtype=np.float32)
-    for start in range(0, frames.shape[0], _BLOCK_FRAMES):
-        block = frames[start : start + _BLOCK_FRAMES] * window
-        spectrum = scipy.fft.rfft(block, axis=-1, workers=1)
-        np.square(spectrum.real, out=power[start : start + len(block)])
-        power[start : start + len(block)] += np.square(spectrum.imag)
+    power = np.empty((frames.shape[0], n_fft // 2 + 1), dtype=np.float32) if out is None else out
+    windowed = np.empty((min(_FFT_FRAMES, frames.shape[0]), n_fft), dtype=np.float32)
+    for start in range(0, frames.shape[0], _FFT_FRAMES):
+        batch = frames[start : start + _FFT_FRAMES]
+        np.multiply(batch, window, out=windowed[: len(batch)])
+        spectrum = scipy.fft.rfft(windowed[: len(batch)], axis=-1, workers=1)
+        np.square(spectrum.real, out=power[start : start + len(batch)])
+        power[start : start + len(batch)] += np.square(spectrum.imag)
     return power
 
 
-def _db_in_place(power: np.ndarray, top_db: float, peak: float | None = None) -> np.ndarray:
-    """10 log10(max(power, amin)), floored at (peak - top_db): librosa's ``power_to_db(ref=1.0)``. `peak` is the
-    whole track's largest value when `power` is only a block of it (by default `power`'s own)."""
+def _floor(power: np.ndarray, top_db: float, peak: float | None) -> float:
+    """librosa's ``power_to_db`` floor: `top_db` below the peak power (by default `power`'s own), at least AMIN."""
     peak = float(power.max()) if peak is None else peak
-    floor = max(AMIN, peak * 10.0 ** (-top_db / 10.0))
-    np.maximum(power, floor, out=power)
-    np.log10(power, out=power)
-    power *= 10.0
+    return max(AMIN, peak * 10.0 ** (-top_db / 10.0))
+
+
+def _log_in_place(power: np.ndarray, top_db: float, peak: float | None = None) -> np.ndarray:
+    """ln(max(power, floor)) (`_floor`): the dB of ``power_to_db(ref=1.0)`` over DB_PER_NEPER. `peak` is the whole
+    track's largest value when `power` is only a block of it."""
+    np.maximum(power, _floor(power, top_db, peak), out=power)
+    return np.log(power, out=power)
+
+
+def _db_in_place(power: np.ndarray, top_db: float, peak: float | None = None) -> np.ndarray:
+    """10 log10(max(power, floor)): librosa's ``power_to_db(ref=1.0)`` (see `_log_in_place`)."""
+    power = _log_in_place(power, top_db, peak)
+    power *= np.float32(DB_PER_NEPER)
     return power
 
 
@@ -222,22 +283,21 @@ def spectrogram(
     if mono.size <= n_fft // 2:
         raise ValueError(f"waveform has {mono.size} samples: need more than n_fft // 2 = {n_fft // 2}")
     power = power_spectrogram(mono, n_fft, hop_length)
-    mel = _mel_filterbank(sample_rate, n_fft, n_mels)
     if order == "weighted_db_then_mel":
-        mels = _project(_db_in_place(power, top_db), mel.T)
-        mels += _mel_of_weighting(sample_rate, n_fft, n_mels)
-    else:
-        mels = _db_in_place(_project(power, mel.T), top_db)
-    return np.ascontiguousarray(mels.T)
+        mels = _project(_log_in_place(power, top_db), _mel_projection(sample_rate, n_fft, n_mels, DB_PER_NEPER))
+        mels += _mel_of_weighting(sample_rate, n_fft, n_mels)[:, np.newaxis]
+        return mels
+    return _db_in_place(_project(power, _mel_projection(sample_rate, n_fft, n_mels, 1.0)), top_db)
 
 
-def _project(values: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """`values @ matrix` float32, in blocks of `_BLOCK_FRAMES` rows from the first: BLAS sums a row in an order that
-    depends on how many rows it is given, so a track's features come out the same, to the bit, whether it is
-    computed whole or in blocks of frames that start at multiples of `_BLOCK_FRAMES` (`_SignalFeatures`)."""
-    projected = np.empty((len(values), matrix.shape[1]), np.float32)
+def _project(values: np.ndarray, projection: scipy.sparse.csr_array) -> np.ndarray:
+    """`projection @ values.T` float32 (n_mels, frames) of `values` (frames, bins), in blocks of `_BLOCK_FRAMES`
+    frames from the first: a track's features come out the same, to the bit, whether it is computed whole or in
+    blocks of frames that start at multiples of `_BLOCK_FRAMES` (`_SignalFeatures`), however the product is
+    vectorised, and the transposed copy of the values that the product makes stays small."""
+    projected = np.empty((projection.shape[0], len(values)), np.float32)
     for start in range(0, len(values), _BLOCK_FRAMES):
-        np.matmul(values[start : start + _BLOCK_FRAMES], matrix, out=projected[start : start + _BLOCK_FRAMES])
+        projected[:, start : start + _BLOCK_FRAMES] = projection @ values[start : start + _BLOCK_FRAMES].T
     return projected
 
 
@@ -614,7 +674,8 @@ class _SignalFeatures:
     (`values`: the power spectra, or their mels for "mel_then_db"), and with the track's peak its features
     (`features`). `push` and `finish` return the values of the frames they complete, in order, in whole blocks of
     `_BLOCK_FRAMES` frames counted from the first (the last block shorter), the blocks `spectrogram` computes a whole
-    track in, so that every sum is the same."""
+    track in, so that every sum is the same. The power spectra are computed into the block they belong to, which is
+    given out once full: no spectrum is copied."""
 
     def __init__(self, settings: FeatureSettings, sample_rate: int):
         self.settings = settings
@@ -631,7 +692,11 @@ class _SignalFeatures:
         self._start = np.empty(0, np.float32)  # the first samples, until the start's reflection can be made
         self._pending: np.ndarray | None = None  # the padded signal from the next frame's first sample on
         self._tail = np.empty(0, np.float32)  # the last n_fft // 2 + 1 samples, for the end's reflection
-        self._power = [np.empty((0, settings.n_fft // 2 + 1), np.float32)]  # spectra not yet in a whole block
+        self._block = self._new_block()  # the power spectra of the block being filled, its first `_filled` frames
+        self._filled = 0
+
+    def _new_block(self) -> np.ndarray:
+        return np.empty((_BLOCK_FRAMES, self.settings.n_fft // 2 + 1), np.float32)
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         self.input_samples += len(samples)
@@ -655,13 +720,13 @@ class _SignalFeatures:
             )
         end = self._tail[-2 : -self._half - 2 : -1]  # np.pad's "reflect": the edge sample not repeated
         values.append(self._frames(np.concatenate([self._pending, end])))
-        values.append(self._aligned_values(final=True))
+        values.append(self._values([self._block[: self._filled]] if self._filled else []))
         return np.concatenate(values)
 
     def _add(self, samples: np.ndarray) -> np.ndarray:
         samples = np.asarray(samples, np.float32)
         self.samples += len(samples)
-        self._tail = np.concatenate([self._tail, samples])[-(self._half + 1) :]
+        self._tail = np.concatenate([self._tail, samples[-(self._half + 1) :]])[-(self._half + 1) :]
         if self._pending is None:
             self._start = np.concatenate([self._start, samples])
             if len(self._start) <= self._half:
@@ -671,31 +736,34 @@ class _SignalFeatures:
         return self._frames(np.concatenate([self._pending, samples]))
 
     def _frames(self, padded: np.ndarray) -> np.ndarray:
-        """The values of every whole frame at the start of `padded`, which is kept from the next frame's start."""
+        """The values of the blocks that the whole frames at the start of `padded` complete; `padded` is kept from
+        the next frame's start."""
         n_fft, hop = self.settings.n_fft, self.settings.hop_length
         count = 0 if len(padded) < n_fft else (len(padded) - n_fft) // hop + 1
         self._pending = padded[count * hop :].copy()
-        if not count:
-            return self._no_frames()
         self.frames += count
-        self._power.append(power_spectrogram_of_frames(padded[: (count - 1) * hop + n_fft], n_fft, hop))
-        return self._aligned_values(final=False)
+        completed = []
+        first = 0
+        while first < count:
+            taken = min(count - first, _BLOCK_FRAMES - self._filled)
+            segment = padded[first * hop : (first + taken - 1) * hop + n_fft]
+            power_spectrogram_of_frames(segment, n_fft, hop, out=self._block[self._filled : self._filled + taken])
+            first, self._filled = first + taken, self._filled + taken
+            if self._filled == _BLOCK_FRAMES:
+                completed.append(self._block)
+                self._block, self._filled = self._new_block(), 0
+        return self._values(completed)
 
-    def _aligned_values(self, final: bool) -> np.ndarray:
-        """The values of the power spectra computed so far, in whole blocks of `_BLOCK_FRAMES` frames counted from the
-        track's first frame (with `final`, the shorter last block too), which `_project` takes as the whole track's
-        computation does; the rest is kept."""
-        power = np.concatenate(self._power) if len(self._power) > 1 else self._power[0]
-        ready = len(power) if final else len(power) // _BLOCK_FRAMES * _BLOCK_FRAMES
-        self._power = [power[ready:].copy()]
-        if not ready:
+    def _values(self, blocks: list[np.ndarray]) -> np.ndarray:
+        """The values of the power spectra of `blocks` (`_BLOCK_FRAMES` frames each but the track's last), which
+        `_project` takes as the whole track's computation does."""
+        if not blocks:
             return self._no_frames()
-        if ready < len(power):
-            power = power[:ready].copy()  # a view would keep the rest alive with every block held until the peak
+        power = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
         if self.settings.order == "weighted_db_then_mel":
-            return power[:ready]
+            return power
         settings = self.settings
-        return _project(power[:ready], _mel_filterbank(settings.sample_rate, settings.n_fft, settings.n_mels).T)
+        return _project(power, _mel_projection(settings.sample_rate, settings.n_fft, settings.n_mels, 1.0)).T
 
     def _no_frames(self) -> np.ndarray:
         bins = self.settings.n_fft // 2 + 1 if self.settings.order == "weighted_db_then_mel" else self.settings.n_mels
@@ -704,13 +772,12 @@ class _SignalFeatures:
     def features(self, values: np.ndarray, peak: float) -> np.ndarray:
         """float32 (n_mels, frames) of a block of `values` (overwritten), with the whole signal's `peak` value."""
         settings = self.settings
-        mel = _mel_filterbank(settings.sample_rate, settings.n_fft, settings.n_mels)
         if settings.order == "weighted_db_then_mel":
-            mels = _project(_db_in_place(values, TOP_DB, peak), mel.T)
-            mels += _mel_of_weighting(settings.sample_rate, settings.n_fft, settings.n_mels)
-        else:
-            mels = _db_in_place(values, TOP_DB, peak)
-        return np.ascontiguousarray(mels.T)
+            projection = _mel_projection(settings.sample_rate, settings.n_fft, settings.n_mels, DB_PER_NEPER)
+            mels = _project(_log_in_place(values, TOP_DB, peak), projection)
+            mels += _mel_of_weighting(settings.sample_rate, settings.n_fft, settings.n_mels)[:, np.newaxis]
+            return mels
+        return np.ascontiguousarray(_db_in_place(values, TOP_DB, peak).T)
 
 
 class FileFeatures:

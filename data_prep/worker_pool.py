@@ -73,10 +73,10 @@ class TrackDeadline:
     """How long a worker may hold one track before it is killed and the track reported as `timeout`: a decoder
     that hangs, or a read from a stalled network filesystem, must not stop a build for good.
 
-    The floor covers a fresh worker's start-up (spawn and imports: about 2.5 s of CPU, several times that on a
-    loaded machine); the part per audio second is 18-30 times the measured cost of decoding plus features (1/310 to
-    1/180 s of CPU per audio second: benchmarks/RESULTS.md, "Data preparation"), so a slow but healthy track is
-    never cut: 81 s for the median 206-s track, 19 min for a three-hour file.
+    The floor covers a fresh worker's start-up (spawn and imports: about 0.6 s of CPU, several times that on a loaded
+    machine); the part per audio second is 25-45 times the measured cost of decoding plus features (1/450 to 1/250 s
+    of CPU per audio second: benchmarks/RESULTS.md, "Data preparation"), so a slow but healthy track is never cut:
+    81 s for the median 206-s track, 19 min for a three-hour file.
     """
 
     floor_s: float = 60.0

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from scipy.special import expit
 
 from data_prep.reader import PreparedDataset
-from emorf_jax import losses, metrics, windowing
+from emorf_jax import losses, windowing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +108,8 @@ class Predictor:
     def evaluate(self, variables: dict[str, Any], split: str, *, pos_weight: float) -> dict[str, float]:
         """Macro PR-AUC and ROC-AUC and the loss of the track-level logits (the training loss without mixup, with
         its `pos_weight`: the authors selected on their criterion's validation loss), for validation and selection."""
+        from emorf_jax import metrics  # here: tagging uses this module but never scores, and sklearn takes 0.8 s
+
         logits = self._track_logits(variables, split)
         labels = self.prepared.parts[split].labels
         figures = metrics.mediaeval_metrics(labels, expit(logits), tag_names=self.prepared.tags)

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,6 +47,15 @@ BACKENDS = ("jax", "onnxruntime")
 # track does not set them alone (`calibration_windows`).
 CALIBRATION_WINDOWS = 64
 CALIBRATION_WINDOWS_PER_FILE = 4
+
+
+def default_backend(metas: Sequence[dict[str, Any]]) -> str:
+    """onnxruntime where the models run on a CPU and all are of the CP-ResNet family (what the ONNX export carries):
+    the same probabilities, faster than XLA:CPU (benchmarks/RESULTS.md); jax on a GPU or TPU, for a baseline, and
+    where onnxruntime is not installed."""
+    exportable = all(registry.model_name(meta["model"]) == "cp_resnet" for meta in metas)
+    on_cpu = jax.default_backend() == "cpu" and importlib.util.find_spec("onnxruntime") is not None
+    return "onnxruntime" if exportable and on_cpu else "jax"
 
 
 def default_batch_size(backend: str) -> int:
@@ -287,8 +297,8 @@ def track_windows(blocks: Iterable[np.ndarray], window_frames: int) -> Iterator[
 
 def load_tagger(
     paths: str | Sequence[str],
-    batch_size: int = 8,
-    backend: str = "jax",
+    batch_size: int | None = None,
+    backend: str | None = None,
     precision: str = "float32",
     calibration_files: Sequence[str] = (),
 ) -> Tagger:
@@ -296,19 +306,21 @@ def load_tagger(
     `runs/demo/snapshots/120`) of any model; no config needed (each model is rebuilt from `meta["model"]`). Raises
     ValueError, naming the checkpoint, when they do not share tags, features and normalisation. `backend`
     "onnxruntime" runs each checkpoint's exported ONNX model (the CP-ResNet family only: `export.UnsupportedModel`,
-    a ValueError, for a baseline; ImportError naming the [export] extra without onnxruntime); with `precision`
-    "int8" its int8 copy, calibrated on windows of `calibration_files` (`calibration_windows`)."""
-    if backend not in BACKENDS:
+    a ValueError, for a baseline); with `precision` "int8" its int8 copy, calibrated on windows of
+    `calibration_files` (`calibration_windows`). None: `default_backend` of the checkpoints, and its
+    `default_batch_size`."""
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if precision not in export.PRECISIONS:
         raise ValueError(f"precision {precision!r}: use one of {', '.join(export.PRECISIONS)}")
-    if precision != "float32" and backend != "onnxruntime":
-        raise ValueError(f"precision {precision}: only the onnxruntime backend runs it (add --backend=onnxruntime)")
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("no checkpoint to load")
     loaded = [(path, *checkpoints.load_checkpoint(path)) for path in paths]
     checkpoints.check_compatible([(path, meta) for path, _, meta in loaded])
+    backend = backend or default_backend([meta for _, _, meta in loaded])
+    if precision != "float32" and backend != "onnxruntime":
+        raise ValueError(f"precision {precision}: only the onnxruntime backend runs it (add --backend=onnxruntime)")
     calibration = None
     if precision == "int8":
         meta = loaded[0][2]
@@ -322,7 +334,7 @@ def load_tagger(
         Member(registry.build(meta["model"]), variables, meta, session)
         for (_, variables, meta), session in zip(loaded, sessions)
     )
-    return Tagger(members, batch_size)
+    return Tagger(members, batch_size or default_batch_size(backend))
 
 
 def calibration_windows(
@@ -372,7 +384,7 @@ def _onnx_session(checkpoint: str, calibration: export.Calibration | None = None
     """An onnxruntime CPU session of the checkpoint's exported model (`export.cached_onnx`), its int8 copy with a
     `calibration`."""
     try:
-        import onnxruntime  # optional: the [export] extra
+        import onnxruntime  # in the plain install; imported here, by the backend that runs it
     except ImportError as error:
         raise ImportError(f"the onnxruntime backend needs onnxruntime; {export.INSTALL_HINT}") from error
     model = export.cached_onnx(checkpoint, calibration=calibration)
@@ -406,8 +418,8 @@ def top_tags_line(path: str, probabilities: np.ndarray, tags: Sequence[str], top
 
 
 def model_card(path: str) -> str:
-    """What a checkpoint is, from its meta alone."""
-    tagger = load_tagger(path)
+    """What a checkpoint is, from its meta alone (no ONNX export: the JAX backend runs nothing until asked)."""
+    tagger = load_tagger(path, backend="jax")
     meta = tagger.meta
     model, settings = meta["model"], meta["features"]
     frame_seconds = tagger.seconds_per_frame

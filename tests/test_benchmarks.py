@@ -147,7 +147,6 @@ def test_predict_benchmark_quick_times_decoding_features_and_models(tmp_path):
 
 
 def test_onnx_tagging_benchmark_quick_gives_the_same_outputs_in_both_runtimes(tmp_path):
-    pytest.importorskip("onnxruntime", reason="the ONNX benchmark needs the [export] extra (pip install -e '.[test]')")
     output = _run("benchmarks.onnx_tagging", "--quick", "--out", str(tmp_path))
     figures = json.loads(output[output.index("{") :])
     assert figures["same_outputs_rtol_1e-4"] and figures["windows"] == 16 and figures["logit_scale"] > 0.1
@@ -155,13 +154,24 @@ def test_onnx_tagging_benchmark_quick_gives_the_same_outputs_in_both_runtimes(tm
     assert figures["file_mib"]["model.onnx"] > 0 and figures["onnx_export_seconds"] > 0
 
 
-def test_tagging_command_benchmark_quick_times_the_command_and_its_int8_variant():
-    pytest.importorskip("onnxruntime", reason="the int8 variant needs the [export] extra (pip install -e '.[test]')")
-    output = _run("benchmarks.tagging_command", "--quick")
+def test_tagging_command_benchmark_quick_times_the_command_its_int8_variant_and_another_tree():
+    """The repository itself stands in for a checkout of another commit (`--baseline_tree`), which runs from there."""
+    output = _run("benchmarks.tagging_command", "--quick", f"--baseline_tree={REPO}")
     figures = json.loads(output[output.index("{") :])
     assert figures["files"] == 3 and figures["audio_seconds"] == pytest.approx(15.0, abs=0.2)
-    for variant in ("(defaults)", "--backend=onnxruntime --precision=int8"):
+    for variant in ("(defaults)", "--backend=onnxruntime --precision=int8", f"predict at {REPO}"):
         assert figures["variants"][variant]["wall_s"] > 0 and figures["variants"][variant]["peak_gib"] > 0.1
+
+
+def test_int8_agreement_benchmark_quick_compares_each_setting_with_the_float_model():
+    output = _run("benchmarks.int8_agreement", "--quick")
+    figures = json.loads(output[output.index("\n{") + 1 :])
+    assert figures["tracks"] == 24 and 0 < figures["test_tracks"] < 24 and 24 <= figures["calibration_windows"] <= 64
+    assert len(figures["int8"]) == 2 and "| all, minmax |" in output
+    for setting in figures["int8"].values():
+        for part in ("all_tracks", "test_tracks"):
+            assert 0.0 <= setting[part]["top5_set_unchanged"] <= 1.0 and setting[part]["largest_change"] >= 0.0
+        assert 0.0 <= setting["pr_auc_macro"] <= 1.0
 
 
 def test_fine_tuning_benchmark_quick_tables_every_condition(tmp_path):
@@ -177,3 +187,19 @@ def test_fine_tuning_benchmark_quick_tables_every_condition(tmp_path):
     assert 0.0 <= figures["pretrain"]["PR-AUC-macro"] <= 1.0
     table = (tmp_path / "fine_tuning.md").read_text()
     assert table.strip() in output and "| 10 % (" in table
+
+
+def test_limits_benchmark_quick_states_each_work_as_a_fraction_of_the_measured_limit():
+    output = _run("benchmarks.limits", "--quick")
+    assert "| work | achieved | limit | fraction |" in output
+    figures = json.loads(output[output.index("\n{") + 1 :])
+    assert figures["cpu"]["cores"] >= 1 and figures["limit_gflops_per_s"] > 0
+    assert {kernel["dtype"] for kernel in figures["kernels"]} == {"float32", "bfloat16", "uint8 x int8"}
+    assert all(kernel["gflops_per_s"] > 0 for kernel in figures["kernels"])
+    assert [row["unit"] for row in figures["work"]] == ["GFLOP/s"] * 3 + ["audio s per CPU s"]
+    for row in figures["work"]:
+        assert row["achieved"] > 0 and row["limit"] > 0 and 0 < row["fraction"] <= 1.5
+    preparation = figures["data_preparation"]
+    assert preparation["audio_seconds"] == pytest.approx(10.0, abs=0.1)
+    floor = preparation["floor_audio_s_per_cpu_s"]  # decode and FFT together: slower than either alone
+    assert 0 < floor < min(preparation["decode_audio_s_per_cpu_s"], preparation["fft_audio_s_per_cpu_s"])

@@ -324,7 +324,7 @@ def test_the_onnxruntime_backend_gives_the_jax_rows_embeddings_and_short_clip_sc
         rtol=1e-4,
     )
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the cache the command filled
-    with_jax = tagger.load_tagger(random_checkpoints[0])
+    with_jax = tagger.load_tagger(random_checkpoints[0], backend="jax")
     with_onnx = tagger.load_tagger(random_checkpoints[0], backend="onnxruntime")
     clip = track_features.stored(with_jax.read_features(files[0]))[:41]
     np.testing.assert_allclose(
@@ -332,7 +332,7 @@ def test_the_onnxruntime_backend_gives_the_jax_rows_embeddings_and_short_clip_sc
     )
 
 
-def test_the_onnxruntime_backend_without_onnxruntime_names_the_extra(
+def test_the_onnxruntime_backend_without_onnxruntime_says_how_to_install_it(
     random_checkpoints, mp3_folder, monkeypatch, capsys
 ):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # its import then raises ImportError
@@ -340,4 +340,4 @@ def test_the_onnxruntime_backend_without_onnxruntime_names_the_extra(
         predict_command.main([str(mp3_folder), f"--checkpoint={random_checkpoints[0]}", "--backend=onnxruntime"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert "onnxruntime backend needs onnxruntime" in error and "pip install -e '.[export]'" in error
+    assert "onnxruntime backend needs onnxruntime" in error and "pip install -e ." in error

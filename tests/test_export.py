@@ -1,24 +1,35 @@
 """Export of checkpoints (`emorf_jax.export`): the torch state_dict round-trips and gives our logits in the PyTorch
 reference (tests/torch_reference.py, written independently) and in the package's PyTorch definition; the ONNX
-model gives our logits in onnxruntime from stored windows, for two lengths and two batch sizes, and carries the tags;
-the command's usage errors exit 2 with a message."""
+model, written without torch, gives our logits and embeddings in onnxruntime from stored windows for every member of
+the CP-ResNet family, two lengths, two batch sizes and both input dtypes, carries the tags, and is exported and run
+where torch cannot be imported; the command's usage errors exit 2 with a message."""
+
+from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from data_prep import features
 from emorf_jax import checkpoints, export, split_predictions
 from emorf_jax.export import __main__ as export_command
 from emorf_jax.models import from_torch_state_dict, registry
+from emorf_jax.models.cp_resnet import MAX_RHO, MIN_INPUT_SIZE
 
-torch = pytest.importorskip("torch", reason="the export needs torch (pip install -e '.[test]')")
-onnx = pytest.importorskip("onnx", reason="the export needs onnx (pip install -e '.[test]')")
-ort = pytest.importorskip("onnxruntime", reason="the export needs onnxruntime (pip install -e '.[test]')")
-from tests import torch_reference  # noqa: E402  (imports torch itself)
+try:  # the torch format only: the ONNX tests run without torch
+    import torch
+
+    from tests import torch_reference
+except ImportError:
+    torch = torch_reference = None
+needs_torch = pytest.mark.skipif(torch is None, reason="the torch format needs torch (pip install -e '.[test]')")
 
 NUM_TAGS, BASE, RHO = 7, 4, 5
 SETTINGS = features.settings_for("hop512")  # 256 mel bands: real input sizes
@@ -30,11 +41,26 @@ MODELS = {
     "shake_fa_resnet": {"frequency_aware": True, "shake_shake": True, "features_shift": False},
     "fa_resnet_rolled": {"frequency_aware": True, "shake_shake": False, "features_shift": True},
 }
+# Beyond the four above: any rho and width, and every option at once with stereo input (two input channels).
+ONNX_MODELS = {
+    **{name: {**variant, "rho": RHO, "base_channels": BASE} for name, variant in MODELS.items()},
+    "cp_resnet_rho0": {**MODELS["cp_resnet"], "rho": 0, "base_channels": 3},
+    "shake_fa_resnet_rolled_stereo": {
+        "frequency_aware": True,
+        "shake_shake": True,
+        "features_shift": True,
+        "rho": MAX_RHO,
+        "base_channels": 2,
+        "stereo": True,
+    },
+}
 _jitted_logits = jax.jit(split_predictions.logits_step, static_argnames="model")
+_jitted_window_outputs = jax.jit(split_predictions.window_outputs, static_argnames="model")
 
 
-def _meta(fields: dict) -> dict:
+def _meta(fields: dict, channels: int = 1) -> dict:
     rng = np.random.default_rng(1)
+    shape = (SETTINGS.n_mels,) if channels == 1 else (channels, SETTINGS.n_mels)
     return {
         "kind": "swa",
         "step": 3,
@@ -42,19 +68,19 @@ def _meta(fields: dict) -> dict:
         "tags": [f"mood/theme---tag{k}" for k in range(NUM_TAGS)],
         "features": dataclasses.asdict(SETTINGS),
         "normalisation": {
-            "mean": rng.normal(-30.0, 5.0, SETTINGS.n_mels).tolist(),
-            "std": rng.uniform(10.0, 20.0, SETTINGS.n_mels).tolist(),
+            "mean": rng.normal(-30.0, 5.0, shape).tolist(),
+            "std": rng.uniform(10.0, 20.0, shape).tolist(),
         },
         "window_frames": WINDOW,
     }
 
 
-def _random_variables(model, seed: int) -> dict:
+def _random_variables(model, seed: int, channels: int = 1) -> dict:
     """Random weights AND running statistics (the head is zero-initialised), so no comparison passes through zeros:
     kernels N(0, 1/fan_in), BatchNorm scales, biases, means and variances uniform around their usual values."""
     variables = model.init(
         {"params": jax.random.PRNGKey(seed), "shift": jax.random.PRNGKey(0)},
-        np.zeros((1, SETTINGS.n_mels, 64, 1), np.float32),
+        np.zeros((1, SETTINGS.n_mels, 64, channels), np.float32),
     )
     rng = np.random.default_rng(seed)
     ranges = {"scale": (0.5, 1.5), "bias": (-0.5, 0.5), "mean": (-0.5, 0.5), "var": (0.5, 2.0)}
@@ -68,10 +94,10 @@ def _random_variables(model, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(randomise, variables)
 
 
-def _save(directory, fields: dict, seed: int) -> str:
+def _save(directory, fields: dict, seed: int, channels: int = 1) -> str:
     model = registry.build(fields)
     with checkpoints.open_manager(str(directory), checkpoints.SWA) as manager:
-        checkpoints.save(manager, 3, _random_variables(model, seed), _meta(fields))
+        checkpoints.save(manager, 3, _random_variables(model, seed, channels), _meta(fields, channels))
     return str(directory / checkpoints.SWA)
 
 
@@ -85,10 +111,12 @@ def saved(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _stored_windows(batch: int, frames: int, seed: int) -> np.ndarray:
-    """Windows as the shards store them: time-major float16 dB-like values, content varying along both axes."""
+def _stored_windows(batch: int, frames: int, seed: int, channels: int = 1) -> np.ndarray:
+    """Windows as the shards store them: time-major float16 dB-like values, content varying along both axes; stereo
+    (batch, frames, channels, n_mels) for `channels` 2."""
     rng = np.random.default_rng(seed)
-    values = rng.normal(-30.0, 15.0, (batch, frames, SETTINGS.n_mels)) + np.linspace(-10, 10, SETTINGS.n_mels)
+    frame = (SETTINGS.n_mels,) if channels == 1 else (channels, SETTINGS.n_mels)
+    values = rng.normal(-30.0, 15.0, (batch, frames, *frame)) + np.linspace(-10, 10, SETTINGS.n_mels)
     return values.astype(np.float16)
 
 
@@ -120,6 +148,7 @@ def _torch_export(checkpoint: str, directory: str) -> tuple[dict, dict]:
         return torch.load(output, weights_only=True), json.load(f)
 
 
+@needs_torch
 @pytest.mark.parametrize("name", MODELS)
 def test_torch_round_trip_gives_identical_weights_and_the_settings(saved, name, tmp_path):
     state_dict, settings = _torch_export(saved[name], str(tmp_path))
@@ -140,6 +169,7 @@ def test_torch_round_trip_gives_identical_weights_and_the_settings(saved, name, 
         assert len(shifts) == 12 and len(set(shifts)) > 3 and all(-50 <= shift <= 50 for shift in shifts)
 
 
+@needs_torch
 @pytest.mark.parametrize("name", MODELS)
 def test_the_pytorch_reference_and_the_package_model_give_our_logits(saved, name, tmp_path):
     state_dict, settings = _torch_export(saved[name], str(tmp_path))
@@ -177,6 +207,67 @@ def test_onnxruntime_gives_our_logits_for_a_window_and_a_whole_track(saved, name
         logits, embedding = session.run(None, {export.INPUT_NAME: stored.astype(input_dtype)})
         assert logits.shape == (batch, NUM_TAGS) and len(embedding) == batch
         _assert_close(logits, _our_logits(saved[name], stored))
+
+
+@pytest.fixture(scope="module")
+def saved_for_onnx(tmp_path_factory) -> dict[str, str]:
+    """{name: a checkpoint directory} of every model of `ONNX_MODELS`."""
+    saved = {}
+    for seed, (name, variant) in enumerate(ONNX_MODELS.items()):
+        fields = {"name": "cp_resnet", "num_classes": NUM_TAGS, **variant}
+        channels = 2 if fields.pop("stereo", False) else 1
+        saved[name] = _save(tmp_path_factory.mktemp(name), fields, seed, channels)
+    return saved
+
+
+@pytest.mark.parametrize("name", ONNX_MODELS)
+def test_the_onnx_graph_gives_the_logits_and_embeddings_of_jax(saved_for_onnx, name, tmp_path):
+    """Every family member, each input dtype, a whole window in a batch of 3 and the shortest clip alone: the logits
+    within 1e-4 of `split_predictions.window_outputs`, the embeddings (batch, 4 x base_channels) as close."""
+    variables, meta = checkpoints.load_checkpoint(saved_for_onnx[name])
+    model = registry.build(meta["model"])
+    mean, std = (np.asarray(meta["normalisation"][key], np.float32) for key in ("mean", "std"))
+    sessions = {
+        dtype: ort.InferenceSession(
+            str(export.export_onnx(saved_for_onnx[name], tmp_path / f"{dtype}.onnx", dtype)),
+            providers=["CPUExecutionProvider"],
+        )
+        for dtype in export.INPUT_DTYPES
+    }
+    for batch, frames in ((3, WINDOW), (1, MIN_INPUT_SIZE)):
+        stored = _stored_windows(batch, frames, seed=frames, channels=mean.ndim)
+        logits, embedding = (
+            np.asarray(out) for out in _jitted_window_outputs(variables, stored, mean, std, model=model)
+        )
+        assert np.std(logits) > 0.1 and embedding.shape == (batch, 4 * model.base_channels)
+        for dtype, session in sessions.items():
+            onnx_logits, onnx_embedding = session.run(None, {export.INPUT_NAME: stored.astype(dtype)})
+            np.testing.assert_allclose(onnx_logits, logits, rtol=0, atol=1e-4, err_msg=f"{dtype} {batch}x{frames}")
+            np.testing.assert_allclose(
+                onnx_embedding, embedding, rtol=1e-5, atol=1e-4, err_msg=f"{dtype} {batch}x{frames}"
+            )
+
+
+def test_the_onnx_model_is_exported_and_run_where_torch_cannot_be_imported(saved, tmp_path):
+    """The plain install's path: `export.cached_onnx` and onnxruntime with every `import torch` failing."""
+    stored = _stored_windows(2, 200, seed=4)
+    np.save(tmp_path / "stored.npy", stored)
+    script = f"""
+import sys
+sys.modules["torch"] = None  # its import then raises ImportError
+import numpy as np, onnxruntime
+from emorf_jax import export
+model = export.cached_onnx({saved["fa_resnet_rolled"]!r}, {str(tmp_path / "cache")!r})
+session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+logits, _ = session.run(None, {{export.INPUT_NAME: np.load({str(tmp_path / "stored.npy")!r})}})
+np.save({str(tmp_path / "logits.npy")!r}, logits)
+assert sys.modules["torch"] is None
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    expected = _our_logits(saved["fa_resnet_rolled"], stored)
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=0, atol=1e-4)
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
 
 
 def test_the_onnx_metadata_holds_the_tags_features_and_window(saved, tmp_path):

@@ -1,6 +1,6 @@
 """A PyTorch CP-ResNet / FA-ResNet as the authors built it (docs/fidelity.md, "Model"), to test the Flax port and the
-package's PyTorch definition (`emorf_jax/models/torch_cp_resnet.py`, which the ONNX export traces) against; Shake-Shake
-FA-ResNet at evaluation, with the branch names our export writes (the authors published none).
+package's PyTorch definition (`emorf_jax/models/torch_cp_resnet.py`, which exported state_dicts load into) against;
+Shake-Shake FA-ResNet at evaluation, with the branch names our export writes (the authors published none).
 
 NCHW layout (H = frequency), the authors' parameter names (`in_c.0`, `stage1.block1.conv1`, `feed_forward.1`),
 their padding k//3, floor max-pools, kernel schedule and optional frequency roll. Written in PyTorch idioms on

@@ -4,8 +4,9 @@ from stored spectrogram windows to logits (`python -m emorf_jax.export` is the c
 Both carry what a checkpoint's meta says (model, tags, feature setting, normalisation, evaluation window), so that a
 PyTorch or ONNX Runtime user tags as `emorf_jax.tagger` does. Only the CP-ResNet family (CP-ResNet, FA-ResNet,
 Shake-Shake FA-ResNet) is exported: the state_dict format is the authors' layout of that family, and the ONNX graph
-is traced from its PyTorch definition (`models/torch_cp_resnet.py`); the baselines (VGG-ish, ResNet-18/34/50,
-CRNN) have no PyTorch definition here. Needs the `[export]` extra (torch, onnx, onnxruntime).
+is written from the Flax variables by `onnx_graph`, which builds that family's layers; the baselines (VGG-ish,
+ResNet-18/34/50, CRNN) have neither. The ONNX model needs only onnx and onnxruntime, part of the plain install, so
+that the onnxruntime tagging backend does too; the torch format needs torch (the `[export]` extra).
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ OPSET = 18  # the ONNX operator set of the exported graphs: onnxruntime >= 1.14 
 INPUT_NAME, OUTPUT_NAME, EMBEDDING_NAME = "spectrogram", "logits", "embedding"
 INPUT_DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "int8")
+INT8_SCOPES = ("all", "convolutions", "stage1_convolutions")
+INT8_METHODS = ("minmax", "percentile", "entropy")
 SETTINGS_FORMAT = "emorf_jax.export/1"
-INSTALL_HINT = "the export needs torch, onnx and onnxruntime: pip install -e '.[export]'"
+GRAPH_FORMAT = "onnx_graph/1"  # part of the cache key of exported models: a new layout of the graph exports again
+# What the plain install brings for the ONNX format and the onnxruntime backend, and what the torch format adds.
+INSTALL_HINT = "onnx and onnxruntime come with the plain install: pip install -e ."
+TORCH_INSTALL_HINT = "the torch format needs torch: pip install -e '.[export]'"
 
 
 class UnsupportedModel(ValueError):
@@ -53,8 +59,8 @@ def load(checkpoint: str) -> tuple[CPResNet, dict[str, Any], dict[str, Any]]:
         raise UnsupportedModel(
             f"{checkpoint} holds a {registry.DISPLAY_NAMES[name]}: only CP-ResNet, FA-ResNet and Shake-Shake "
             "FA-ResNet checkpoints can be exported. The torch format is the authors' CP-ResNet layout, and the ONNX "
-            "graph is traced from the package's PyTorch CP-ResNet; VGG-ish, ResNet-18/34/50 and CRNN have no "
-            "PyTorch definition here (tag with them through `python -m emorf_jax.predict`)"
+            "graph is written from that family's layers; VGG-ish, ResNet-18/34/50 and CRNN have neither here (tag "
+            "with them through `python -m emorf_jax.predict`)"
         )
     return registry.build(meta["model"]), variables, meta
 
@@ -97,14 +103,12 @@ def settings(model: CPResNet, variables: dict[str, Any], meta: dict[str, Any]) -
     }
 
 
-def _torch(*needed: str):
-    """torch, once it and the other `needed` modules import; an ImportError with the pip line if one does not."""
-    for module in ("torch", *needed):
-        try:
-            importlib.import_module(module)  # optional: the [export] extra
-        except ImportError as error:
-            raise ImportError(f"{module} is not installed; {INSTALL_HINT}") from error
-    return importlib.import_module("torch")
+def _torch():
+    """torch, or an ImportError with the pip line."""
+    try:
+        return importlib.import_module("torch")  # optional: the [export] extra
+    except ImportError as error:
+        raise ImportError(f"torch is not installed; {TORCH_INSTALL_HINT}") from error
 
 
 def torch_model(settings: dict[str, Any], state_dict: dict[str, Any]) -> TorchCPResNet:
@@ -139,47 +143,64 @@ def export_onnx(checkpoint: str, output: str | Path, input_dtype: str = "float16
     dynamic; the settings are in its metadata_props, one JSON value per key."""
     if input_dtype not in INPUT_DTYPES:
         raise ValueError(f"input dtype {input_dtype!r}: use one of {', '.join(INPUT_DTYPES)}")
-    torch = _torch("onnx", "onnxscript")  # the exporter's own dependencies
-    from emorf_jax.models.torch_cp_resnet import StoredWindows
+    try:
+        from emorf_jax.export import onnx_graph
+    except ImportError as error:
+        raise ImportError(f"the ONNX export needs onnx ({error}); {INSTALL_HINT}") from error
 
     model, variables, meta = load(checkpoint)
     exported = settings(model, variables, meta)
     norm = exported["normalisation"]
     mean, std = np.asarray(norm["mean"], np.float32), np.asarray(norm["std"], np.float32)
-    wrapper = StoredWindows(torch_model(exported, to_torch_state_dict(variables)), mean, std).eval()
-    example = torch.zeros((2, exported["window_frames"], *mean.shape), dtype=getattr(torch, input_dtype))
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("frames", min=MIN_INPUT_SIZE)}
-    program = torch.onnx.export(
-        wrapper,
-        (example,),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME, EMBEDDING_NAME],
-        opset_version=OPSET,
-        dynamo=True,
-        dynamic_shapes=(dims,),
-        verbose=False,
-    )
     layout = "(batch, frames, n_mels)" if mean.ndim == 1 else "(batch, frames, channels, n_mels)"
     exported["input"] = f"{INPUT_NAME}: {input_dtype} {layout}, as the shards store windows; normalised inside"
-    for key, value in exported.items():
-        program.model.metadata_props[key] = json.dumps(value)
+    onnx_model = onnx_graph.build(
+        model,
+        variables,
+        mean,
+        std,
+        exported["torch_model"]["shifts"],
+        input_dtype,
+        (INPUT_NAME, OUTPUT_NAME, EMBEDDING_NAME),
+        OPSET,
+        exported,
+    )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(output), external_data=False)
+    output.write_bytes(onnx_model.SerializeToString())
     return output
 
 
-def quantize_onnx(model: str | Path, calibration: Sequence[np.ndarray], output: str | Path) -> Path:
+def quantize_onnx(
+    model: str | Path,
+    calibration: Sequence[np.ndarray],
+    output: str | Path,
+    scope: str = "stage1_convolutions",
+    method: str = "minmax",
+    reduce_range: bool = False,
+) -> Path:
     """An int8 copy of an exported model (ONNX Runtime's static QDQ quantisation: int8 weights per output channel,
-    uint8 activations whose ranges are the minima and maxima over `calibration`, stored windows (frames,
-    *frame_shape) as the model's input takes them, one at a time; the calibration graph keeps only each tensor's
-    minimum and maximum per window, so memory does not grow with their number). On CPUs with int8 dot-product
-    instructions (AVX-512 VNNI, AMX) it runs 2.5-3x faster; how far its tags move is in benchmarks/RESULTS.md."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    7-bit with `reduce_range`, and uint8 activations whose ranges `method` sets from `calibration`, stored windows
+    (frames, *frame_shape) as the model's input takes them, one at a time). `scope` says what runs in int8: every
+    operator ONNX Runtime quantises ("all"), every convolution, or the first stage's convolutions only, which hold
+    95 % of the FLOPs at the paper's width; the rest stays float32. The default, first-stage convolutions with the
+    minima and maxima as ranges, moved the tags least of the settings measured (benchmarks/RESULTS.md, "int8 that
+    keeps the tags"); with "minmax" the calibration keeps only each tensor's extremes per window, so memory does not
+    grow with their number."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration:
         raise ValueError("int8 quantisation needs at least one calibration window")
+    if scope not in INT8_SCOPES or method not in INT8_METHODS:
+        raise ValueError(f"int8 scope {scope!r}, method {method!r}: use {INT8_SCOPES} and {INT8_METHODS}")
 
     class Windows(CalibrationDataReader):
         def __init__(self) -> None:
@@ -193,6 +214,7 @@ def quantize_onnx(model: str | Path, calibration: Sequence[np.ndarray], output: 
     with tempfile.TemporaryDirectory(prefix="emorf_quantize_", dir=output.parent) as directory:
         prepared = Path(directory) / "prepared.onnx"
         quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared)).graph
         quantize_static(
             str(prepared),
             str(output),
@@ -201,8 +223,27 @@ def quantize_onnx(model: str | Path, calibration: Sequence[np.ndarray], output: 
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            op_types_to_quantize=None if scope == "all" else ["Conv"],
+            nodes_to_quantize=_stage1_convolutions(graph) if scope == "stage1_convolutions" else None,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "percentile": CalibrationMethod.Percentile,
+                "entropy": CalibrationMethod.Entropy,
+            }[method],
         )
     return output
+
+
+def _stage1_convolutions(graph: Any) -> list[str]:
+    """The names of the first stage's convolutions of the activations (their weights' names hold the stage's name),
+    not of the FA channel's one-example map (`onnx_graph`: weights named `.fa.weight`), which is added to every
+    example alike, so that its rounding would shift them all the same way."""
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type == "Conv" and ".stage1." in node.input[1] and not node.input[1].endswith(".fa.weight")
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,10 +258,10 @@ class Calibration:
 def cached_onnx(checkpoint: str, cache_dir: str | Path | None = None, calibration: Calibration | None = None) -> Path:
     """The float16-input ONNX model of a checkpoint, exported once and kept in `cache_dir` (default: the system's
     temporary folder) under a hash of the checkpoint's files and the export's format, so that tagging with it again
-    neither imports torch nor exports (9-15 s at paper width). With `calibration`, its int8 copy (`quantize_onnx`),
+    does not export again. With `calibration`, its int8 copy (`quantize_onnx`),
     kept under a hash of the calibration's key too."""
     root = Path(checkpoints.step_directory(checkpoint))  # a kind directory's latest step, as `load` reads it
-    digest = hashlib.sha256(f"{SETTINGS_FORMAT} opset {OPSET} {OUTPUT_NAME} {EMBEDDING_NAME}".encode())
+    digest = hashlib.sha256(f"{SETTINGS_FORMAT} {GRAPH_FORMAT} opset {OPSET} {OUTPUT_NAME} {EMBEDDING_NAME}".encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     cache = Path(cache_dir or Path(tempfile.gettempdir()) / "emorf_jax_onnx")
@@ -230,7 +271,7 @@ def cached_onnx(checkpoint: str, cache_dir: str | Path | None = None, calibratio
         os.replace(partial, output)  # whole or absent, whatever runs at the same time
     if calibration is None:
         return output
-    digest.update(b"int8 calibrated on " + calibration.key.encode())
+    digest.update(b"int8 of the default setting, calibrated on " + calibration.key.encode())
     quantized = cache / f"{digest.hexdigest()[:32]}.int8.onnx"
     if not quantized.exists():
         partial = quantize_onnx(output, calibration.windows(), cache / f"{quantized.stem}.{os.getpid()}.part")

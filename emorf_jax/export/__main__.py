@@ -7,9 +7,10 @@ its settings beside it as JSON, or to an ONNX model from stored spectrogram wind
 CKPT: any checkpoint a run writes (`runs/demo/swa`, `runs/demo/snapshots/242`, ...). The ONNX model takes windows as
 the shards store them, time-major (batch, frames, n_mels), float16 by default, normalises them inside, and has
 dynamic batch and frame axes; its metadata holds the tags, feature setting and evaluation window. The baselines
-(VGG-ish, ResNet-18/34/50, CRNN) are not exported: neither format carries them here (see the error). Needs the
-`[export]` extra. Exit status: 0 when exported, 1 without that extra, 2 for a usage error (unknown format, missing
-checkpoint, a model the format cannot carry).
+(VGG-ish, ResNet-18/34/50, CRNN) are not exported: neither format carries them here (see the error). The ONNX format
+needs onnx, part of the plain install; the torch format needs torch, the `[export]` extra. Exit status: 0 when
+exported, 1 when the format's package is missing, 2 for a usage error (unknown format, missing checkpoint, a model the
+format cannot carry).
 """
 
 import argparse

@@ -1,5 +1,5 @@
-"""CP-ResNet, FA-ResNet and Shake-Shake FA-ResNet in PyTorch, for inference: what the ONNX export traces, and what
-an exported state_dict (`torch_export`) loads into. Needs torch (the `[export]` extra).
+"""CP-ResNet, FA-ResNet and Shake-Shake FA-ResNet in PyTorch, for inference: what an exported state_dict
+(`torch_export`) loads into. Needs torch (the `[export]` extra).
 
 The parameter names are the authors' (`in_c.0`, `stage1.block1.conv1`, `feed_forward.1`; Shake-Shake's branches
 `stage1.block1.branch1.conv1`, as `torch_import` names them) and the layout theirs: NCHW with H = frequency, row 0
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -171,21 +170,3 @@ class TorchCPResNet(nn.Module):
             if pooled:
                 x = nn.functional.max_pool2d(x, 2)
         return self.feed_forward(x).mean(dim=(2, 3)), x.mean(dim=(2, 3))
-
-
-class StoredWindows(nn.Module):
-    """Windows as the shards store them, time-major (batch, frames, n_mels) or stereo (batch, frames, 2, n_mels),
-    any float dtype -> (logits, embedding): normalised per mel band with the training statistics in float32 and
-    transposed to the model's NCHW, as `windowing.model_input` does for the Flax model."""
-
-    def __init__(self, model: TorchCPResNet, mean: np.ndarray, std: np.ndarray):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float32)))
-        self.register_buffer("std", torch.as_tensor(np.asarray(std, np.float32)))
-
-    def forward(self, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        normalised = (stored.to(torch.float32) - self.mean) / self.std
-        if self.mean.ndim == 1:
-            normalised = normalised.unsqueeze(-2)
-        return self.model.outputs(normalised.permute(0, 2, 3, 1))

@@ -87,15 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        default="jax",
-        help="what runs the model: jax, or onnxruntime (each checkpoint exported to ONNX once and cached; the "
-        "CP-ResNet family; needs the [export] extra)",
+        help="what runs the model: onnxruntime (each checkpoint exported to ONNX once and cached; the CP-ResNet "
+        "family) or jax; default: onnxruntime on a CPU, where it gives the same probabilities faster, jax on a GPU "
+        "or TPU and for the baselines",
     )
     parser.add_argument(
         "--precision",
         default="float32",
-        help="float32, or int8 with --backend=onnxruntime: an int8 copy of each exported model, 2.5-3x faster on "
-        "CPUs with AVX-512 VNNI or AMX, with slightly different probabilities (benchmarks/RESULTS.md); it is "
+        help="float32, or int8 (the onnxruntime backend, the CPU default): each exported model with its first "
+        "stage's convolutions in int8, faster, with slightly different probabilities (docs/tagging.md); it is "
         "calibrated on --calibration_audio and cached",
     )
     parser.add_argument(
@@ -174,7 +174,7 @@ def _run(argv: Sequence[str] | None) -> int:
     # Imported here, not at the top: the feature processes start by importing this module again (multiprocessing's
     # spawn) and need neither JAX nor the model.
     from emorf_jax import predict
-    from emorf_jax.tagger import audio_files, default_batch_size, load_tagger, model_card
+    from emorf_jax.tagger import audio_files, load_tagger, model_card
 
     if args.describe:
         try:
@@ -207,8 +207,7 @@ def _run(argv: Sequence[str] | None) -> int:
         parser.error("no audio files among the PATHs" if args.paths else "give at least one PATH")
     try:
         calibration_files = audio_files(args.calibration_audio) if args.calibration_audio else files
-        batch_size = args.batch_size or default_batch_size(args.backend)
-        tagger = load_tagger(args.checkpoint, batch_size, args.backend, args.precision, calibration_files)
+        tagger = load_tagger(args.checkpoint, args.batch_size, args.backend, args.precision, calibration_files)
         tagger.feature_settings  # noqa: B018 - a model of other input than audio is a usage error, said now
         thresholds = predict.decision_thresholds(tagger, args.thresholds, args.checkpoint) if args.decisions else None
         output = (

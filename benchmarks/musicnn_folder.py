@@ -1,0 +1,33 @@
+"""Tags audio files with musicnn's MTT model in one process, one JSON row per file: the tagger that
+`benchmarks.tagging_command --musicnn_python` times beside `emorf_jax.predict`.
+
+    MUSICNN_PYTHON benchmarks/musicnn_folder.py --output=ROWS.jsonl FILE ...
+
+It runs in musicnn's own environment (its Python, not this package's: musicnn needs TensorFlow 2.15 and numpy < 2),
+so it imports nothing of this repository. musicnn's `extractor` is its documented way to tag a file: 3-s patches
+without overlap, 16-kHz audio from librosa, probabilities per patch; the row keeps the five tags of the highest mean.
+"""
+
+import argparse
+import json
+
+from musicnn.extractor import extractor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--model", default="MTT_musicnn")
+    args = parser.parse_args()
+    with open(args.output, "a") as rows:
+        for path in args.files:
+            taggram, tags = extractor(path, model=args.model, extract_features=False)
+            mean = taggram.mean(axis=0)
+            top = [tags[index] for index in mean.argsort()[::-1][:5]]
+            rows.write(json.dumps({"path": path, "top_tags": top}) + "\n")
+            rows.flush()
+
+
+if __name__ == "__main__":
+    main()
