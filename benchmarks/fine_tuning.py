@@ -69,7 +69,7 @@ class Sizes:
 
 
 SIZES = {
-    True: Sizes("test", 24, 48, 3.0, {}, seeds=(0,), fractions=(0.1,)),  # the subsampled path, three trainings
+    True: Sizes("test", 24, 48, 3.0, {}, seeds=(0,), fractions=(0.5,)),  # subsampled: three short trainings
     False: Sizes(
         "demo",
         200,

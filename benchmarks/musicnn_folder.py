@@ -1,7 +1,7 @@
 """Tags audio files with musicnn's MTT model in one process, one JSON row per file: the tagger that
 `benchmarks.tagging_command --musicnn_python` times beside `emorf_jax.predict`.
 
-    MUSICNN_PYTHON benchmarks/musicnn_folder.py --output=ROWS.jsonl FILE ...
+    MUSICNN_PYTHON -m benchmarks.musicnn_folder --output=ROWS.jsonl FILE ...    # from the repository root
 
 It runs in musicnn's own environment (its Python, not this package's: musicnn needs TensorFlow 2.15 and numpy < 2),
 so it imports nothing of this repository. musicnn's `extractor` is its documented way to tag a file: 3-s patches
@@ -11,15 +11,19 @@ without overlap, 16-kHz audio from librosa, probabilities per patch; the row kee
 import argparse
 import json
 
-from musicnn.extractor import extractor
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.musicnn_folder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("files", nargs="+")
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", default="MTT_musicnn")
     args = parser.parse_args()
+    from musicnn.extractor import extractor  # after the arguments: --help works where musicnn is not installed
+
     with open(args.output, "a") as rows:
         for path in args.files:
             taggram, tags = extractor(path, model=args.model, extract_features=False)

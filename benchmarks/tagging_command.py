@@ -77,8 +77,9 @@ def contenders(
     if musicnn_python:
         from emorf_jax.tagger import audio_files
 
-        script = str(Path(__file__).with_name("musicnn_folder.py"))
-        commands["musicnn (MTT_musicnn)"] = ([musicnn_python, script, *map(str, audio_files([directory]))], None)
+        files = [str(path.resolve()) for path in audio_files([directory])]
+        repository = str(Path(__file__).resolve().parents[1])
+        commands["musicnn (MTT_musicnn)"] = ([musicnn_python, "-m", "benchmarks.musicnn_folder", *files], repository)
     return commands
 
 

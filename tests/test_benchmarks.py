@@ -175,18 +175,18 @@ def test_int8_agreement_benchmark_quick_compares_each_setting_with_the_float_mod
 
 
 def test_fine_tuning_benchmark_quick_tables_every_condition(tmp_path):
-    """Pretraining, the subsampled 10 % target data and the three conditions of one seed, at `:test` sizes: every row
+    """Pretraining, the subsampled 50 % target data and the three conditions of one seed, at `:test` sizes: every row
     of the table with a finite PR-AUC in [0, 1] and a wall time, fewer training tracks than the target split has."""
     output = _run("benchmarks.fine_tuning", "--quick", "--out", str(tmp_path))
     figures = json.loads((tmp_path / "fine_tuning.json").read_text())
     rows = {(row["fraction"], row["condition"]): row for row in figures["rows"]}
-    assert set(rows) == {(0.1, condition) for condition in ("fine-tuned", "from scratch", "linear probe")}
+    assert set(rows) == {(0.5, condition) for condition in ("fine-tuned", "from scratch", "linear probe")}
     for row in rows.values():
         assert 0.0 <= row["pr_auc_mean"] <= 1.0 and row["pr_auc_sd"] == 0.0 and row["seconds_mean"] >= 0.0
         assert 0 < row["train_tracks"] < figures["target"]["train_tracks"]
     assert 0.0 <= figures["pretrain"]["PR-AUC-macro"] <= 1.0
     table = (tmp_path / "fine_tuning.md").read_text()
-    assert table.strip() in output and "| 10 % (" in table
+    assert table.strip() in output and "| 50 % (" in table
 
 
 def test_limits_benchmark_quick_states_each_work_as_a_fraction_of_the_measured_limit():

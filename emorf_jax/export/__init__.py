@@ -183,7 +183,7 @@ def quantize_onnx(
     7-bit with `reduce_range`, and uint8 activations whose ranges `method` sets from `calibration`, stored windows
     (frames, *frame_shape) as the model's input takes them, one at a time). `scope` says what runs in int8: every
     operator ONNX Runtime quantises ("all"), every convolution, or the first stage's convolutions only, which hold
-    95 % of the FLOPs at the paper's width; the rest stays float32. The default, first-stage convolutions with the
+    86 % of the FLOPs at the paper's width; the rest stays float32. The default, first-stage convolutions with the
     minima and maxima as ranges, moved the tags least of the settings measured (benchmarks/RESULTS.md, "int8 that
     keeps the tags"); with "minmax" the calibration keeps only each tensor's extremes per window, so memory does not
     grow with their number."""
