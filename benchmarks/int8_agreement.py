@@ -28,7 +28,8 @@ import numpy as np
 from benchmarks.tagging_inputs import save_checkpoint
 from data_prep import metadata
 from data_prep import synthetic as synthetic_tracks
-from emorf_jax import checkpoints, export, metrics, tagger
+from emorf_jax import checkpoints, export, metrics, tagger, track_features
+from emorf_jax.models import registry
 
 SETTINGS = [  # (scope, method, reduce_range)
     ("all", "minmax", False),
@@ -51,7 +52,7 @@ def onnx_tagger(checkpoint: str, onnx_model: Path) -> tagger.Tagger:
 
     variables, meta = checkpoints.load_checkpoint(checkpoint)
     session = onnxruntime.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
-    member = tagger.Member(tagger.registry.build(meta["model"]), variables, meta, session)
+    member = tagger.Member(registry.build(meta["model"]), variables, meta, session)
     return tagger.Tagger((member,), tagger.default_batch_size("onnxruntime"))
 
 
@@ -85,7 +86,7 @@ def measure(checkpoint: str, audio_dir: Path, metadata_dir: Path, settings: list
 
     float_model = export.cached_onnx(checkpoint)
     reference = tag_folder(onnx_tagger(checkpoint, float_model), files)
-    audio_settings = tagger.track_features.audio_settings(meta["features"])
+    audio_settings = track_features.audio_settings(meta["features"])
     windows = tagger.calibration_windows([str(path) for path in files], audio_settings, int(meta["window_frames"]))
     results = {
         "tracks": len(files),

@@ -151,16 +151,22 @@ class Kernel:
         return self.gflop / self.seconds
 
 
-def fastest_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Wall seconds of the fastest of `repeats` calls of `run` after one untimed call (which compiles or allocates):
-    the attainable time, which another job on a shared machine can only lengthen."""
-    run()
+def fastest(run: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds by `clock` of the fastest of `repeats` calls of `run`: the attainable time, which another job on a shared
+    machine can only lengthen (wall time), or this process's CPU time (`time.process_time`), which on one thread
+    those jobs do not inflate."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
+
+
+def fastest_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Wall seconds of the fastest of `repeats` calls of `run` after one untimed call (which compiles or allocates)."""
+    run()
+    return fastest(run, repeats)
 
 
 def onnx_session(nodes: list, inputs: list, output: object, initializers: list, threads: int):
@@ -334,17 +340,6 @@ def tagging_work(sizes: Sizes, given_windows_per_s: float | None, calls: int, sc
     ]
 
 
-def cpu_seconds(run: Callable[[], object], repeats: int) -> float:
-    """CPU seconds of this process for `run` (the fastest of `repeats`): on one thread, what the shared machine's other
-    jobs do not inflate as they inflate wall time."""
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        run()
-        times.append(time.process_time() - start)
-    return min(times)
-
-
 def decode(path: Path) -> None:
     """A whole decode as data preparation's decoder runs it, block by block, each block dropped as the next comes."""
     with features.AudioFile(path, path.name) as audio:
@@ -389,9 +384,9 @@ def data_preparation(path: Path, repeats: int) -> dict:
         mono, sample_rate = decoded_mono(path)
         audio_seconds = len(mono) / sample_rate
         whole_features(path, settings)  # the filter banks' one-off cost is not timed
-        decode_seconds = cpu_seconds(lambda: decode(path), repeats)
+        decode_seconds = fastest(lambda: decode(path), repeats, time.process_time)
         fft_seconds = min(fft_cpu_seconds(mono, settings.n_fft, settings.hop_length) for _ in range(repeats))
-        features_seconds = cpu_seconds(lambda: whole_features(path, settings), repeats)
+        features_seconds = fastest(lambda: whole_features(path, settings), repeats, time.process_time)
     return {
         "track": str(path),
         "audio_seconds": round(audio_seconds, 2),

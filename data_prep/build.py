@@ -26,6 +26,7 @@ import sys
 
 from data_prep import collection, extras, metadata, preparation, worker_pool
 from data_prep import features as features_lib
+from data_prep.deadline import DEFAULT_DEADLINE, Deadline
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -109,13 +110,13 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
     parser.add_argument(
         "--deadline_floor_s",
         type=float,
-        default=worker_pool.DEFAULT_TRACK_DEADLINE.floor_s,
+        default=DEFAULT_DEADLINE.floor_s,
         help="a track's deadline: this floor, plus --deadline_s_per_audio_s per second of its TSV duration",
     )
     parser.add_argument(
         "--deadline_s_per_audio_s",
         type=float,
-        default=worker_pool.DEFAULT_TRACK_DEADLINE.seconds_per_audio_second,
+        default=DEFAULT_DEADLINE.seconds_per_audio_second,
         help="a worker still holding a track past its deadline is killed and the track reported as timeout",
     )
     args = parser.parse_args(argv)
@@ -136,7 +137,7 @@ def parse_options(argv: list[str] | None = None) -> preparation.BuildOptions:
             memory_budget_gb=args.memory_budget_gb,
             tracks_per_worker=args.tracks_per_worker,
             resample=args.resample,
-            track_deadline=worker_pool.TrackDeadline(args.deadline_floor_s, args.deadline_s_per_audio_s),
+            track_deadline=Deadline(args.deadline_floor_s, args.deadline_s_per_audio_s),
             subset=args.subset,
             tags_csv=args.tags_csv,
             split_fractions=args.split_fractions,

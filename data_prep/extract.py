@@ -34,6 +34,7 @@ import tqdm
 
 from data_prep import features as features_lib
 from data_prep import files, worker_pool
+from data_prep.deadline import DEFAULT_DEADLINE, Deadline
 
 JOURNAL_NAME = "journal.jsonl"
 SETTINGS_NAME = "settings.json"
@@ -311,7 +312,7 @@ def extract_all(
     memory_budget_gb: float = worker_pool.DEFAULT_MEMORY_BUDGET_GB,
     tracks_per_worker: int = worker_pool.DEFAULT_TRACKS_PER_WORKER,
     resample: bool = False,
-    deadline: worker_pool.TrackDeadline = worker_pool.DEFAULT_TRACK_DEADLINE,
+    deadline: Deadline = DEFAULT_DEADLINE,
 ) -> dict[str, Outcome]:
     """Outcome of every job, extracting the tracks without a journal record, those whose file was missing or
     unreadable last time (looked for again on every run), and failed ones if asked. With `resample`, other sample

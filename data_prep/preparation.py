@@ -28,6 +28,7 @@ import numpy as np
 from data_prep import collection, extract, files, layout, reader, worker_pool
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
+from data_prep.deadline import DEFAULT_DEADLINE, Deadline
 
 if TYPE_CHECKING:
     from data_prep import shard_writer
@@ -62,7 +63,7 @@ class BuildOptions:
     # dataset are reported.
     resample: bool = False
     # How long a worker may hold one track before it is killed and the track reported as `timeout`.
-    track_deadline: worker_pool.TrackDeadline = worker_pool.DEFAULT_TRACK_DEADLINE
+    track_deadline: Deadline = DEFAULT_DEADLINE
     subset: str = metadata_lib.DEFAULT_SUBSET  # the MTG-Jamendo subset: its TSVs and its tags (metadata.SUBSETS)
     # A user's own collection instead of MTG-Jamendo: a CSV or TSV of path,tags[,split][,artist] rows, paths relative
     # to audio_dir, written in MTG-Jamendo's layout into DATA_DIR/collection/ first (data_prep.collection). Its files

@@ -7,7 +7,7 @@ track a worker holds and never waits for one that may hang:
 
 - A worker that dies (a decoder crash, the OOM killer, a kill) does not end the run nor hang it: the track it held is
   tried again alone, in a fresh worker, and a track that kills its worker alone gets a `Failed("worker_crash")`.
-- A worker that holds a track past its deadline (`TrackDeadline`: a hung decoder, a stalled network filesystem) is
+- A worker that holds a track past its deadline (`data_prep.deadline`: a hung decoder, a stalled network filesystem) is
   killed and replaced, and the track gets a `Failed("timeout")`.
 - A job whose task raises gets a `Failed("error")` naming the exception; the worker goes on with the next.
 - Tracks start longest first, but only while the estimated memory of the tracks in flight (`job_memory`) stays under
@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import tqdm
+
+from data_prep.deadline import DEFAULT_DEADLINE, Deadline
 
 # Peak memory of a worker per second of audio (hop512 from a 44.1 kHz stereo MP3: the encoded bytes, the decoded
 # float32 stereo waveform, its mono mix and padded copy, the float32 power spectrogram, the mel output and its
@@ -66,35 +68,6 @@ def job_memory(job: Job, channels: int = 1) -> int:
     WORKER_BYTES_PER_SECOND)."""
     per_second = WORKER_BYTES_PER_SECOND if channels == 1 else WORKER_BYTES_PER_SECOND_STEREO
     return WORKER_BYTES_PER_TRACK + int(per_second * job.duration)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrackDeadline:
-    """How long a worker may hold one track before it is killed and the track reported as `timeout`: a decoder
-    that hangs, or a read from a stalled network filesystem, must not stop a build for good.
-
-    The floor covers a fresh worker's start-up (spawn and imports: about 0.6 s of CPU, several times that on a loaded
-    machine); the part per audio second is 25-45 times the measured cost of decoding plus features (1/450 to 1/250 s
-    of CPU per audio second: benchmarks/RESULTS.md, "Data preparation"), so a slow but healthy track is never cut:
-    81 s for the median 206-s track, 19 min for a three-hour file.
-    """
-
-    floor_s: float = 60.0
-    seconds_per_audio_second: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.floor_s <= 0 or self.seconds_per_audio_second < 0:
-            raise ValueError(
-                f"track deadline floor_s={self.floor_s}, seconds_per_audio_second={self.seconds_per_audio_second}: "
-                "the floor must be positive and the part per audio second not negative"
-            )
-
-    def seconds(self, duration: float) -> float:
-        """The deadline of a track of `duration` seconds (the TSV's)."""
-        return self.floor_s + self.seconds_per_audio_second * duration
-
-
-DEFAULT_TRACK_DEADLINE = TrackDeadline()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +233,7 @@ def run_jobs(
     memory_budget: int = sys.maxsize,
     channels: int = 1,
     jobs_per_worker: int = DEFAULT_TRACKS_PER_WORKER,
-    deadline: TrackDeadline = DEFAULT_TRACK_DEADLINE,
+    deadline: Deadline = DEFAULT_DEADLINE,
 ) -> Iterator[tuple[Job, object]]:
     """(job, result) of every job, in completion order: `task(job)` run in worker processes (`task` must be
     picklable: a module-level function or a `functools.partial` of one), longest tracks first within the memory
@@ -341,7 +314,7 @@ def run_all(
     jobs: Iterable[Job],
     workers: int,
     progress: tqdm.tqdm | None = None,
-    deadline: TrackDeadline = DEFAULT_TRACK_DEADLINE,
+    deadline: Deadline = DEFAULT_DEADLINE,
 ) -> None:
     """Runs `task` on every job in worker processes (`run_jobs`), then raises JobsFailed naming those that failed:
     one bad track neither stops the others nor hangs the run."""

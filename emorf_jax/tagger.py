@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,11 +50,9 @@ CALIBRATION_WINDOWS_PER_FILE = 4
 
 def default_backend(metas: Sequence[dict[str, Any]]) -> str:
     """onnxruntime where the models run on a CPU and all are of the CP-ResNet family (what the ONNX export carries):
-    the same probabilities, faster than XLA:CPU (benchmarks/RESULTS.md); jax on a GPU or TPU, for a baseline, and
-    where onnxruntime is not installed."""
+    the same probabilities, faster than XLA:CPU (benchmarks/RESULTS.md); jax on a GPU or TPU, and for a baseline."""
     exportable = all(registry.model_name(meta["model"]) == "cp_resnet" for meta in metas)
-    on_cpu = jax.default_backend() == "cpu" and importlib.util.find_spec("onnxruntime") is not None
-    return "onnxruntime" if exportable and on_cpu else "jax"
+    return "onnxruntime" if exportable and jax.default_backend() == "cpu" else "jax"
 
 
 def default_batch_size(backend: str) -> int:

@@ -271,9 +271,10 @@ def test_the_feature_processes_import_no_jax(tmp_path):
     soundfile.write(song, np.random.default_rng(0).normal(0, 0.1, (44100, 2)), 44100)
     code = (
         "from pathlib import Path\n"
+        "from data_prep.deadline import DEFAULT_DEADLINE\n"
         "from data_prep.features import FeatureSettings\n"
         "from emorf_jax import predict\n"
-        f"processes = predict._FeatureProcesses([{str(song)!r}], FeatureSettings(), 1, predict.DEFAULT_DEADLINE)\n"
+        f"processes = predict._FeatureProcesses([{str(song)!r}], FeatureSettings(), 1, DEFAULT_DEADLINE)\n"
         "processes.give(0)\n"
         "worker = processes.holder(0)\n"
         "blocks = list(processes.blocks(worker, 0))\n"

@@ -23,6 +23,7 @@ READ_SIDE = {
     "data_prep.features",
     "data_prep.extras",
     "data_prep.files",
+    "data_prep.deadline",
 }
 
 

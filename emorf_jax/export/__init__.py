@@ -187,7 +187,6 @@ def quantize_onnx(
     minima and maxima as ranges, moved the tags least of the settings measured (benchmarks/RESULTS.md, "int8 that
     keeps the tags"); with "minmax" the calibration keeps only each tensor's extremes per window, so memory does not
     grow with their number."""
-    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -214,7 +213,6 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="emorf_quantize_", dir=output.parent) as directory:
         prepared = Path(directory) / "prepared.onnx"
         quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
-        graph = onnx.load(str(prepared)).graph
         quantize_static(
             str(prepared),
             str(output),
@@ -225,7 +223,7 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             reduce_range=reduce_range,
             op_types_to_quantize=None if scope == "all" else ["Conv"],
-            nodes_to_quantize=_stage1_convolutions(graph) if scope == "stage1_convolutions" else None,
+            nodes_to_quantize=_stage1_convolutions(prepared) if scope == "stage1_convolutions" else None,
             calibrate_method={
                 "minmax": CalibrationMethod.MinMax,
                 "percentile": CalibrationMethod.Percentile,
@@ -235,13 +233,15 @@ def quantize_onnx(
     return output
 
 
-def _stage1_convolutions(graph: Any) -> list[str]:
+def _stage1_convolutions(model: Path) -> list[str]:
     """The names of the first stage's convolutions of the activations (their weights' names hold the stage's name),
     not of the FA channel's one-example map (`onnx_graph`: weights named `.fa.weight`), which is added to every
     example alike, so that its rounding would shift them all the same way."""
+    import onnx
+
     return [
         node.name
-        for node in graph.node
+        for node in onnx.load(str(model)).graph.node
         if node.op_type == "Conv" and ".stage1." in node.input[1] and not node.input[1].endswith(".fa.weight")
     ]
 

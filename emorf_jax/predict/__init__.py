@@ -6,7 +6,7 @@ finishes, a rerun that resumes, decisions and embeddings; what `python -m emorf_
   each file decoded and computed in blocks and its blocks sent as they are ready, while this process runs each
   window as soon as its frames are there (`Tagger.tag_blocks`, windows in batches): memory grows neither with the
   number of files nor with a track's length. Results come in the order of the files; a file that fails gives its
-  reason and the others go on. A file whose features do not come within its deadline (`FileDeadline`: a read
+  reason and the others go on. A file whose features do not come within its deadline (`data_prep.deadline`: a read
   that never returns) has its process killed and gets an error row; a process that dies fails only its file.
 - `OutputFiles` writes one row per file, flushed as each file finishes: CSV (`path`, the tags, `top_tags`,
   `decisions` with thresholds, `error`) or JSON Lines (`.jsonl`, the same fields); `.json` is one document written
@@ -37,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from data_prep.deadline import DEFAULT_DEADLINE, Deadline
 from data_prep.features import FeatureSettings
 from data_prep.metadata import short_tag_name
 from emorf_jax import thresholds, track_features
@@ -72,45 +73,21 @@ def _reason(error: BaseException) -> str:
     return track_features.failure_reason(error)
 
 
-@dataclasses.dataclass(frozen=True)
-class FileDeadline:
-    """How long the run waits for one file's features before its feature process is killed and the file gets an
-    error row: a read that never returns (a named pipe or a device named .mp3, a hung network mount) or a stuck
-    decoder must not stop the run for good. Counted is the time spent waiting for that file's next block, not the
-    time the model runs. Data preparation's per-track deadline (`data_prep.worker_pool.TrackDeadline`), with the
-    same defaults: the floor covers a feature process's start and a short file; the part per second of the duration
-    the file's header announces (unknown until the file is open) is 20-30 times the measured cost of decoding and
-    features, so a slow but healthy file is never cut: 81 s for a 206-s track, 19 min for three hours."""
-
-    floor_s: float = 60.0
-    seconds_per_audio_second: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.floor_s <= 0 or self.seconds_per_audio_second < 0:
-            raise ValueError(
-                f"deadline floor {self.floor_s} s, {self.seconds_per_audio_second} s per audio second: the floor must "
-                "be positive and the part per audio second not negative"
-            )
-
-    def seconds(self, duration: float | None) -> float:
-        """The deadline of a file of `duration` seconds (None: not known yet)."""
-        return self.floor_s + self.seconds_per_audio_second * (duration or 0.0)
-
-    def reason(self, duration: float | None) -> str:
-        """A file's error row when it overran its deadline."""
-        basis = (
-            f"the deadline for its {duration:.0f} s of audio ({self.floor_s:g} s + {self.seconds_per_audio_second:g} "
-            "s per second)"
-            if duration is not None
-            else f"the deadline of a file of unknown duration ({self.floor_s:g} s)"
-        )
-        return (
-            f"no features within {self.seconds(duration):.0f} s, {basis}: its feature process hung (a read that never "
-            "returns, as from a named pipe or a hung network mount, or a stuck decoder?) and was killed"
-        )
+def _overrun(deadline: Deadline, duration: float | None) -> str:
+    """A file's error row when the waits for its features passed its deadline (`data_prep.deadline`; counted is the
+    time spent waiting for the file's next block, not the time the model runs)."""
+    floor, per_second = deadline.floor_s, deadline.seconds_per_audio_second
+    basis = (
+        f"the deadline for its {duration:.0f} s of audio ({floor:g} s + {per_second:g} s per second)"
+        if duration is not None
+        else f"the deadline of a file of unknown duration ({floor:g} s)"
+    )
+    return (
+        f"no features within {deadline.seconds(duration):.0f} s, {basis}: its feature process hung (a read that never "
+        "returns, as from a named pipe or a hung network mount, or a stuck decoder?) and was killed"
+    )
 
 
-DEFAULT_DEADLINE = FileDeadline()
 _DIED = "its feature process died (killed, or out of memory)"
 
 
@@ -140,7 +117,7 @@ class _FeatureProcesses:
 
     FILES_PER_WORKER = 2
 
-    def __init__(self, paths: Sequence[str], settings: FeatureSettings, size: int, deadline: FileDeadline):
+    def __init__(self, paths: Sequence[str], settings: FeatureSettings, size: int, deadline: Deadline):
         self.paths, self.settings, self.deadline = paths, settings, deadline
         self._context = multiprocessing.get_context("spawn")
         self.workers = [self._start() for _ in range(size)]
@@ -197,7 +174,7 @@ class _FeatureProcesses:
                     if not worker.process.is_alive():
                         raise FileFailed(_DIED)
                     if waited >= allowed:
-                        raise FileFailed(self.deadline.reason(duration))
+                        raise FileFailed(_overrun(self.deadline, duration))
                     continue
             try:
                 kind, value = worker.connection.recv()
@@ -238,7 +215,7 @@ def _named_failures(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
 
 
 def feature_stream(
-    paths: Sequence[str], settings: FeatureSettings, workers: int, deadline: FileDeadline = DEFAULT_DEADLINE
+    paths: Sequence[str], settings: FeatureSettings, workers: int, deadline: Deadline = DEFAULT_DEADLINE
 ) -> Iterator[tuple[str, Iterator[np.ndarray]]]:
     """(path, its stored feature blocks as they are computed) of each file, in order; the blocks of a file that fails
     end with FileFailed and its reason. Computed in `workers` processes with at most 2 x workers files in flight,
@@ -272,7 +249,7 @@ def tag_stream(
     *,
     window_frames: int | None = None,
     workers: int = 0,
-    deadline: FileDeadline = DEFAULT_DEADLINE,
+    deadline: Deadline = DEFAULT_DEADLINE,
 ) -> Iterator[tuple[str, TrackTags | str]]:
     """(path, its tags or why it has none) of each file, in order: features from `feature_stream`, each window run
     here as soon as its frames are there (`Tagger.tag_blocks`), so that memory does not grow with a track's length."""

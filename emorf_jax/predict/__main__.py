@@ -35,6 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tqdm
 
+from data_prep.deadline import DEFAULT_DEADLINE, Deadline
+
 if TYPE_CHECKING:  # the feature processes import this module and need neither JAX nor the model
     from emorf_jax.tagger import TrackTags
 
@@ -112,12 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--deadline_floor_s",
         type=float,
-        help="a file's deadline: this floor (default 60), plus --deadline_s_per_audio_s per second of the duration "
-        "its header announces; a feature process that keeps the run waiting for a file longer (a read that never "
-        "returns) is killed and the file gets an error row (with --workers=0: no deadline)",
+        default=DEFAULT_DEADLINE.floor_s,
+        help="a file's deadline: this floor (default %(default)g), plus --deadline_s_per_audio_s per second of the "
+        "duration its header announces; a feature process that keeps the run waiting for a file longer (a read that "
+        "never returns) is killed and the file gets an error row (with --workers=0: no deadline)",
     )
     parser.add_argument(
-        "--deadline_s_per_audio_s", type=float, help="the deadline's part per second of audio (default 0.1)"
+        "--deadline_s_per_audio_s",
+        type=float,
+        default=DEFAULT_DEADLINE.seconds_per_audio_second,
+        help="the deadline's part per second of audio (default %(default)g)",
     )
     parser.add_argument("--describe", metavar="CKPT", help="print a checkpoint's model card and exit")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -194,12 +200,7 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.workers is not None and args.workers < 0:
         parser.error("--workers: give 0 or more")
     try:
-        deadline = predict.FileDeadline(
-            predict.DEFAULT_DEADLINE.floor_s if args.deadline_floor_s is None else args.deadline_floor_s,
-            predict.DEFAULT_DEADLINE.seconds_per_audio_second
-            if args.deadline_s_per_audio_s is None
-            else args.deadline_s_per_audio_s,
-        )
+        deadline = Deadline(args.deadline_floor_s, args.deadline_s_per_audio_s)
     except ValueError as error:
         parser.error(str(error))
     files = [str(path) for path in audio_files(args.paths)]
