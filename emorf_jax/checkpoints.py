@@ -23,6 +23,7 @@ Layout of a workdir:
 
 import os
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,8 +118,30 @@ def restore(manager: ocp.CheckpointManager, step: int | None = None, target: Any
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     args = ocp.args.Composite(weights=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+    _drop_reads_abandoned_by_failed_restores()  # installed before: the first can come before the restore raises
     restored = manager.restore(step, args=args)
     return restored["weights"], restored["meta"]
+
+
+def _drop_reads_abandoned_by_failed_restores() -> None:
+    """Keeps a failed restore's report to its one line.
+
+    When one read of a damaged checkpoint fails, orbax closes its event loop while tensorstore's other reads are in
+    flight; each of those then raises `RuntimeError: Event loop is closed` as an unraisable exception, a traceback
+    on stderr per read, after the restore has returned. Those alone are dropped; every other unraisable exception
+    goes to the hook that was in place.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def restore_resumable(workdir: str, target: Any) -> Any | None:

@@ -430,6 +430,12 @@ def checkpoint_meta(
     }
 
 
+def replicate_as_step_outputs(tree: Any) -> Any:
+    """`tree` on every local device, laid out as the pmapped train step returns its state: from flax's `replicate`
+    alone (another mesh axis name) the step would be traced, lowered and compiled again at its second call."""
+    return jax.pmap(lambda leaves: leaves, axis_name="batch")(jax_utils.replicate(tree))
+
+
 class _Run:
     """The pieces of one training run that the loop and the evaluations share."""
 
@@ -573,7 +579,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, prepared: PreparedDa
     run = _Run(config, workdir, prepared)
     state = starting_state(config, workdir, prepared, run.model.clone(bn_axis_name=None), run.tx)
     start_step = int(state.step)
-    state = jax_utils.replicate(state)
+    state = replicate_as_step_outputs(state)
     latest = checkpoints.open_manager(workdir, checkpoints.LATEST)
 
     # clu's writers bring TensorFlow (for TensorBoard's event files): only a run loads them, so that the step and
