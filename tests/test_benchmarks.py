@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import paper_table, reference_data
+from benchmarks import paper_table, reference_data, step_profile
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
@@ -136,6 +136,82 @@ def test_train_step_benchmark_quick_times_both_frameworks_and_counts_flops():
     assert set(rows) == {"emorf_jax", "pytorch"}
     assert rows["emorf_jax"]["gflops_per_step"] > 0 and rows["pytorch"]["over_pytorch"] == 1.0
     assert rows["emorf_jax"]["mfu"] is None  # no known peak for a CPU
+
+
+def test_step_profile_quick_puts_the_traced_step_time_in_groups(tmp_path):
+    output = _run("benchmarks.step_profile", "--quick", "--json", "--trace_dir", str(tmp_path))
+    figures = json.loads(output[output.index("{") :])
+    groups = {row["group"]: row for row in figures["groups"]}
+    assert groups["convolution"]["ms"] > 0 and figures["timed_ms"] > 0 and figures["step_wall_ms"] > 0
+    assert sum(row["share"] for row in figures["groups"]) == pytest.approx(1.0)
+    assert all(row["group"] in groups for row in figures["costliest"])
+    assert list(tmp_path.rglob("*.xplane.pb")), "the trace is kept"
+
+
+# An optimised GPU module's shape, written by hand: cuDNN's convolution as a custom call inside a fusion, a cuBLAS
+# product, a BatchNorm reduction, the FA channel's concatenation, a transpose and a loop fusion.
+_GPU_LIKE_HLO = """HloModule pmap_train_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%fused_reduce (param_0: f32[8,16]) -> f32[16] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.3 = f32[16]{0} reduce(%param_0, %constant.1), dimensions={0}, to_apply=%add
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%x, %y)
+}
+
+%fused_transpose (param_0: f32[8,16]) -> f32[16,8] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  ROOT %transpose.2 = f32[16,8]{1,0} transpose(%param_0), dimensions={1,0}
+}
+
+%fused_concatenate (param_0: f32[8,16], param_1: f32[8,1]) -> f32[8,17] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %param_1 = f32[8,1]{1,0} parameter(1)
+  ROOT %concatenate.4 = f32[8,17]{1,0} concatenate(%param_0, %param_1), dimensions={1}
+}
+
+%fused_convolution (param_0: bf16[8,16,4,4], param_1: bf16[3,3,16,16]) -> (bf16[8,16,4,4], u8[0]) {
+  %param_0 = bf16[8,16,4,4]{3,2,1,0} parameter(0)
+  %param_1 = bf16[3,3,16,16]{3,2,1,0} parameter(1)
+  ROOT %cudnn-conv.1 = (bf16[8,16,4,4], u8[0]) custom-call(%param_0, %param_1), custom_call_target="__cudnn$convForward"
+}
+
+%fused_multiply (param_0: f32[8,16]) -> f32[8,16] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  ROOT %multiply.5 = f32[8,16]{1,0} multiply(%param_0, %param_0)
+}
+
+ENTRY %main.99 (Arg_0.1: f32[8,16], Arg_1.2: f32[8,1]) -> f32[16] {
+  %Arg_0.1 = f32[8,16]{1,0} parameter(0)
+  %Arg_1.2 = f32[8,1]{1,0} parameter(1)
+  %convolution_fusion = (bf16[8,16,4,4], u8[0]) fusion(%Arg_0.1, %Arg_1.2), kind=kCustom, calls=%fused_convolution
+  %cublas-gemm.7 = (f32[8,16]{1,0}, s8[0]{0}) custom-call(%Arg_0.1, %Arg_0.1), custom_call_target="__cublas$gemm"
+  %concatenate_fusion = f32[8,17]{1,0} fusion(%Arg_0.1, %Arg_1.2), kind=kLoop, calls=%fused_concatenate
+  %transpose_fusion = f32[16,8]{1,0} fusion(%Arg_0.1), kind=kInput, calls=%fused_transpose
+  %loop_multiply_fusion = f32[8,16]{1,0} fusion(%Arg_0.1), kind=kLoop, calls=%fused_multiply
+  %all-reduce.8 = f32[8,16]{1,0} all-reduce(%loop_multiply_fusion), replica_groups={}, to_apply=%add
+  ROOT %input_reduce_fusion = f32[16]{0} fusion(%all-reduce.8), kind=kInput, calls=%fused_reduce
+}
+"""
+
+
+def test_step_profile_groups_a_gpu_modules_operations_by_what_they_compute():
+    expected = {
+        "convolution_fusion": "convolution",
+        "cublas-gemm.7": "matrix product",
+        "concatenate_fusion": "concatenation",
+        "transpose_fusion": "layout",
+        "loop_multiply_fusion": step_profile.ELEMENTWISE,
+        "all-reduce.8": "collective",
+        "input_reduce_fusion": "reduction",
+    }
+    groups = step_profile.instruction_groups(_GPU_LIKE_HLO)
+    assert {name: groups[name] for name in expected} == expected
 
 
 def test_predict_benchmark_quick_times_decoding_features_and_models(tmp_path):

@@ -68,6 +68,7 @@ class Contender:
     run: Callable[[int], None]
     flops_per_step: float | None = None  # XLA's cost analysis of the compiled step (JAX only)
     peak_flops: float | None = None  # the device's peak at the step's compute dtype, where known
+    hlo_text: str | None = None  # the compiled step's optimised HLO (JAX only), which names the profiled operations
 
 
 def random_batch(setup: Setup, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +183,7 @@ def jax_contender(setup: Setup, warmup: int, convs: str = "fast", half_precision
         run,
         flops,
         peak_flops(device.device_kind, half_precision),
+        step.as_text(),
     )
 
 
