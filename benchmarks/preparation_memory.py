@@ -1,14 +1,15 @@
-"""Peak memory of data preparation's workers over the real split-0 track lengths, old order against the new schedule;
-and, measured, the peak memory of one worker extracting given audio files.
+"""Peak memory of data preparation's workers over the real split-0 track lengths, longest first against the build's
+schedule; and, measured, the peak memory of one worker extracting given audio files.
 
     python -m benchmarks.preparation_memory [--workers 16] [--memory_budget_gb 8]
     python -m benchmarks.preparation_memory --audio FILE [FILE ...] [--features hop512]
 
 Replays stage 1 on the durations of every track of split-0's TSVs (no audio needed): a worker extracting a track
-holds `worker_pool.job_memory(track)` bytes (measured per second of audio, see `worker_pool.WORKER_BYTES_PER_SECOND`)
-for a time proportional to its length. Old: every track sorted longest first, as many running as there are workers.
-New: `worker_pool._Schedule`, the order and memory budget the build uses. Prints the peak of the workers' summed
-memory and how long the whole stage takes relative to a perfect split of the work over the workers.
+holds `extract.track_memory(track, settings)` bytes of the `--features` setting (what it buffers, measured: see
+`extract.TRACK_BYTES_FIXED`) for a time proportional to its length. First every track sorted longest first, as many
+running as there are workers; then `worker_pool._Schedule`, the order and memory budget the build uses. Prints the
+peak of the workers' summed memory and how long the whole stage takes relative to a perfect split of the work over
+the workers.
 
 With --audio, each file is extracted as a build's worker does it (`extract.extract_track`, features into a temporary
 cache) in a fresh process, one BLAS thread, after a one-second warm-up track: prints its resident memory before the
@@ -18,6 +19,7 @@ file, its peak while extracting it (the growth is what the file costs), and the 
 from __future__ import annotations
 
 import argparse
+import functools
 import heapq
 import json
 import subprocess
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import reference_data
-from data_prep import extract, metadata, worker_pool
+from data_prep import extract, features, metadata, worker_pool
 
 METADATA_DIR = reference_data.MTG_JAMENDO_METADATA
 
@@ -36,9 +38,10 @@ def replay(
     workers: int,
     take: Callable[[], extract.TrackJob | None],
     finished: Callable[[extract.TrackJob], None],
+    memory: Callable[[extract.TrackJob], int],
 ) -> tuple[int, float]:
-    """(peak bytes held by the running workers, finishing time) when idle workers start `take()`'s jobs and each
-    job's end is told to `finished`."""
+    """(peak bytes held by the running workers, finishing time) when idle workers start `take()`'s jobs, each
+    holding `memory(job)` bytes, and each job's end is told to `finished`."""
     running: list[tuple[float, int, extract.TrackJob]] = []  # (end time, tie-breaker, job)
     now, held, peak, counter = 0.0, 0, 0, 0
     remaining = len(jobs)
@@ -46,10 +49,10 @@ def replay(
         while len(running) < workers and (job := take()) is not None:
             heapq.heappush(running, (now + job.duration, counter, job))
             counter += 1
-            held += worker_pool.job_memory(job)
+            held += memory(job)
             peak = max(peak, held)
         now, _, job = heapq.heappop(running)
-        held -= worker_pool.job_memory(job)
+        held -= memory(job)
         remaining -= 1
         finished(job)
     return peak, now
@@ -111,7 +114,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     parser.add_argument("--memory_budget_gb", type=float, default=worker_pool.DEFAULT_MEMORY_BUDGET_GB)
     parser.add_argument("--audio", type=Path, nargs="+", help="measure a worker's memory on these audio files")
-    parser.add_argument("--features", default="hop512", help="the feature setting of --audio (default hop512)")
+    parser.add_argument("--features", default="hop512", help="the feature setting (default hop512)")
     args = parser.parse_args()
     if args.audio:
         measure(args.audio, args.features)
@@ -124,27 +127,29 @@ def main() -> None:
     jobs = [extract.TrackJob(track.track_id, track.path, track.duration) for track in tracks]
     ideal = sum(job.duration for job in jobs) / args.workers
 
+    memory = functools.partial(extract.track_memory, settings=features.settings_for(args.features))
     longest_first = sorted(jobs, key=lambda job: -job.duration)
-    old_peak, old_end = replay(
-        jobs, args.workers, lambda: longest_first.pop(0) if longest_first else None, lambda job: None
+    unbudgeted_peak, unbudgeted_end = replay(
+        jobs, args.workers, lambda: longest_first.pop(0) if longest_first else None, lambda job: None, memory
     )
-    schedule = worker_pool._Schedule(jobs, int(args.memory_budget_gb * 2**30))
-    new_peak, new_end = replay(jobs, args.workers, schedule.take, schedule.finished)
+    schedule = worker_pool._Schedule(jobs, int(args.memory_budget_gb * 2**30), memory)
+    peak, end = replay(jobs, args.workers, schedule.take, schedule.finished, memory)
 
-    gib = 2**30
+    gib, mib = 2**30, 2**20
     longest = sorted(job.duration for job in jobs)[-args.workers :]
     print(
         f"split-0: {len(jobs)} tracks, {sum(j.duration for j in jobs) / 3600:.0f} h; the {args.workers} longest: "
-        f"{longest[0] / 60:.0f}-{longest[-1] / 60:.0f} min; {args.workers} workers; "
-        f"{worker_pool.WORKER_BYTES_PER_SECOND / 1e6:.2f} MB per second of audio + "
-        f"{worker_pool.WORKER_BYTES_PER_TRACK / 2**20:.0f} MiB per track"
+        f"{longest[0] / 60:.0f}-{longest[-1] / 60:.0f} min; {args.workers} workers; {args.features}: a worker needs "
+        f"{memory(extract.TrackJob('', '', 60.0)) / mib:.0f} MiB for a 1-min track, "
+        f"{memory(extract.TrackJob('', '', 210.0)) / mib:.0f} MiB for 3.5 min, "
+        f"{memory(extract.TrackJob('', '', max(longest))) / mib:.0f} MiB for the longest"
     )
     print("| order | peak of the workers' memory | stage 1 time / perfect split |")
     print("| --- | --- | --- |")
-    print(f"| old: longest first, one per worker | {old_peak / gib:.1f} GiB | {old_end / ideal:.3f} |")
+    print(f"| longest first, one per worker | {unbudgeted_peak / gib:.1f} GiB | {unbudgeted_end / ideal:.3f} |")
     print(
-        f"| new: longest that fits a {args.memory_budget_gb:g} GiB budget | {new_peak / gib:.1f} GiB | "
-        f"{new_end / ideal:.3f} |"
+        f"| the build's: longest that fits a {args.memory_budget_gb:g} GiB budget | {peak / gib:.1f} GiB | "
+        f"{end / ideal:.3f} |"
     )
 
 

@@ -58,6 +58,28 @@ class TrackJob:
     duration: float  # seconds, from the TSV
 
 
+# What a worker's memory grows by over one track beside the values it buffers (`track_memory`): decode blocks, FFT and
+# projection buffers, the cache writer's gathered frames. Measured as the growth of a fresh worker's peak resident
+# memory over one 44.1 kHz stereo MP3 after a warm-up track (`python -m benchmarks.preparation_memory --audio`,
+# 2026-12-07): hop512 75 MiB for 4 min (values 81 MiB), 198 MiB for 10 min (202), 250 MiB for 20 and 40 min (the
+# 256-MiB cap); hop512_stereo 151 MiB for 4 min (162), 237 MiB for 20 min.
+TRACK_BYTES_FIXED = 32 * 2**20
+# An .npy input is held as read, as float32 values and as float16: bytes per value.
+NPY_BYTES_PER_VALUE = 10
+
+
+def track_memory(job: TrackJob, settings: features_lib.FeatureSettings) -> int:
+    """The estimated peak bytes a worker needs to extract `job`'s features: what it buffers until the track's peak is
+    known (`features.FileFeatures`: the spectrogram values of every signal, at most `features.PEAK_BUFFER_BYTES`,
+    beyond which the file is decoded twice), or a whole .npy input, plus `TRACK_BYTES_FIXED`."""
+    frames_per_second = settings.sample_rate / settings.hop_length
+    if settings.source == "npy":
+        return TRACK_BYTES_FIXED + int(NPY_BYTES_PER_VALUE * settings.n_mels * frames_per_second * job.duration)
+    values = settings.n_fft // 2 + 1 if settings.order == "weighted_db_then_mel" else settings.n_mels
+    buffered = 4 * values * settings.channels * frames_per_second * job.duration  # float32
+    return TRACK_BYTES_FIXED + int(min(buffered, features_lib.PEAK_BUFFER_BYTES))
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """One journal record: the track is cached (``kind == "ok"``) or failed with a reason."""
@@ -318,8 +340,8 @@ def extract_all(
     unreadable last time (looked for again on every run), and failed ones if asked. With `resample`, other sample
     rates and channel counts are resampled and mixed down (tracks that failed for them last time are redone).
 
-    Workers' memory stays under `memory_budget_gb` by the tracks' estimated needs (`worker_pool.job_memory`), except
-    for a single track larger than the budget, which runs alone. A track that overruns its `deadline` is a `timeout`
+    Workers' memory stays under `memory_budget_gb` by the tracks' estimated needs (`track_memory`), except for a
+    single track larger than the budget, which runs alone. A track that overruns its `deadline` is a `timeout`
     failure. OSError(ENOSPC) when a track's features cannot be written for want of space (`files.DISK_FULL_ERRNOS`):
     the tracks finished before it stay in the cache.
     """
@@ -357,7 +379,7 @@ def extract_all(
             todo,
             workers,
             memory_budget=int(memory_budget_gb * 2**30),
-            channels=settings.channels,
+            memory=functools.partial(track_memory, settings=settings),
             jobs_per_worker=tracks_per_worker,
             deadline=deadline,
         ):

@@ -10,9 +10,10 @@ track a worker holds and never waits for one that may hang:
 - A worker that holds a track past its deadline (`data_prep.deadline`: a hung decoder, a stalled network filesystem) is
   killed and replaced, and the track gets a `Failed("timeout")`.
 - A job whose task raises gets a `Failed("error")` naming the exception; the worker goes on with the next.
-- Tracks start longest first, but only while the estimated memory of the tracks in flight (`job_memory`) stays under
-  a budget (`_Schedule`), so memory is bounded whatever the dataset and the mix of track lengths, and long tracks do
-  not finish alone at the end. Workers should return only small records, never arrays.
+- Tracks start longest first, but only while the estimated memory of the tracks in flight (the caller's `memory` of
+  a job: `extract.track_memory` for feature extraction) stays under a budget (`_Schedule`), so memory is bounded
+  whatever the dataset and the mix of track lengths, and long tracks do not finish alone at the end. Workers should
+  return only small records, never arrays.
 
 `run_jobs` yields every job's result (or its `Failed`) in completion order; `run_all` runs them all and then raises
 `JobsFailed` naming those that failed: one bad track neither stops the others nor hangs the run.
@@ -26,7 +27,6 @@ import bisect
 import collections
 import contextlib
 import dataclasses
-import functools
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -39,15 +39,6 @@ import tqdm
 
 from data_prep.deadline import DEFAULT_DEADLINE, Deadline
 
-# Peak memory of a worker per second of audio (hop512 from a 44.1 kHz stereo MP3: the encoded bytes, the decoded
-# float32 stereo waveform, its mono mix and padded copy, the float32 power spectrogram, the mel output and its
-# copies), measured as the growth of the peak RSS of a fresh process over one track: 1.20 MB/s for a 708-s track,
-# 1.74 MB/s for a 31-s one; 1.25 MB/s is kept above the long-track figure, plus a fixed part for short tracks.
-WORKER_BYTES_PER_SECOND = 1_250_000
-# A stereo setting's worker keeps the first channel's features while it computes the second's, and stacks both:
-# 1.43 MB/s measured the same way on a 300-s stereo MP3 (1.25 MB/s for the mono setting on the same file).
-WORKER_BYTES_PER_SECOND_STEREO = 1_450_000
-WORKER_BYTES_PER_TRACK = 32 * 2**20
 DEFAULT_MEMORY_BUDGET_GB = 8.0
 # A worker is replaced after this many tracks, so that a long-lived process cannot accumulate memory.
 DEFAULT_TRACKS_PER_WORKER = 200
@@ -63,11 +54,9 @@ class Job(Protocol):
     def duration(self) -> float: ...
 
 
-def job_memory(job: Job, channels: int = 1) -> int:
-    """The estimated peak bytes of a worker extracting `job` with features of `channels` channels (see
-    WORKER_BYTES_PER_SECOND)."""
-    per_second = WORKER_BYTES_PER_SECOND if channels == 1 else WORKER_BYTES_PER_SECOND_STEREO
-    return WORKER_BYTES_PER_TRACK + int(per_second * job.duration)
+def _no_memory(job: Job) -> int:
+    """Without a memory budget, jobs are ordered by length alone."""
+    return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +182,14 @@ class _Pool:
 
 
 class _Schedule:
-    """Which pending track to start next: the longest whose estimated memory fits the budget beside the tracks in
-    flight, or the longest of all when none is in flight (so that one larger than the budget runs, alone). Long
-    tracks start early, which keeps every worker busy to the end, but never more of them than the budget holds."""
+    """Which pending track to start next: the longest whose estimated memory (`memory(job)`, bytes) fits the budget
+    beside the tracks in flight, or the longest of all when none is in flight (so that one larger than the budget
+    runs, alone). Long tracks start early, which keeps every worker busy to the end, but never more of them than the
+    budget holds."""
 
-    def __init__(self, jobs: Iterable[Job], memory_budget: int, channels: int = 1):
-        self.memory = functools.partial(job_memory, channels=channels)  # a job's estimated bytes
-        self._jobs = sorted(jobs, key=lambda job: (self.memory(job), job.track_id))
+    def __init__(self, jobs: Iterable[Job], memory_budget: int, memory: Callable[[Job], int] = _no_memory):
+        self.memory = memory
+        self._jobs = sorted(jobs, key=lambda job: (self.memory(job), job.duration, job.track_id))
         self._memory = [self.memory(job) for job in self._jobs]
         self.memory_budget = memory_budget
         self.in_flight = 0  # estimated bytes of the tracks being extracted
@@ -231,13 +221,13 @@ def run_jobs(
     workers: int,
     *,
     memory_budget: int = sys.maxsize,
-    channels: int = 1,
+    memory: Callable[[Job], int] = _no_memory,
     jobs_per_worker: int = DEFAULT_TRACKS_PER_WORKER,
     deadline: Deadline = DEFAULT_DEADLINE,
 ) -> Iterator[tuple[Job, object]]:
     """(job, result) of every job, in completion order: `task(job)` run in worker processes (`task` must be
     picklable: a module-level function or a `functools.partial` of one), longest tracks first within the memory
-    budget (`_Schedule`, `job_memory`).
+    budget by each job's estimated bytes, `memory(job)` (`_Schedule`).
 
     No job can end the run or hang it: a job whose task raises, whose worker dies twice (it is tried once more
     alone, in a fresh worker), or that overruns its `deadline` (its worker is killed) gets a `Failed` result.
@@ -245,7 +235,7 @@ def run_jobs(
     jobs = list(jobs)
     if not jobs:
         return
-    schedule = _Schedule(jobs, memory_budget, channels)
+    schedule = _Schedule(jobs, memory_budget, memory)
     suspects: collections.deque[Job] = collections.deque()
     retried: set[str] = set()
     pool = _Pool(min(workers, len(jobs)), task, jobs_per_worker)

@@ -4,6 +4,7 @@ Every build here is a real one (real MP3s, real processes); none may hang, so ea
 """
 
 import dataclasses
+import functools
 import os
 import random
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import extract, layout, metadata, preparation, worker_pool
+from data_prep import extract, features, layout, metadata, preparation, worker_pool
 from data_prep.reader import PARTS, FrameReader, load_prepared
 
 from .conftest import CHUNK_FRAMES
@@ -209,8 +210,9 @@ def test_a_stale_incomplete_folder_of_a_killed_write_is_removed(synthetic_tree, 
 def test_the_schedule_keeps_memory_under_its_budget_and_runs_a_larger_track_alone():
     durations = [3900.0, 2000.0, 600.0, 300.0, 250.0, 200.0, 200.0, 30.0]
     jobs = [extract.TrackJob(f"track_{n}", f"{n}.mp3", duration) for n, duration in enumerate(durations)]
-    budget = worker_pool.job_memory(jobs[2]) + worker_pool.job_memory(jobs[3])
-    schedule = worker_pool._Schedule(jobs, budget)
+    memory = functools.partial(extract.track_memory, settings=features.settings_for("hop512"))
+    budget = memory(jobs[4]) + memory(jobs[5])
+    schedule = worker_pool._Schedule(jobs, budget, memory)
     running, order, peak = [], [], 0
     while len(schedule) or running:
         while (job := schedule.take()) is not None:
@@ -221,7 +223,27 @@ def test_the_schedule_keeps_memory_under_its_budget_and_runs_a_larger_track_alon
         schedule.finished(running.pop(0))
     assert sorted(order) == sorted(durations)
     assert order[0] == 3900.0  # the longest first, alone: it is larger than the budget
-    assert peak == worker_pool.job_memory(jobs[0])
+    assert peak == memory(jobs[0])
+
+
+def test_without_a_budget_the_schedule_starts_the_longest_tracks_first():
+    durations = [30.0, 3900.0, 250.0, 600.0]
+    schedule = worker_pool._Schedule([extract.TrackJob(f"t{d}", "", d) for d in durations], sys.maxsize)
+    assert [schedule.take().duration for _ in durations] == sorted(durations, reverse=True)
+
+
+def test_a_tracks_memory_estimate_is_what_its_worker_buffers_up_to_the_cap():
+    """The values buffered until the track's peak is known: every signal's float32 power spectra (1,025 bins at
+    86.13 frames per second), at most `features.PEAK_BUFFER_BYTES` however long the track."""
+    mono, stereo = features.settings_for("hop512"), features.settings_for("hop512_stereo")
+
+    def buffered(seconds: float, settings: features.FeatureSettings) -> int:
+        return extract.track_memory(extract.TrackJob("t", "t.mp3", seconds), settings) - extract.TRACK_BYTES_FIXED
+
+    assert buffered(240.0, mono) == int(4 * 1025 * 44100 / 512 * 240.0)
+    assert buffered(240.0, stereo) == pytest.approx(2 * buffered(240.0, mono), abs=1)
+    assert buffered(3 * 3600.0, mono) == buffered(3 * 3600.0, stereo) == features.PEAK_BUFFER_BYTES
+    assert buffered(210.0, features.settings_for("essentia96")) < 10 * 2**20  # 96 mels of an .npy, read whole
 
 
 @pytest.mark.parametrize("value", [0, -1])
