@@ -29,7 +29,9 @@ from emorf_jax.models.cp_resnet import (
     STEM_PADDING,
     STEM_STRIDE,
     CPResNet,
+    block_conv_padding,
     block_names,
+    frequency_channel,
 )
 from emorf_jax.models.layers import BN_EPSILON
 
@@ -43,11 +45,6 @@ def _folded(params: Mapping[str, Any], stats: Mapping[str, Any], conv: str, bn: 
     scale = np.asarray(params[bn]["scale"], np.float64) / np.sqrt(np.asarray(stats[bn]["var"], np.float64) + BN_EPSILON)
     bias = np.asarray(params[bn]["bias"], np.float64) - np.asarray(stats[bn]["mean"], np.float64) * scale
     return kernel * scale[:, None, None, None], bias
-
-
-def _frequency_channel(rows: int) -> np.ndarray:
-    """The FA channel's values along frequency, 2f/F - 1 at row f, as `cp_resnet.frequency_channel` computes them."""
-    return (2.0 * np.arange(rows, dtype=np.float32) / rows - 1.0).astype(np.float32)
 
 
 class _Graph:
@@ -80,9 +77,9 @@ class _Graph:
         stride: int = 1,
         padding: int | None = None,
     ) -> str:
-        """A Conv, by default with the authors' padding of a block conv: k // 3, 1 for 3x3 and 0 for 1x1."""
+        """A Conv, by default with the authors' padding of a block conv (`block_conv_padding`)."""
         kernel = weight.shape[-1]
-        padding = kernel // 3 if padding is None else padding
+        padding = block_conv_padding(kernel) if padding is None else padding
         inputs = [x, self.constant(f"{name}.weight", weight.astype(np.float32))]
         if bias is not None:
             inputs.append(self.constant(f"{name}.bias", bias.astype(np.float32)))
@@ -117,7 +114,8 @@ class _Writer:
         key = (rows, self.columns, shift % rows)
         if key not in self.frequency_maps:
             name = f"frequency_channel.{rows}_rows.roll_{shift % rows}"
-            column = np.roll(_frequency_channel(rows), shift).reshape(1, 1, rows, 1)
+            channel = np.asarray(frequency_channel(np.zeros((1, rows, 1, 1), np.float32))).reshape(rows)
+            column = np.roll(channel, shift).reshape(1, 1, rows, 1)
             leading = self.graph.constant(f"{name}.leading_shape", np.array([1, 1, rows], np.int64))
             shape = self.graph.add("Concat", [leading, self.columns], axis=0)
             self.frequency_maps[key] = self.graph.add("Expand", [self.graph.constant(name, column), shape])

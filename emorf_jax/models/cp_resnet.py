@@ -100,6 +100,11 @@ def roll_frequency(x: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.roll(x, shift, axis=1)
 
 
+def block_conv_padding(kernel: int) -> int:
+    """The authors' padding of a block conv of a k x k kernel: k // 3, 1 for 3x3 and 0 for 1x1."""
+    return kernel // 3
+
+
 def frequency_channel(x: jax.Array) -> jax.Array:
     """The FA channel for an NHWC map with F rows: 2*f/F - 1 at row f (-1 at the lowest bin), constant in time."""
     num_rows = x.shape[1]
@@ -208,7 +213,7 @@ class BasicBlock(nn.Module):
     features_shift: bool = False  # see CPResNet
 
     def _conv(self, features: int, kernel: int, init: nn.initializers.Initializer, name: str) -> nn.Module:
-        padding = kernel // 3  # the authors' padding: 1 for 3x3, 0 for 1x1
+        padding = block_conv_padding(kernel)
         return conv_layer(self.fast_cpu_conv)(
             features, (kernel, kernel), padding=[(padding, padding)] * 2, kernel_init=init, dtype=self.dtype, name=name
         )
@@ -226,7 +231,7 @@ class BasicBlock(nn.Module):
         frequency-aware, and its whole input rolled by `shift` frequency rows first when one is given."""
         x = mask_time(x, frames)
         if self.frequency_aware:
-            padding = kernel // 3
+            padding = block_conv_padding(kernel)
             return FrequencyAwareConv(self.features, kernel, padding, init, self.dtype, self.fast_cpu_conv, name=name)(
                 x, shift, frames
             )

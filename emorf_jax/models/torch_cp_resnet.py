@@ -22,6 +22,7 @@ from emorf_jax.models.cp_resnet import (
     STEM_KERNEL,
     STEM_PADDING,
     STEM_STRIDE,
+    block_conv_padding,
     block_names,
     kernel_schedule,
 )
@@ -35,8 +36,8 @@ def _with_frequency_channel(x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int) -> nn.Conv2d:
-    """A bias-free conv with the authors' padding k // 3 (1 for 3x3, 0 for 1x1)."""
-    return nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 3, bias=False)
+    """A bias-free conv with the authors' padding (`block_conv_padding`)."""
+    return nn.Conv2d(in_channels, out_channels, kernel, padding=block_conv_padding(kernel), bias=False)
 
 
 class Branch(nn.Module):
