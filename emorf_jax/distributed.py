@@ -90,7 +90,12 @@ NOTICED_KEY = "emorf_jax/failure_noticed/{}"
 # How long a failing process waits for the others to read its line: process 0 serves the key-value store, so its
 # exit would otherwise cut the others off before they read it.
 NOTICE_SECONDS = 30
+# How long process 0 stays after a failure line was acknowledged (its own or another's): the others end right after
+# the exchange, and the runtime aborts any process still running when process 0, the coordination service, exits.
+EXIT_GRACE_SECONDS = 5
 _WAIT_MS = 3_600_000  # one wait of the watching thread; it waits again after each
+# Set once this process announces its own failure: it ends with its own line, not with one another process sends.
+_ANNOUNCED = threading.Event()
 
 
 def _coordination_client():
@@ -103,7 +108,8 @@ def _coordination_client():
 def watch_for_failures(on_failure: Callable[[str], None]) -> None:
     """In a job of several processes, calls `on_failure(line)` from a thread when another process announces that it
     fails (`announce_failure`), so that this process, most likely waiting for the failed one in a collective or an
-    orbax barrier, ends with the same line at once rather than at a timeout. `on_failure` must end the process."""
+    orbax barrier, ends with the same line at once rather than at a timeout. `on_failure` must end the process. A
+    process that has announced its own failure acknowledges the line and leaves the ending to its announcement."""
     if jax.process_count() == 1:
         return
     client, key = _coordination_client(), FAILURE_KEY.format(jax.process_index())
@@ -119,7 +125,9 @@ def watch_for_failures(on_failure: Callable[[str], None]) -> None:
         if line:
             with contextlib.suppress(Exception):  # the failed process has ended without waiting for the notice
                 client.key_value_set(NOTICED_KEY.format(jax.process_index()), "1", allow_overwrite=True)
-            on_failure(line)
+            if not _ANNOUNCED.is_set():
+                _outlast_the_others()
+                on_failure(line)
 
     def end_watch() -> None:  # before JAX's own exit handler shuts the client down (atexit runs last-in, first-out)
         with contextlib.suppress(Exception):  # the service is gone already: the watch ends on its own
@@ -134,6 +142,7 @@ def announce_failure(line: str) -> None:
     waits up to NOTICE_SECONDS for them to have read it."""
     if jax.process_count() == 1:
         return
+    _ANNOUNCED.set()
     client = _coordination_client()
     others = [process for process in range(jax.process_count()) if process != jax.process_index()]
     for process in others:
@@ -146,6 +155,14 @@ def announce_failure(line: str) -> None:
         with contextlib.suppress(Exception):  # it ended before reading the line, or did not read it in time
             left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
             client.blocking_key_value_get(NOTICED_KEY.format(process), left_ms)
+    _outlast_the_others()
+
+
+def _outlast_the_others() -> None:
+    """On process 0, waits EXIT_GRACE_SECONDS: the other processes, which have just read or acknowledged a failure
+    line and end at once, must be gone before the coordination service it serves goes."""
+    if is_primary():
+        time.sleep(EXIT_GRACE_SECONDS)
 
 
 def check_same_config(config: ml_collections.ConfigDict) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import paper_table, reference_data, step_profile
+from tests.process_output import stderr_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
@@ -15,7 +16,7 @@ REAL_METADATA = reference_data.MTG_JAMENDO_METADATA
 
 def _run(*arguments: str) -> str:
     result = subprocess.run([sys.executable, "-m", *arguments], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     return result.stdout
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from data_prep import build, collection, extract, metadata, preparation, synthetic
 from data_prep.reader import PARTS, load_prepared
+from tests.process_output import stderr_excerpt
 
 from .conftest import CHUNK_FRAMES
 
@@ -72,7 +73,7 @@ def collection_build(synthetic_tree, tmp_path_factory) -> tuple[Path, Path, list
     command += ["--audio_dir", str(synthetic_tree / "audio"), "--data_dir", str(root / "data")]
     command += ["--workers", "2", "--no_progress", "--chunk_frames", str(CHUNK_FRAMES)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     return tags_csv, root / "data", rows, result.stdout
 
 
@@ -248,7 +249,7 @@ def test_a_model_trained_on_a_collection_is_scored_tags_music_with_its_tags_and_
     train = [sys.executable, "-m", "emorf_jax.main", "--config=configs/faresnet.py:test"]
     train += [f"--config.dataset.data_dir={data_dir}", f"--workdir={workdir}"]
     trained = subprocess.run(train, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.returncode == 0, stderr_excerpt(trained.stderr)
     tags = load_prepared(data_dir).tags
     swa = workdir / "report" / "swa"
     assert np.load(swa / "test_predictions.npy").shape[1] == len(tags)

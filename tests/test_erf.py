@@ -15,6 +15,7 @@ from configs import faresnet, vggish
 from emorf_jax import erf, train, training_run
 from emorf_jax.erf import __main__ as erf_command
 from emorf_jax.models import receptive_field
+from tests.process_output import stderr_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +84,7 @@ def test_the_command_draws_a_checkpoint_and_an_untrained_baseline(random_checkpo
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     lines = result.stdout.splitlines()
     rf = receptive_field.exact_rf(faresnet.get_config("test").model.rho)
     assert lines[0].startswith("FA-ResNet, rho=2") and f"maximal RF {rf} x {rf};" in lines[0]

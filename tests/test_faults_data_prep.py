@@ -34,6 +34,7 @@ from data_prep import (
 from data_prep import features as features_lib
 from data_prep.reader import PARTS, load_prepared
 from emorf_jax import input_pipeline
+from tests.process_output import stderr_excerpt
 
 from . import unprivileged
 from .test_build import _shard_bytes
@@ -155,7 +156,7 @@ def test_a_file_that_cannot_be_opened_is_reported_as_unreadable(synthetic_tree, 
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     outcome = json.loads(result.stdout)
     assert outcome["kind"] == "unreadable", outcome
     assert outcome["reason"].startswith(f"cannot read {source}: ") and "Permission denied" in outcome["reason"]

@@ -20,6 +20,7 @@ import pytest
 
 from configs import faresnet
 from emorf_jax import checkpoints, ensemble, train, workdir_lock
+from tests.process_output import stderr_excerpt
 from tests.test_train import _assert_same_end, _latest_params
 from tests.test_train import _command as train_command
 
@@ -41,8 +42,8 @@ def _error_lines(stderr: str) -> list[str]:
 
 
 def _assert_one_line_refusal(result: subprocess.CompletedProcess, *needles: str, status: int = 2) -> str:
-    assert result.returncode == status, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == status, stderr_excerpt(result.stderr)
+    assert "Traceback" not in result.stderr, stderr_excerpt(result.stderr)
     (line,) = _error_lines(result.stderr)
     for needle in needles:
         assert needle in line, line
@@ -55,7 +56,7 @@ def reference_run(prepared_data_dir, tmp_path_factory):
     data_dir, _ = prepared_data_dir
     workdir = tmp_path_factory.mktemp("reference")
     result = _run(_command(data_dir, workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     total = max(int(step) for step in re.findall(r"\] \[(\d+)\] ", result.stderr))
     return data_dir, workdir, total
 
@@ -102,7 +103,7 @@ def test_a_signal_at_a_random_step_saves_it_and_the_rerun_ends_as_an_uninterrupt
     assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
     rerun = _run(_command(data_dir, workdir))
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 0, stderr_excerpt(rerun.stderr)
     assert f"Resuming from step {stopped_at}" in rerun.stderr
     _assert_same_end(workdir, reference)
 
@@ -212,12 +213,12 @@ def test_damaged_final_checkpoints_are_named_and_left_out_of_the_report_and_the_
     (workdir / checkpoints.SNAPSHOTS / str(members[-1]) / "meta" / "metadata").unlink()
 
     rerun = _run(_command(data_dir, workdir))
-    assert rerun.returncode == 3, rerun.stderr[-3000:]
-    assert not _error_lines(rerun.stderr), rerun.stderr[-3000:]
-    assert "Traceback" not in rerun.stderr, rerun.stderr[-3000:]
+    assert rerun.returncode == 3, stderr_excerpt(rerun.stderr)
+    assert not _error_lines(rerun.stderr), stderr_excerpt(rerun.stderr)
+    assert "Traceback" not in rerun.stderr, stderr_excerpt(rerun.stderr)
     left_out = re.findall(r"Left out of the report: the checkpoint (\S+) cannot be read \(\w+", rerun.stderr)
     damaged = [workdir / checkpoints.SWA / str(swa_step), workdir / checkpoints.SNAPSHOTS / str(members[-1])]
-    assert sorted(left_out) == sorted(map(str, damaged)), rerun.stderr[-3000:]
+    assert sorted(left_out) == sorted(map(str, damaged)), stderr_excerpt(rerun.stderr)
 
     report = json.loads((workdir / "report" / "test_report.json").read_text())
     reference_report = json.loads((reference / "report" / "test_report.json").read_text())
@@ -272,11 +273,11 @@ def test_a_failed_restore_prints_no_traceback_of_the_reads_it_abandoned_and_othe
     """Forty arrays, the data file cut in half: the restore raises, and the reads still in flight end quietly on
     orbax's closed event loop, while an unraisable error of another kind is still printed."""
     result = _run([sys.executable, "-c", _RESTORE_A_TRUNCATED_CHECKPOINT, str(tmp_path)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     assert "restore failed: OUT_OF_RANGE" in result.stdout, result.stdout
-    assert "Event loop is closed" not in result.stderr, result.stderr[-3000:]
-    assert result.stderr.count("Traceback") == 1, result.stderr[-3000:]
-    assert "ZeroDivisionError: an unraisable error of ours" in result.stderr, result.stderr[-3000:]
+    assert "Event loop is closed" not in result.stderr, stderr_excerpt(result.stderr)
+    assert result.stderr.count("Traceback") == 1, stderr_excerpt(result.stderr)
+    assert "ZeroDivisionError: an unraisable error of ours" in result.stderr, stderr_excerpt(result.stderr)
 
 
 def test_a_resumable_checkpoint_of_another_model_structure_stops_the_run_in_one_line_and_moves_nothing(
@@ -354,7 +355,7 @@ def test_a_truncated_checkpoint_then_a_full_disk_cost_one_line_each_and_the_reru
     assert not (workdir / workdir_lock.LOCK_NAME).exists()
 
     rerun = _run(_command(data_dir, workdir))
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 0, stderr_excerpt(rerun.stderr)
     _assert_same_end(workdir, reference)
     assert not list(workdir.rglob("*.orbax-checkpoint-tmp*")), "the failed save's temporary directory is removed"
 

@@ -13,6 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from data_prep import extras, metadata
+from tests.process_output import stderr_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_PACKAGES = ("tensorflow", "tensorflow_datasets", "grain", "clu")
@@ -65,10 +66,10 @@ def test_predict_tags_a_file_where_no_training_package_can_be_imported(random_ch
     audio = str(synthetic_tree / "audio" / track.path)
     args = ["--no_progress", audio, f"--checkpoint={random_checkpoints[0]}"]
     tagged = _run_without(TRAINING_PACKAGES, "emorf_jax.predict", *args)
-    assert tagged.returncode == 0, tagged.stderr[-3000:]
+    assert tagged.returncode == 0, stderr_excerpt(tagged.stderr)
     assert tagged.stdout.startswith(f"{audio}\t")
     described = _run_without(TRAINING_PACKAGES, "emorf_jax.predict", f"--describe={random_checkpoints[0]}")
-    assert described.returncode == 0, described.stderr[-3000:]
+    assert described.returncode == 0, stderr_excerpt(described.stderr)
     assert "model            FA-ResNet" in described.stdout
 
 

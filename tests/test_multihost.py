@@ -18,6 +18,7 @@ import pytest
 
 from configs import faresnet
 from emorf_jax import checkpoints, distributed, train
+from tests.process_output import stderr_excerpt
 from tests.test_faults_training import _with_file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def _finish(processes: list[subprocess.Popen], workdir: Path) -> list[tuple[int,
 def _run_two_processes(data_dir: Path, workdir: Path) -> list[tuple[int, str, str]]:
     results = _finish(_start_two_processes(data_dir, workdir), workdir)
     for index, (returncode, _, stderr) in enumerate(results):
-        assert returncode == 0, f"process {index}: {stderr[-3000:]}"
+        assert returncode == 0, f"process {index}: {stderr_excerpt(stderr)}"
     return results
 
 
@@ -130,7 +131,8 @@ def test_two_processes_killed_and_resumed_end_as_one_process_with_two_devices(si
         process.send_signal(signal.SIGKILL)
     outputs = _finish(processes, workdir)
     assert _has_steps(workdir / checkpoints.LATEST), (
-        "no checkpoint before a process ended or the timeout: " + " | ".join(stderr[-2000:] for _, _, stderr in outputs)
+        "no checkpoint before a process ended or the timeout: "
+        + " | ".join(stderr_excerpt(stderr) for _, _, stderr in outputs)
     )
     killed_at, _ = _latest(workdir)
     reference_step, reference_weights = _latest(reference)
@@ -184,7 +186,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_saved_step(p
     stops = []
     for index, (returncode, _, stderr) in enumerate(outputs):
         expected = 128 + (signal_number if index == 1 else signal.SIGTERM)
-        assert returncode == expected, f"process {index}: {stderr[-3000:]}"
+        assert returncode == expected, f"process {index}: {stderr_excerpt(stderr)}"
         stops += [int(step) for step in re.findall(r"Stopped by a signal after step (\d+) of \d+", stderr)]
     assert len(stops) == 2 and stops[0] == stops[1] and 2 <= stops[0] < 7, stops
     assert _latest(workdir)[0] == stops[0]
@@ -192,8 +194,8 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_saved_step(p
 
 def test_a_full_disk_on_one_process_ends_every_process_at_once_with_the_same_line(single_process_run, tmp_path):
     """Process 0, which writes the checkpoints, meets a file size limit during its first save; process 1, then
-    waiting for it inside the save, must end at once with the same line and status (before, the runtime aborted it
-    when process 0 exited)."""
+    waiting for it inside the save, must end at once with the same line and status, not be aborted by the runtime
+    when process 0, which serves the coordination service, exits."""
     data_dir, reference = single_process_run
     first_save = min(_steps(reference / checkpoints.LATEST))
     limit = _largest_file(reference / checkpoints.LATEST / str(first_save)).stat().st_size // 2
@@ -211,7 +213,7 @@ def test_a_full_disk_on_one_process_ends_every_process_at_once_with_the_same_lin
     outputs = _finish(processes, workdir)
     lines = []
     for index, (returncode, _, stderr) in enumerate(outputs):
-        assert returncode == 1, f"process {index}: {stderr[-3000:]}"
+        assert returncode == 1, f"process {index}: {stderr_excerpt(stderr)}"
         lines.append([line for line in stderr.splitlines() if line.startswith("error: ")])
     assert lines[0] == lines[1] and len(lines[0]) == 1, lines
     checkpoints_dir = re.escape(str(workdir / checkpoints.LATEST))
@@ -240,7 +242,7 @@ def test_processes_started_with_different_configs_are_refused(prepared_data_dir,
         assert returncode != 0
         assert (
             "2 processes were started with different configs: process 1 differs from process 0 in model.rho" in stderr
-        ), stderr[-3000:]
+        ), stderr_excerpt(stderr)
     assert not (workdir / "config.json").exists()
 
 
@@ -260,4 +262,6 @@ def test_a_partial_set_of_explicit_flags_or_no_cluster_is_refused_before_anythin
         timeout=TIMEOUT,
     )
     assert result.returncode != 0
-    assert "no SLURM, Open MPI, Cloud TPU or Kubernetes job was detected" in result.stderr, result.stderr[-3000:]
+    assert "no SLURM, Open MPI, Cloud TPU or Kubernetes job was detected" in result.stderr, stderr_excerpt(
+        result.stderr
+    )

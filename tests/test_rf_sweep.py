@@ -14,6 +14,7 @@ import pytest
 
 from emorf_jax import checkpoints, report, rf_sweep, run_folder
 from emorf_jax.models import receptive_field
+from tests.process_output import stderr_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 RHOS = (1, 2)
@@ -61,7 +62,7 @@ def test_a_killed_sweep_continues_without_retraining_its_finished_run(prepared_d
     finished_files = _modification_times(first)
 
     result = subprocess.run(_command(data_dir, workdir), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     assert _modification_times(first) == finished_files, "the finished run was touched again"
     assert run_folder.is_finished(str(second))
     for run_dir in (first, second):
@@ -119,7 +120,7 @@ def test_clear_errors_before_any_training(arguments, message, tmp_path):
     workdir = tmp_path / "sweep"
     command = [sys.executable, "-m", "emorf_jax.rf_sweep", *arguments, f"--workdir={workdir}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.returncode == 2, stderr_excerpt(result.stderr)
     lines = result.stderr.strip().splitlines()
     assert message in lines[-1] and lines[-1].startswith("error: ") and "Traceback" not in result.stderr
     assert not workdir.exists(), "nothing may be written before the arguments are checked"

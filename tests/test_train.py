@@ -35,6 +35,7 @@ from emorf_jax import (
 )
 from emorf_jax.ensemble import __main__ as ensemble_command
 from emorf_jax.tagger import load_tagger, model_card
+from tests.process_output import stderr_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def _run(data_dir: Path, workdir: Path, *overrides: str) -> str:
     result = subprocess.run(
         _command(data_dir, workdir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     return result.stdout
 
 
@@ -459,5 +460,5 @@ def test_compilation_cache_keeps_compiled_programs_in_the_workdir(tmp_path):
         timeout=300,
         env=environment,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     assert any((tmp_path / "xla_cache").iterdir())

@@ -17,6 +17,7 @@ from flax import jax_utils
 from configs import faresnet
 from data_prep import features
 from emorf_jax import losses, split_predictions, train, weight_averaging, windowing
+from tests.process_output import stderr_excerpt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,7 @@ def test_two_devices_train_as_one_over_every_step_in_float64(tmp_path):
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, stderr_excerpt(result.stderr)
     with histories.open("rb") as f:
         one, two = pickle.load(f)
     assert len(one) == len(two) == _STEPS + 1
