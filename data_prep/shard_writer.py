@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import shutil
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,14 +67,16 @@ def frame_statistics(arrays: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     """Per-row mean and (population) std over the frames of all arrays, streamed in float64.
 
     Chan's pairwise update merges one array at a time (a block of a track's frames: `STATISTICS_BLOCK_FRAMES`), so
-    neither memory nor precision depends on the number of tracks or on their length.
+    neither memory nor precision depends on the number of tracks or on their length. Within a block, one pass: the
+    sum and the sum of squares in float64 (a block's squared deviations then differ from a second pass's by about
+    1e-15 of them on log-mel values; a quarter of the time).
     """
     count, mean, m2 = 0, None, None
     for array in arrays:
         values = np.asarray(array, dtype=np.float64)
         n = values.shape[1]
-        track_mean = values.mean(axis=1)
-        track_m2 = np.square(values - track_mean[:, None]).sum(axis=1)
+        track_mean = values.sum(axis=1) / n
+        track_m2 = np.maximum(np.einsum("ij,ij->i", values, values) - n * np.square(track_mean), 0.0)
         if mean is None:
             count, mean, m2 = n, track_mean, track_m2
             continue
@@ -175,6 +178,12 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
             **self._plan.extra_metadata,
         )
         return {part: self._generate_examples(part) for part in PARTS}
+
+    def _make_download_manager(self, download_dir, download_config) -> types.SimpleNamespace:
+        """A local build downloads nothing: TFDS's download manager would parse the checksum files of every dataset
+        TFDS knows (0.23 s of the build's serial part) only for the size downloaded, 0, that it records."""
+        del download_dir, download_config
+        return types.SimpleNamespace(downloaded_size=0)
 
     def _log_download_bytes(self) -> None:
         """TFDS announces the size of a download here; a local build downloads nothing ("Unknown size")."""
