@@ -10,10 +10,10 @@ _CAUSE = re.compile(
 MAX_CHARS = 3000
 
 
-def stderr_excerpt(stderr: str, max_chars: int = MAX_CHARS) -> str:
-    """The lines naming a crash's cause (up to a third of `max_chars`), then the end of stderr, without the list of
+def stderr_excerpt(stderr: str) -> str:
+    """The lines naming a crash's cause (up to a third of MAX_CHARS), then the end of stderr, without the list of
     extension modules that Python's fatal-error handler prints (several kB of module names)."""
     lines = [line for line in stderr.splitlines() if not line.startswith("Extension modules:")]
-    causes = "\n".join(line for line in lines if _CAUSE.match(line))[: max_chars // 3]
-    tail = "\n".join(lines)[-(max_chars - len(causes)) :]
+    causes = "\n".join(line for line in lines if _CAUSE.match(line))[: MAX_CHARS // 3]
+    tail = "\n".join(lines)[-(MAX_CHARS - len(causes)) :]
     return f"{causes}\n[...]\n{tail}" if causes else tail
