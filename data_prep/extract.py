@@ -24,8 +24,6 @@ import itertools
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -277,43 +275,38 @@ def _write_features(target: Path, shape: tuple[int, ...], blocks: Iterable[np.nd
     `np.save` writes of the whole array; memory holds a few thousand frames, whatever the track's length. False, and
     no file, when a value exceeds the float16 range.
 
-    The blocks go into a file without a name in the cache's folder (the rows of a (bins, frames) array are written
-    a block at a time, at their offsets), which a worker killed while it computes leaves nowhere; the whole is then
-    copied through a temporary file renamed into place, as `files.write_atomically` does (a file there is whole)."""
+    The rows of a (bins, frames) array are written a block at a time, at their offsets, into a temporary file that
+    is renamed into place once whole, as `files.write_atomically` does (a file there is whole): on an error or an
+    overflow the temporary file is removed, and one that a killed worker leaves is removed by the next run
+    (`TrackCache.tidy`)."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": shape})
     start, rows, frames = len(header.getvalue()), math.prod(shape[:-1]), shape[-1]
-    with tempfile.TemporaryFile(dir=target.parent) as unnamed:
-        unnamed.write(header.getvalue())
-        unnamed.flush()
-        written, gathered = 0, []
-        for block in itertools.chain(blocks, [None]):  # None: the end, where the last frames gathered are written
-            if block is not None:
-                stored = block.astype(np.float16)
-                if not np.isfinite(stored).all():
-                    return False
-                gathered.append(stored)
-            if gathered and (block is None or sum(part.shape[-1] for part in gathered) >= _WRITE_FRAMES):
-                values = np.concatenate(gathered, axis=-1).reshape(rows, -1)
-                for row, row_values in enumerate(values):
-                    os.pwrite(unnamed.fileno(), row_values.tobytes(), start + 2 * (row * frames + written))
-                written, gathered = written + values.shape[1], []
-        if written != frames:
-            raise RuntimeError(f"{written} frames of features computed for {target}, {frames} announced")
-        unnamed.seek(0)
-        temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
-        try:
-            with temporary.open("wb") as named:
-                shutil.copyfileobj(unnamed, named, _COPY_BYTES)
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+    temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
+    try:
+        with temporary.open("wb") as out:
+            out.write(header.getvalue())
+            out.flush()
+            written, gathered = 0, []
+            for block in itertools.chain(blocks, [None]):  # None: the end, where the last frames gathered are written
+                if block is not None:
+                    stored = block.astype(np.float16)
+                    if not np.isfinite(stored).all():
+                        temporary.unlink()
+                        return False
+                    gathered.append(stored)
+                if gathered and (block is None or sum(part.shape[-1] for part in gathered) >= _WRITE_FRAMES):
+                    values = np.concatenate(gathered, axis=-1).reshape(rows, -1)
+                    for row, row_values in enumerate(values):
+                        os.pwrite(out.fileno(), row_values.tobytes(), start + 2 * (row * frames + written))
+                    written, gathered = written + values.shape[1], []
+            if written != frames:
+                raise RuntimeError(f"{written} frames of features computed for {target}, {frames} announced")
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return True
-
-
-# Bytes copied at a time from a track's unnamed features file to its named one.
-_COPY_BYTES = 2**22
 
 
 # Outcomes that a rerun can mend without --retry_failed: the file is looked for again on every run.
