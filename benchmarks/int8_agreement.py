@@ -5,8 +5,8 @@ and the test split's PR-AUC.
     python -m benchmarks.int8_agreement --quick    # tiny synthetic tracks, random kernels: the script cannot rot
 
 The float reference is the checkpoint's exported ONNX model (`export.cached_onnx`), whose outputs are the JAX path's
-within float32 rounding. Each int8 setting (`export.quantize_onnx`'s scope and calibration method) quantises that model
-with the calibration `predict --precision=int8` uses: the first windows of the folder's files
+within float32 rounding. Each int8 setting (`export.quantize_onnx`'s scope, calibration method and weight rounding)
+quantises that model with the calibration `predict --precision=int8` uses: the first windows of the folder's files
 (`tagger.calibration_windows`, 64 windows, at most 4 per file). Every track is tagged by the float model and each int8
 copy through the same `Tagger`; the table gives, per setting, the share of tracks whose top tag and whose top-5 set
 are unchanged, the largest and mean change of a probability, and the test split's PR-AUC-macro and ROC-AUC-macro
@@ -31,12 +31,14 @@ from data_prep import synthetic as synthetic_tracks
 from emorf_jax import checkpoints, export, metrics, tagger, track_features
 from emorf_jax.models import registry
 
-SETTINGS = [  # (scope, method, reduce_range)
-    ("all", "minmax", False),
-    ("all", "minmax", True),
-    ("convolutions", "minmax", True),
-    ("stage1_convolutions", "minmax", False),
-    ("stage1_convolutions", "minmax", True),
+SETTINGS = [  # (scope, method, reduce_range, rounding)
+    ("all", "minmax", False, "nearest"),
+    ("all", "minmax", True, "nearest"),
+    ("convolutions", "minmax", True, "nearest"),
+    ("stage1_convolutions", "minmax", False, "nearest"),
+    ("stage1_convolutions", "minmax", False, "gptq"),
+    ("stage1_leading_3x3", "minmax", False, "nearest"),
+    ("stage1_leading_3x3", "minmax", False, "gptq"),
 ]
 TOP_K = 5
 
@@ -76,7 +78,7 @@ def scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     return {"pr_auc_macro": float(figures["PR-AUC-macro"]), "roc_auc_macro": float(figures["ROC-AUC-macro"])}
 
 
-def measure(checkpoint: str, audio_dir: Path, metadata_dir: Path, settings: list[tuple[str, str, bool]]) -> dict:
+def measure(checkpoint: str, audio_dir: Path, metadata_dir: Path, settings: list[tuple[str, str, bool, str]]) -> dict:
     meta = checkpoints.load_checkpoint(checkpoint)[1]
     files = tagger.audio_files([str(audio_dir)])
     test = metadata.read_tracks(metadata.split_tsv_path(metadata_dir, 0, "test"))
@@ -96,11 +98,11 @@ def measure(checkpoint: str, audio_dir: Path, metadata_dir: Path, settings: list
         "int8": {},
     }
     with tempfile.TemporaryDirectory(prefix="emorf_int8_") as work:
-        for scope, method, reduce_range in settings:
-            name = f"{scope}, {method}" + (", 7-bit weights" if reduce_range else "")
+        for scope, method, reduce_range, rounding in settings:
+            name = f"{scope}, {method}" + (", 7-bit weights" if reduce_range else "") + f", {rounding} rounding"
             start = time.perf_counter()
-            output = Path(work) / f"{scope}-{method}-{reduce_range}.onnx"
-            quantized = export.quantize_onnx(float_model, windows, output, scope, method, reduce_range)
+            output = Path(work) / f"{scope}-{method}-{reduce_range}-{rounding}.onnx"
+            quantized = export.quantize_onnx(float_model, windows, output, scope, method, reduce_range, rounding)
             seconds = time.perf_counter() - start
             probabilities = tag_folder(onnx_tagger(checkpoint, quantized), files)
             results["int8"][name] = {
@@ -114,8 +116,10 @@ def measure(checkpoint: str, audio_dir: Path, metadata_dir: Path, settings: list
 
 def table(results: dict) -> str:
     lines = [
-        "| int8 setting (scope, calibration) | top-1 unchanged | top-5 set unchanged (all / test) | largest change "
-        "| mean change | test PR-AUC-macro (float32 {:.4f}) |".format(results["float32"]["pr_auc_macro"]),
+        "| int8 setting (scope, calibration, rounding) | top-1 unchanged | top-5 set unchanged (all / test) "
+        "| largest change | mean change | test PR-AUC-macro (float32 {:.4f}) |".format(
+            results["float32"]["pr_auc_macro"]
+        ),
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, figures in results["int8"].items():
@@ -144,7 +148,7 @@ def main() -> None:
             synthetic = [sys.executable, "-m", "data_prep.synthetic", f"--out={scratch}/synthetic", "--tracks=24"]
             subprocess.run([*synthetic, "--duration=3", "--workers=1"], check=True, capture_output=True)
             save_checkpoint(Path(scratch), 4, 172, synthetic_tracks.label_tags())
-            settings = SETTINGS[:2]
+            settings = [SETTINGS[0], SETTINGS[-1]]  # every operator, and the default
         elif not args.workdir:
             parser.error("give --workdir (a finished demo run) or --quick")
         workdir = Path(args.workdir)

@@ -251,7 +251,8 @@ def test_int8_agreement_benchmark_quick_compares_each_setting_with_the_float_mod
     output = _run("benchmarks.int8_agreement", "--quick")
     figures = json.loads(output[output.index("\n{") + 1 :])
     assert figures["tracks"] == 24 and 0 < figures["test_tracks"] < 24 and 24 <= figures["calibration_windows"] <= 64
-    assert len(figures["int8"]) == 2 and "| all, minmax |" in output
+    assert len(figures["int8"]) == 2 and "| all, minmax, nearest rounding |" in output
+    assert "| stage1_leading_3x3, minmax, gptq rounding |" in output  # the default
     for setting in figures["int8"].values():
         for part in ("all_tracks", "test_tracks"):
             assert 0.0 <= setting[part]["top5_set_unchanged"] <= 1.0 and setting[part]["largest_change"] >= 0.0

@@ -20,6 +20,7 @@ import pytest
 from data_prep import features
 from emorf_jax import checkpoints, export, split_predictions
 from emorf_jax.export import __main__ as export_command
+from emorf_jax.export import gptq
 from emorf_jax.models import from_torch_state_dict, registry
 from emorf_jax.models.cp_resnet import MAX_RHO, MIN_INPUT_SIZE
 
@@ -305,9 +306,10 @@ def test_the_command_refuses_an_unknown_format_a_baseline_and_a_missing_checkpoi
 
 
 def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calibration(saved, tmp_path):
-    """int8 weights per channel and uint8 activations (QDQ) in the first stage's convolutions of the activations alone
-    (`quantize_onnx`'s default), logits within a few percent of the float model's on windows it was not calibrated
-    on; one quantisation per (checkpoint, calibration key), whose windows are computed only when it is not cached."""
+    """int8 weights per channel and uint8 activations (QDQ) in the 3x3 convolutions of the activations of stage 1's
+    first two blocks alone (`quantize_onnx`'s default), their weights as GPTQ rounds them, logits within a few
+    percent of the float model's on windows it was not calibrated on; one quantisation per (checkpoint, calibration
+    key), whose windows are computed only when it is not cached."""
     computed = []
 
     def windows(count: int):
@@ -319,9 +321,22 @@ def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calib
     graph = onnx.load(str(quantised)).graph
     operators = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= operators
-    int8_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4}
-    first_stage = {f"cp_resnet.stage1.block{b}.conv{c}.weight_quantized" for b in range(1, 5) for c in (1, 2)}
-    assert int8_weights == first_stage  # neither the FA channel's convolutions nor those of later stages
+    int8_weights = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4}
+    leading = [f"cp_resnet.stage1.block{b}.conv{c}.weight" for b, c in ((1, 1), (2, 1), (2, 2))]
+    # Not block 1's 1x1 conv2, nor the later blocks, the later stages or the FA channel's convolutions.
+    assert set(int8_weights) == {f"{name}_quantized" for name in leading}
+    float_model = onnx.load(str(export.cached_onnx(saved["fa_resnet"], tmp_path)))
+    feeds = [{export.INPUT_NAME: window[None]} for window in _stored_windows(4, 400, seed=5)]  # the calibration's
+    names = [node.name for node in float_model.graph.node if node.op_type == "Conv" and node.input[1] in leading]
+    rounded = {
+        t.name: onnx.numpy_helper.to_array(t)
+        for t in gptq.round_convolutions(float_model, names, feeds).graph.initializer
+    }
+    for name in leading:  # ONNX Runtime stores GPTQ's levels exactly
+        levels = (
+            rounded[name] / (np.abs(rounded[name]).reshape(len(rounded[name]), -1).max(1) / 127)[:, None, None, None]
+        )
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(int8_weights[f"{name}_quantized"]), np.round(levels))
     stored = _stored_windows(2, 500, seed=6)
     float_session, int8_session = (
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -337,3 +352,49 @@ def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calib
     assert other != quantised and other.exists() and computed == [4, 2]
     with pytest.raises(ValueError, match="at least one calibration window"):
         export.quantize_onnx(quantised, [], tmp_path / "none.onnx")
+
+
+@pytest.mark.parametrize(("kernel", "stride", "pads"), [((3, 3), 1, 1), ((5, 5), 2, 1), ((1, 1), 1, 0)])
+def test_gptq_rounds_a_convolutions_weights_to_int8_steps_that_change_its_outputs_less_than_nearest(
+    kernel, stride, pads
+):
+    """The unfolded inputs are what the Conv multiplies (its outputs from ONNX Runtime, every position); the rounded
+    weights are ONNX Runtime's int8 steps (max |w| / 127 per output channel, the largest at +-127), and on those
+    inputs their outputs' error is below that of rounding each weight to the nearest step (well below for a kernel
+    wider than 1x1)."""
+    rng = np.random.default_rng(3)
+    noise = rng.normal(size=(1, 16, 14, 41)).astype(np.float32)
+    # ReLU-like: a positive mean, correlated along time and across channels, as feature maps are
+    inputs = np.maximum(noise + np.roll(noise, 1, axis=3) + noise[:, :1] + 0.5, 0.0)
+    weights = rng.normal(size=(8, 16, *kernel)).astype(np.float32)
+    node = onnx.helper.make_node(
+        "Conv", ["x", "w"], ["y"], kernel_shape=list(kernel), strides=[stride] * 2, pads=[pads] * 4
+    )
+    graph = onnx.helper.make_graph(
+        [node],
+        "conv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, inputs.shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weights, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", export.OPSET)])
+    outputs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": inputs}
+    )[0]
+    positions = gptq.output_positions(inputs, node, 10**6, rng)
+    assert len(positions) == outputs.shape[2] * outputs.shape[3]
+    unfolded = gptq.unfolded_inputs(inputs, node, positions).astype(np.float64)
+    np.testing.assert_allclose(weights.reshape(8, -1) @ unfolded, outputs.reshape(8, -1), atol=1e-4)
+
+    rounded = gptq.rounded_weights(weights, unfolded @ unfolded.T)
+    steps = np.abs(weights).reshape(8, -1).max(1) / gptq.INT8_STEPS
+    levels = rounded.reshape(8, -1) / steps[:, None]
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    np.testing.assert_array_equal(np.abs(np.round(levels)).max(1), gptq.INT8_STEPS)
+    nearest = np.round(weights.reshape(8, -1) / steps[:, None]) * steps[:, None]
+
+    def output_error(candidate: np.ndarray) -> float:
+        return float(np.linalg.norm((candidate.reshape(8, -1) - weights.reshape(8, -1)) @ unfolded))
+
+    # Neighbouring taps of a wider kernel see correlated inputs, which the compensation uses most.
+    assert output_error(rounded) < (0.8 if np.prod(kernel) > 1 else 1.0) * output_error(nearest)

@@ -26,10 +26,12 @@ import numpy as np
 
 from emorf_jax import checkpoints, split_predictions
 from emorf_jax.models import registry
-from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, CPResNet, block_names
+from emorf_jax.models.cp_resnet import MIN_INPUT_SIZE, POOLED_BLOCKS, CPResNet, block_names
 from emorf_jax.models.torch_export import to_torch_state_dict
 
-if TYPE_CHECKING:  # torch is optional: the [export] extra
+if TYPE_CHECKING:  # torch is optional: the [export] extra; onnx is imported where a graph is read or written
+    import onnx
+
     from emorf_jax.models.torch_cp_resnet import TorchCPResNet
 
 FORMATS = ("torch", "onnx")
@@ -37,8 +39,13 @@ OPSET = 18  # the ONNX operator set of the exported graphs: onnxruntime >= 1.14 
 INPUT_NAME, OUTPUT_NAME, EMBEDDING_NAME = "spectrogram", "logits", "embedding"
 INPUT_DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "int8")
-INT8_SCOPES = ("all", "convolutions", "stage1_convolutions")
+INT8_SCOPES = ("all", "convolutions", "stage1_convolutions", "stage1_leading_3x3")
 INT8_METHODS = ("minmax", "percentile", "entropy")
+INT8_ROUNDINGS = ("nearest", "gptq")
+# What `predict --precision int8` quantises: part of the cached copy's key, so that another default quantises again.
+INT8_DEFAULT = {"scope": "stage1_leading_3x3", "method": "minmax", "reduce_range": False, "rounding": "gptq"}
+# Stage 1's blocks up to its second pooling (`POOLED_BLOCKS`): the two highest resolutions, scope stage1_leading_3x3.
+LEADING_BLOCKS = tuple(range(1, sorted(block for stage, block in POOLED_BLOCKS if stage == 1)[1] + 1))
 SETTINGS_FORMAT = "emorf_jax.export/1"
 GRAPH_FORMAT = "onnx_graph/1"  # part of the cache key of exported models: a new layout of the graph exports again
 # What the plain install brings for the ONNX format and the onnxruntime backend, and what the torch format adds.
@@ -175,18 +182,22 @@ def quantize_onnx(
     model: str | Path,
     calibration: Sequence[np.ndarray],
     output: str | Path,
-    scope: str = "stage1_convolutions",
-    method: str = "minmax",
-    reduce_range: bool = False,
+    scope: str = INT8_DEFAULT["scope"],
+    method: str = INT8_DEFAULT["method"],
+    reduce_range: bool = INT8_DEFAULT["reduce_range"],
+    rounding: str = INT8_DEFAULT["rounding"],
 ) -> Path:
     """An int8 copy of an exported model (ONNX Runtime's static QDQ quantisation: int8 weights per output channel,
     7-bit with `reduce_range`, and uint8 activations whose ranges `method` sets from `calibration`, stored windows
     (frames, *frame_shape) as the model's input takes them, one at a time). `scope` says what runs in int8: every
-    operator ONNX Runtime quantises ("all"), every convolution, or the first stage's convolutions only, which hold
-    86 % of the FLOPs at the paper's width; the rest stays float32. The default, first-stage convolutions with the
-    minima and maxima as ranges, moved the tags least of the settings measured (benchmarks/RESULTS.md, "int8 that
-    keeps the tags"); with "minmax" the calibration keeps only each tensor's extremes per window, so memory does not
-    grow with their number."""
+    operator ONNX Runtime quantises ("all"), every convolution, the first stage's convolutions (86 % of the FLOPs at
+    the paper's width), or the 3x3 convolutions of its first two blocks, at the two highest resolutions (71 %); the
+    rest stays float32. `rounding`: the convolutions' weights rounded to the nearest step, or so that their outputs on
+    the calibration windows change least (`gptq`). The default, the leading 3x3 convolutions with GPTQ rounding and
+    the minima and maxima as ranges, moved the tags least of the settings measured, and ran fastest at the paper's
+    width (benchmarks/RESULTS.md, "int8 that keeps the tags"); with "minmax" the calibration keeps only each
+    tensor's extremes per window, so memory does not grow with their number."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -196,23 +207,32 @@ def quantize_onnx(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from emorf_jax.export import gptq
+
     if not calibration:
         raise ValueError("int8 quantisation needs at least one calibration window")
-    if scope not in INT8_SCOPES or method not in INT8_METHODS:
-        raise ValueError(f"int8 scope {scope!r}, method {method!r}: use {INT8_SCOPES} and {INT8_METHODS}")
+    if scope not in INT8_SCOPES or method not in INT8_METHODS or rounding not in INT8_ROUNDINGS:
+        raise ValueError(
+            f"int8 scope {scope!r}, method {method!r}, rounding {rounding!r}: "
+            f"use {INT8_SCOPES}, {INT8_METHODS} and {INT8_ROUNDINGS}"
+        )
+    feeds = [{INPUT_NAME: np.asarray(window, np.float16)[None]} for window in calibration]
 
     class Windows(CalibrationDataReader):
         def __init__(self) -> None:
-            self.remaining = iter(calibration)
+            self.remaining = iter(feeds)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            window = next(self.remaining, None)
-            return None if window is None else {INPUT_NAME: np.asarray(window, np.float16)[None]}
+            return next(self.remaining, None)
 
     output = Path(output)
     with tempfile.TemporaryDirectory(prefix="emorf_quantize_", dir=output.parent) as directory:
         prepared = Path(directory) / "prepared.onnx"
         quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        convolutions = _quantised_convolutions(onnx.load(str(prepared)), scope)
+        if rounding == "gptq":
+            rounded = gptq.round_convolutions(onnx.load(str(prepared)), convolutions, feeds)
+            onnx.save(rounded, str(prepared))
         quantize_static(
             str(prepared),
             str(output),
@@ -223,7 +243,7 @@ def quantize_onnx(
             weight_type=QuantType.QInt8,
             reduce_range=reduce_range,
             op_types_to_quantize=None if scope == "all" else ["Conv"],
-            nodes_to_quantize=_stage1_convolutions(prepared) if scope == "stage1_convolutions" else None,
+            nodes_to_quantize=None if scope in ("all", "convolutions") else convolutions,
             calibrate_method={
                 "minmax": CalibrationMethod.MinMax,
                 "percentile": CalibrationMethod.Percentile,
@@ -233,17 +253,23 @@ def quantize_onnx(
     return output
 
 
-def _stage1_convolutions(model: Path) -> list[str]:
-    """The names of the first stage's convolutions of the activations (their weights' names hold the stage's name),
-    not of the FA channel's one-example map (`onnx_graph`: weights named `.fa.weight`), which is added to every
-    example alike, so that its rounding would shift them all the same way."""
-    import onnx
-
-    return [
-        node.name
-        for node in onnx.load(str(model)).graph.node
-        if node.op_type == "Conv" and ".stage1." in node.input[1] and not node.input[1].endswith(".fa.weight")
-    ]
+def _quantised_convolutions(model: onnx.ModelProto, scope: str) -> list[str]:
+    """The names of the Conv nodes of the activations that `scope` quantises (their weights' names hold the stage's
+    and block's names): never the FA channel's one-example map (`onnx_graph`: weights named `.fa.weight`), which is
+    added to every example alike, so that its rounding would shift them all the same way."""
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1].endswith(".fa.weight"):
+            continue
+        leading = any(f".stage1.block{block}." in node.input[1] for block in LEADING_BLOCKS)
+        if (
+            scope in ("all", "convolutions")
+            or (scope == "stage1_convolutions" and ".stage1." in node.input[1])
+            or (scope == "stage1_leading_3x3" and leading and tuple(weights[node.input[1]].dims[2:]) == (3, 3))
+        ):
+            names.append(node.name)
+    return names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,7 +297,7 @@ def cached_onnx(checkpoint: str, cache_dir: str | Path | None = None, calibratio
         os.replace(partial, output)  # whole or absent, whatever runs at the same time
     if calibration is None:
         return output
-    digest.update(b"int8 of the default setting, calibrated on " + calibration.key.encode())
+    digest.update(f"int8 {sorted(INT8_DEFAULT.items())} calibrated on {calibration.key}".encode())
     quantized = cache / f"{digest.hexdigest()[:32]}.int8.onnx"
     if not quantized.exists():
         partial = quantize_onnx(output, calibration.windows(), cache / f"{quantized.stem}.{os.getpid()}.part")

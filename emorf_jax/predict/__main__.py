@@ -96,9 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         default="float32",
-        help="float32, or int8 (the onnxruntime backend, the CPU default): each exported model with its first "
-        "stage's convolutions in int8, faster, with slightly different probabilities (docs/tagging.md); it is "
-        "calibrated on --calibration_audio and cached",
+        help="float32, or int8 (the onnxruntime backend, the CPU default): each exported model with its largest "
+        "convolutions in int8, faster, with slightly different probabilities (docs/tagging.md); it is calibrated on "
+        "--calibration_audio and cached",
     )
     parser.add_argument(
         "--calibration_audio",
