@@ -111,6 +111,14 @@ class DeterministicExampleWriter(tfds_writer.ExampleWriter):
         return super().write(path, canonical)
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The info of a dataset built here, which has no published copy: TFDS would look for one in a new temporary
+    folder that it leaves behind, one per build, in the system's temporary folder."""
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to read: the info is the builder's own."""
+
+
 class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
     """Spectrogram chunks with multi-hot labels of any tag set (an MTG-Jamendo subset's or a collection's: the plan's
     tags, which the metadata stores); written from a ``ShardPlan``, whose feature settings (those of the builder
@@ -132,7 +140,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
         return self._plan.settings
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=features_lib.CONFIG_DESCRIPTIONS[self.builder_config.name],
             features=tfds.features.FeaturesDict(

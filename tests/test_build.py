@@ -246,8 +246,12 @@ def test_build_killed_half_way_resumes_and_gives_identical_shards(synthetic_tree
     total = sum(len(metadata.read_split(synthetic_tree / "data", 0, part)) for part in PARTS)
     assert finished_before < total, "the kill came too late to test resumption"
 
-    subprocess.run(_cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, check=True, capture_output=True)
+    system_temporary = tmp_path / "system_temporary"
+    system_temporary.mkdir()
+    environment = {**os.environ, "TMPDIR": str(system_temporary)}
+    subprocess.run(_cli(synthetic_tree, tmp_path), cwd=REPO_ROOT, check=True, capture_output=True, env=environment)
 
+    assert not list(system_temporary.iterdir())  # the build leaves nothing in the system's temporary folder
     records = journal.read_text().splitlines()
     assert len(records) == total, "a track finished before the kill was extracted again"
     clean = _shard_bytes(*prepared_data_dir)
