@@ -42,7 +42,8 @@ PRECISIONS = ("float32", "int8")
 INT8_SCOPES = ("all", "convolutions", "stage1_convolutions", "stage1_leading_3x3")
 INT8_METHODS = ("minmax", "percentile", "entropy")
 INT8_ROUNDINGS = ("nearest", "gptq")
-# What `predict --precision int8` quantises: part of the cached copy's key, so that another default quantises again.
+# What `predict --precision int8` quantises: part of the cached copy's key (with GPTQ's sample and damping), so that
+# another default quantises again.
 INT8_DEFAULT = {"scope": "stage1_leading_3x3", "method": "minmax", "reduce_range": False, "rounding": "gptq"}
 # Stage 1's blocks up to its second pooling (`POOLED_BLOCKS`): the two highest resolutions, scope stage1_leading_3x3.
 LEADING_BLOCKS = tuple(range(1, sorted(block for stage, block in POOLED_BLOCKS if stage == 1)[1] + 1))
@@ -297,7 +298,10 @@ def cached_onnx(checkpoint: str, cache_dir: str | Path | None = None, calibratio
         os.replace(partial, output)  # whole or absent, whatever runs at the same time
     if calibration is None:
         return output
-    digest.update(f"int8 {sorted(INT8_DEFAULT.items())} calibrated on {calibration.key}".encode())
+    from emorf_jax.export import gptq
+
+    rounding = f"GPTQ {gptq.GRAM_WINDOWS} windows x {gptq.POSITIONS_PER_WINDOW}, damping {gptq.DAMPING}"
+    digest.update(f"int8 {sorted(INT8_DEFAULT.items())} ({rounding}) calibrated on {calibration.key}".encode())
     quantized = cache / f"{digest.hexdigest()[:32]}.int8.onnx"
     if not quantized.exists():
         partial = quantize_onnx(output, calibration.windows(), cache / f"{quantized.stem}.{os.getpid()}.part")

@@ -3,11 +3,11 @@
 channel not rounded yet, through the inverse of the Gram matrix of the convolution's unfolded inputs).
 
 Rounding each weight to the nearest step leaves errors that add up in the outputs: on the demo's trained model the
-weights alone moved the top-5 set of 2.2 % of tracks; rounded here, 0.3 % (docs/tagging.md, "ONNX Runtime and
-int8"). The steps are ONNX Runtime's own: symmetric int8 per output channel, the channel's largest magnitude over
-127. The rounded weights are written back as float multiples of those steps, which ONNX Runtime's quantiser then
-stores exactly, as long as each channel keeps its largest weight at +-127 steps; a channel whose largest weight the
-compensation moved is rounded to nearest instead.
+first stage's int8 weights alone moved the top-5 set of 2.2 % of tracks; rounded here, 0.3 % (docs/tagging.md, "ONNX
+Runtime and int8"). The steps are ONNX Runtime's own: symmetric int8 per output channel, the channel's largest
+magnitude over 127. The rounded weights are written back as float multiples of those steps, which ONNX Runtime's
+quantiser then stores exactly, as long as each channel keeps its largest weight at +-127 steps; a channel whose
+largest weight the compensation moved is rounded to nearest instead.
 """
 
 from __future__ import annotations
