@@ -305,7 +305,7 @@ def test_the_command_refuses_an_unknown_format_a_baseline_and_a_missing_checkpoi
     assert not list(tmp_path.glob("x*"))  # nothing written
 
 
-def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calibration(saved, tmp_path):
+def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calibration(saved, tmp_path, capsys):
     """int8 weights per channel and uint8 activations (QDQ) in the 3x3 convolutions of the activations of stage 1's
     first two blocks alone (`quantize_onnx`'s default), their weights as GPTQ rounds them, logits within a few
     percent of the float model's on windows it was not calibrated on; one quantisation per (checkpoint, calibration
@@ -318,6 +318,7 @@ def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calib
 
     quantised = export.cached_onnx(saved["fa_resnet"], tmp_path, export.Calibration("four", lambda: windows(4)))
     assert quantised.name.endswith(".int8.onnx") and quantised.parent == tmp_path and computed == [4]
+    assert f"making the int8 copy of {saved['fa_resnet']} (once: it is cached in {tmp_path}" in capsys.readouterr().err
     graph = onnx.load(str(quantised)).graph
     operators = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= operators
@@ -348,6 +349,7 @@ def test_the_int8_model_is_quantised_close_to_the_float_one_and_cached_per_calib
     assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()
     again = export.cached_onnx(saved["fa_resnet"], tmp_path, export.Calibration("four", lambda: windows(4)))
     assert again == quantised and computed == [4]  # read from the cache: no windows computed, nothing quantised
+    assert "int8 copy" not in capsys.readouterr().err
     other = export.cached_onnx(saved["fa_resnet"], tmp_path, export.Calibration("two", lambda: windows(2)))
     assert other != quantised and other.exists() and computed == [4, 2]
     with pytest.raises(ValueError, match="at least one calibration window"):

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -285,8 +286,8 @@ class Calibration:
 def cached_onnx(checkpoint: str, cache_dir: str | Path | None = None, calibration: Calibration | None = None) -> Path:
     """The float16-input ONNX model of a checkpoint, exported once and kept in `cache_dir` (default: the system's
     temporary folder) under a hash of the checkpoint's files and the export's format, so that tagging with it again
-    does not export again. With `calibration`, its int8 copy (`quantize_onnx`),
-    kept under a hash of the calibration's key too."""
+    does not export again. With `calibration`, its int8 copy (`quantize_onnx`), kept under a hash of the
+    calibration's key too; making it is announced on stderr, as it takes a while."""
     root = Path(checkpoints.step_directory(checkpoint))  # a kind directory's latest step, as `load` reads it
     digest = hashlib.sha256(f"{SETTINGS_FORMAT} {GRAPH_FORMAT} opset {OPSET} {OUTPUT_NAME} {EMBEDDING_NAME}".encode())
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -304,6 +305,12 @@ def cached_onnx(checkpoint: str, cache_dir: str | Path | None = None, calibratio
     digest.update(f"int8 {sorted(INT8_DEFAULT.items())} ({rounding}) calibrated on {calibration.key}".encode())
     quantized = cache / f"{digest.hexdigest()[:32]}.int8.onnx"
     if not quantized.exists():
+        print(
+            f"making the int8 copy of {checkpoint} (once: it is cached in {cache}; about a minute at the paper's "
+            "width on two cores)",
+            file=sys.stderr,
+            flush=True,
+        )
         partial = quantize_onnx(output, calibration.windows(), cache / f"{quantized.stem}.{os.getpid()}.part")
         os.replace(partial, quantized)
     return quantized
