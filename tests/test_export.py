@@ -383,9 +383,7 @@ def test_gptq_rounds_a_convolutions_weights_to_int8_steps_that_change_its_output
     outputs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": inputs}
     )[0]
-    positions = gptq.output_positions(inputs, node, 10**6, rng)
-    assert len(positions) == outputs.shape[2] * outputs.shape[3]
-    unfolded = gptq.unfolded_inputs(inputs, node, positions).astype(np.float64)
+    unfolded = gptq.unfolded_inputs(inputs, node, 10**6, rng).astype(np.float64)  # every position, in order
     np.testing.assert_allclose(weights.reshape(8, -1) @ unfolded, outputs.reshape(8, -1), atol=1e-4)
 
     rounded = gptq.rounded_weights(weights, unfolded @ unfolded.T)

@@ -231,10 +231,10 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="emorf_quantize_", dir=output.parent) as directory:
         prepared = Path(directory) / "prepared.onnx"
         quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
-        convolutions = _quantised_convolutions(onnx.load(str(prepared)), scope)
+        float_model = onnx.load(str(prepared))
+        convolutions = _quantised_convolutions(float_model, scope)
         if rounding == "gptq":
-            rounded = gptq.round_convolutions(onnx.load(str(prepared)), convolutions, feeds)
-            onnx.save(rounded, str(prepared))
+            onnx.save(gptq.round_convolutions(float_model, convolutions, feeds), str(prepared))
         quantize_static(
             str(prepared),
             str(output),

@@ -32,9 +32,10 @@ def _attributes(node: onnx.NodeProto) -> dict:
     return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
 
 
-def unfolded_inputs(inputs: np.ndarray, node: onnx.NodeProto, positions: np.ndarray) -> np.ndarray:
+def unfolded_inputs(inputs: np.ndarray, node: onnx.NodeProto, count: int, rng: np.random.Generator) -> np.ndarray:
     """(in_channels * kh * kw, positions) float32: the inputs (1, C, H, W) that a Conv `node` (group 1) multiplies by
-    its weights at the given flat output positions, in the order of its weights' (C, kh, kw) axes."""
+    its weights, in the order of its weights' (C, kh, kw) axes, at `count` distinct random output positions in
+    order (all of them, when there are no more)."""
     attributes = _attributes(node)
     if attributes.get("group", 1) != 1:
         raise ValueError(f"{node.name}: grouped convolutions are not rounded by GPTQ")
@@ -46,20 +47,10 @@ def unfolded_inputs(inputs: np.ndarray, node: onnx.NodeProto, positions: np.ndar
     span = [dilation[k] * (kernel[k] - 1) + 1 for k in range(2)]
     windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=(1, 2))
     windows = windows[:, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]  # C, H', W', kh, kw
+    total = windows.shape[1] * windows.shape[2]
+    positions = np.arange(total) if total <= count else np.sort(rng.choice(total, count, replace=False))
     rows, columns = np.unravel_index(positions, windows.shape[1:3])
     return windows[:, rows, columns].transpose(0, 2, 3, 1).reshape(-1, len(positions)).astype(np.float32)
-
-
-def output_positions(inputs: np.ndarray, node: onnx.NodeProto, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` distinct flat output positions of a Conv `node` on `inputs` (all of them when there are fewer)."""
-    attributes = _attributes(node)
-    kernel, dilation = attributes["kernel_shape"], attributes.get("dilations", [1, 1])
-    top, left, bottom, right = attributes.get("pads", [0, 0, 0, 0])
-    stride = attributes.get("strides", [1, 1])
-    height = (inputs.shape[2] + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    width = (inputs.shape[3] + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    total = height * width
-    return np.arange(total) if total <= count else np.sort(rng.choice(total, count, replace=False))
 
 
 def rounded_weights(weights: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -105,8 +96,7 @@ def round_convolutions(
     for feed in feeds[:: max(1, len(feeds) // GRAM_WINDOWS)][:GRAM_WINDOWS]:
         values = dict(zip(inputs, session.run(inputs, feed)))
         for index, node in enumerate(convolutions):
-            x = values[node.input[0]]
-            columns = unfolded_inputs(x, node, output_positions(x, node, POSITIONS_PER_WINDOW, rng))
+            columns = unfolded_inputs(values[node.input[0]], node, POSITIONS_PER_WINDOW, rng)
             grams[index] = grams[index] + (columns @ columns.T).astype(np.float64)
     rounded = onnx.ModelProto()
     rounded.CopyFrom(model)
