@@ -256,9 +256,11 @@ def quantize_onnx(
 
 
 def _quantised_convolutions(model: onnx.ModelProto, scope: str) -> list[str]:
-    """The names of the Conv nodes of the activations that `scope` quantises (their weights' names hold the stage's
-    and block's names): never the FA channel's one-example map (`onnx_graph`: weights named `.fa.weight`), which is
-    added to every example alike, so that its rounding would shift them all the same way."""
+    """The names of the Conv nodes of the activations in `scope` (their weights' names hold the stage's and block's
+    names), never the FA channel's one-example map (`onnx_graph`: weights named `.fa.weight`), which is added to
+    every example alike, so that its rounding would shift them all the same way. They are what the two stage-1 scopes
+    quantise and what GPTQ rounds; "all" and "convolutions" leave the choice to ONNX Runtime, which quantises the FA
+    channel's convolutions too, rounded to nearest."""
     weights = {tensor.name: tensor for tensor in model.graph.initializer}
     names = []
     for node in model.graph.node:
