@@ -20,9 +20,7 @@ import errno
 import functools
 import hashlib
 import io
-import itertools
 import json
-import math
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,9 +31,13 @@ import tqdm
 from data_prep import features as features_lib
 from data_prep import files, worker_pool
 from data_prep.deadline import DEFAULT_DEADLINE, Deadline
+from data_prep.reader import time_major
 
 JOURNAL_NAME = "journal.jsonl"
 SETTINGS_NAME = "settings.json"
+# A cache file holds a track's features as its shards store them (`reader.time_major`), so that stage 2 copies each
+# chunk's bytes as they are; the settings file records it.
+CACHE_LAYOUT = "time_major"
 # A decoded track may be this much shorter than its TSV duration (MP3 padding, rounding) before it is
 # reported as truncated.
 TRUNCATION_TOLERANCE_S = 1.0
@@ -108,22 +110,23 @@ class TrackCache:
         return self.root / f"{track_id}.npy"
 
     def load(self, track_id: str) -> np.ndarray:
-        """The cached float16 features of one track: (n_mels, frames), or (channels, n_mels, frames) stereo."""
+        """The cached float16 features of one track in the shards' layout (`reader.time_major`): (frames, n_mels), or
+        (frames, channels, n_mels) stereo."""
         return np.load(self.feature_path(track_id), allow_pickle=False)
 
     def frame_count(self, track_id: str) -> int:
         """The frames of one track's cached features, from the file's header."""
-        return np.load(self.feature_path(track_id), mmap_mode="r").shape[-1]
+        return np.load(self.feature_path(track_id), mmap_mode="r").shape[0]
 
     def frame_blocks(self, track_id: str, block_frames: int) -> Iterator[np.ndarray]:
         """The cached features of one track as in `load`, in blocks of at most `block_frames` frames (the last one
-        shorter), so that memory holds one block whatever the track's length: each is copied out of a mapping of
-        the file that is closed again at once, so that no more than a block of the file stays in this process's
-        memory."""
+        shorter), so that memory holds one block whatever the track's length: each, one contiguous byte range of the
+        file, is copied out of a mapping of the file that is closed again at once, so that no more than a block of
+        the file stays in this process's memory."""
         path = self.feature_path(track_id)
         for start in range(0, self.frame_count(track_id), block_frames):
             mapped = np.load(path, mmap_mode="r")
-            block = np.array(mapped[..., start : start + block_frames])
+            block = np.array(mapped[start : start + block_frames])
             del mapped  # unmapped: its pages leave this process's resident memory
             yield block
 
@@ -144,14 +147,15 @@ class TrackCache:
         return outcomes
 
     def claim(self, settings: features_lib.FeatureSettings) -> None:
-        """Records the settings of a new cache, or checks that an existing one was made with the same."""
+        """Records the settings and layout of a new cache, or checks that an existing one was made with the same."""
         self.root.mkdir(parents=True, exist_ok=True)
         recorded = self.root / SETTINGS_NAME
+        description = {**settings.to_dict(), "layout": CACHE_LAYOUT}
         if not recorded.exists():
-            recorded.write_text(json.dumps(settings.to_dict(), indent=1), encoding="utf-8")
-        elif json.loads(recorded.read_text(encoding="utf-8")) != settings.to_dict():
+            recorded.write_text(json.dumps(description, indent=1), encoding="utf-8")
+        elif json.loads(recorded.read_text(encoding="utf-8")) != description:
             raise ValueError(
-                f"the feature cache {self.root} was made with other settings ({recorded}); "
+                f"the feature cache {self.root} was made with other settings or in another layout ({recorded}); "
                 "delete it or choose another cache dir"
             )
 
@@ -255,7 +259,7 @@ def _cache(
         return _failure(job, "truncated", f"decoded {seconds:.1f} s of the TSV's {job.duration:.1f} s", sha256)
     if frames < settings.min_frames:
         return _failure(job, "too_short", f"{frames} frames < minimum {settings.min_frames}", sha256)
-    shape = (*((settings.channels,) if not settings.mono else ()), settings.n_mels, frames)
+    shape = (frames, *settings.frame_shape)
     try:
         if not _write_features(target, shape, blocks):
             return _failure(job, "overflow", "features exceed the float16 range", sha256)
@@ -266,42 +270,34 @@ def _cache(
     return Outcome(track_id=job.track_id, kind="ok", path=job.path, frames=frames, sha256=sha256)
 
 
-# Frames gathered before they are written to a cache file: each of its rows (a mel bin) gets one write of this many.
-_WRITE_FRAMES = 4096
-
-
 def _write_features(target: Path, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> bool:
-    """Writes features (..., frames), given in blocks of frames, as the float16 .npy `target`, byte for byte what
-    `np.save` writes of the whole array; memory holds a few thousand frames, whatever the track's length. False, and
-    no file, when a value exceeds the float16 range.
+    """Writes features given in blocks of frames as computed, (..., n_mels, frames), as the float16 .npy `target` of
+    `shape` in the shards' layout (`reader.time_major`, frames first): byte for byte what `np.save` writes of the
+    whole track's time-major float16 values; memory holds one block, whatever the track's length. False, and no file,
+    when a value exceeds the float16 range.
 
-    The rows of a (bins, frames) array are written a block at a time, at their offsets, into a temporary file that
-    is renamed into place once whole, as `files.write_atomically` does (a file there is whole): on an error or an
-    overflow the temporary file is removed, and one that a killed worker leaves is removed by the next run
-    (`TrackCache.tidy`)."""
+    Each block is cast into a time-major float16 buffer (one pass, the transposition with it) and appended to a
+    temporary file that is renamed into place once whole, as `files.write_atomically` does (a file there is whole):
+    on an error or an overflow the temporary file is removed, and one that a killed worker leaves is removed by the
+    next run (`TrackCache.tidy`)."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": shape})
-    start, rows, frames = len(header.getvalue()), math.prod(shape[:-1]), shape[-1]
     temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
     try:
         with temporary.open("wb") as out:
             out.write(header.getvalue())
-            out.flush()
-            written, gathered = 0, []
-            for block in itertools.chain(blocks, [None]):  # None: the end, where the last frames gathered are written
-                if block is not None:
-                    stored = block.astype(np.float16)
-                    if not np.isfinite(stored).all():
-                        temporary.unlink()
-                        return False
-                    gathered.append(stored)
-                if gathered and (block is None or sum(part.shape[-1] for part in gathered) >= _WRITE_FRAMES):
-                    values = np.concatenate(gathered, axis=-1).reshape(rows, -1)
-                    for row, row_values in enumerate(values):
-                        os.pwrite(out.fileno(), row_values.tobytes(), start + 2 * (row * frames + written))
-                    written, gathered = written + values.shape[1], []
-            if written != frames:
-                raise RuntimeError(f"{written} frames of features computed for {target}, {frames} announced")
+            written = 0
+            for block in blocks:
+                # Rounding to float16 keeps the order of magnitudes: the block fits if its largest magnitude does.
+                if block.size and not np.isfinite(np.abs(block).max().astype(np.float16)):
+                    temporary.unlink()
+                    return False
+                stored = np.empty((block.shape[-1], *shape[1:]), np.float16)
+                np.copyto(stored, time_major(block), casting="same_kind")
+                out.write(stored.data)
+                written += len(stored)
+            if written != shape[0]:
+                raise RuntimeError(f"{written} frames of features computed for {target}, {shape[0]} announced")
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

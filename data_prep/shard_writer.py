@@ -41,7 +41,7 @@ from tensorflow_datasets.core import writer as tfds_writer
 from data_prep import extract, files, layout
 from data_prep import features as features_lib
 from data_prep import metadata as metadata_lib
-from data_prep.reader import PARTS, RECORD_FOOTER, RECORD_HEADER, scan_records, time_major
+from data_prep.reader import PARTS, RECORD_FOOTER, RECORD_HEADER, scan_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ STATISTICS_BLOCK_FRAMES = 4096
 
 
 def frame_statistics(arrays: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-row mean and (population) std over the frames of all arrays, streamed in float64.
+    """Per-column mean and (population) std over the rows (frames) of all arrays, streamed in float64.
 
     Chan's pairwise update merges one array at a time (a block of a track's frames: `STATISTICS_BLOCK_FRAMES`), so
     neither memory nor precision depends on the number of tracks or on their length. Within a block, one pass: the
@@ -74,9 +74,9 @@ def frame_statistics(arrays: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     count, mean, m2 = 0, None, None
     for array in arrays:
         values = np.asarray(array, dtype=np.float64)
-        n = values.shape[1]
-        track_mean = values.sum(axis=1) / n
-        track_m2 = np.maximum(np.einsum("ij,ij->i", values, values) - n * np.square(track_mean), 0.0)
+        n = values.shape[0]
+        track_mean = values.sum(axis=0) / n
+        track_m2 = np.maximum(np.einsum("ij,ij->j", values, values) - n * np.square(track_mean), 0.0)
         if mean is None:
             count, mean, m2 = n, track_mean, track_m2
             continue
@@ -90,10 +90,10 @@ def frame_statistics(arrays: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return mean, np.sqrt(m2 / count), count
 
 
-def bins_by_frames(values: np.ndarray) -> np.ndarray:
-    """Features (n_mels, frames) or (channels, n_mels, frames) as (n_mels, every channel's frames): the rows whose
-    statistics normalise them, pooled over the channels as the authors' `d18_stereo` normalisation pools them."""
-    return np.moveaxis(values, -2, 0).reshape(values.shape[-2], -1)
+def frames_by_bins(values: np.ndarray) -> np.ndarray:
+    """Cached features (frames, n_mels) or (frames, channels, n_mels) as (every channel's frames, n_mels): the columns
+    whose statistics normalise them, pooled over the channels as the authors' `d18_stereo` normalisation pools them."""
+    return values.reshape(-1, values.shape[-1])
 
 
 class DeterministicExampleWriter(tfds_writer.ExampleWriter):
@@ -171,7 +171,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
         train = self._plan.parts["train"]
         train = tqdm.tqdm(train, desc="normalisation statistics", unit="track", disable=not self._progress)
         mean, std, count = frame_statistics(
-            bins_by_frames(block)
+            frames_by_bins(block)
             for track in train
             for block in self._plan.cache.frame_blocks(track.track_id, STATISTICS_BLOCK_FRAMES)
         )
@@ -209,7 +209,7 @@ class MtgJamendoMoodtheme(tfds.core.GeneratorBasedBuilder):
                 yield (
                     f"{track.track_id}/{index:05d}",
                     {
-                        "spectrogram": time_major(values),
+                        "spectrogram": values,
                         "labels": labels,
                         "track_id": track.track_id,
                         "artist_id": track.artist_id,

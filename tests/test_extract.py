@@ -257,3 +257,19 @@ def test_a_nonsense_budget_is_refused(tmp_path, value):
             1,
             memory_budget_gb=value,
         )
+
+
+@pytest.mark.parametrize("bad_value", [65520.0, -np.inf, np.nan])
+def test_a_cache_file_is_written_only_when_every_value_fits_float16(tmp_path, bad_value):
+    """Blocks (n_mels, frames) become one time-major float16 file, as `np.save` writes it; a value that float16
+    rounds to infinity (65,520 and beyond) or that is not a number, in any block, leaves no file."""
+    rng = np.random.default_rng(0)
+    blocks = [rng.normal(0, 100, (8, frames)).astype(np.float32) for frames in (5, 3, 7)]
+    blocks[1][2, 1] = 65519.0  # the largest magnitude float16 rounds to a finite value (65,504)
+    target = tmp_path / "track.npy"
+    assert extract._write_features(target, (15, 8), iter(blocks))
+    assert np.load(target).dtype == np.float16
+    np.testing.assert_array_equal(np.load(target), np.concatenate(blocks, axis=1).T.astype(np.float16))
+    blocks[2][4, 6] = bad_value
+    assert not extract._write_features(tmp_path / "bad.npy", (15, 8), iter(blocks))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["track.npy"]

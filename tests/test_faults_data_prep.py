@@ -32,7 +32,7 @@ from data_prep import (
     worker_pool,
 )
 from data_prep import features as features_lib
-from data_prep.reader import PARTS, load_prepared
+from data_prep.reader import PARTS, load_prepared, time_major
 from emorf_jax import input_pipeline
 from tests.process_output import stderr_excerpt
 
@@ -351,11 +351,10 @@ def test_a_track_decoded_in_small_blocks_and_twice_is_cached_as_its_whole_decode
 ):
     """What a three-hour file meets, at the size of a test: the longest synthetic MP3 decoded 10,000 samples at a
     time, its power spectra larger than the buffer (decoded a second time once its peak is known), and its cache file
-    written 100 frames at a time. The file is what `np.save` writes, and its features are the whole decode's (within
-    the float16 they are stored in)."""
+    written a block of frames at a time (about 20 at this block size). The file is what `np.save` writes, and its
+    features are the whole decode's, time-major (within the float16 they are stored in)."""
     monkeypatch.setattr(features_lib, "DECODE_BLOCK_FRAMES", 10_000)
     monkeypatch.setattr(features_lib, "PEAK_BUFFER_BYTES", 100_000)
-    monkeypatch.setattr(extract, "_WRITE_FRAMES", 100)
     track = max(metadata.read_split(synthetic_tree / "data", 0, "train"), key=lambda track: track.duration)
     settings = features_lib.settings_for("hop512")
     job = extract.TrackJob(track.track_id, track.path, track.duration)
@@ -368,9 +367,9 @@ def test_a_track_decoded_in_small_blocks_and_twice_is_cached_as_its_whole_decode
     assert cached_file.read_bytes() == saved.getvalue()
     data = (synthetic_tree / "audio" / track.path).read_bytes()
     whole = features_lib.audio_features(data, track.path, settings)
-    assert outcome.frames == cached.shape[1] == whole.shape[1] > 10 * 100
+    assert outcome.frames == cached.shape[0] == whole.shape[1] > 10 * 100
     assert outcome.sha256 == hashlib.sha256(data).hexdigest()
-    np.testing.assert_allclose(cached, whole.astype(np.float16), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(cached, time_major(whole.astype(np.float16)), rtol=1e-3, atol=1e-3)
     assert list(tmp_path.iterdir()) == [cached_file]  # no temporary file left
 
 
@@ -383,16 +382,16 @@ def test_the_normalisation_statistics_are_accumulated_in_blocks_as_over_whole_tr
     tracks = {"a": 1000, "b": 5, "c": 333, "d": 64}
     values = {}
     for track_id, frames in tracks.items():
-        values[track_id] = (rng.normal(-30, 15, (8, frames)) + rng.normal(0, 10, (8, 1))).astype(np.float16)
+        values[track_id] = (rng.normal(-30, 15, (frames, 8)) + rng.normal(0, 10, (1, 8))).astype(np.float16)
         np.save(cache.feature_path(track_id), values[track_id])
     blocks = {track_id: list(cache.frame_blocks(track_id, 64)) for track_id in tracks}
     for track_id, frames in tracks.items():
-        assert [block.shape[1] for block in blocks[track_id]] == [64] * (frames // 64) + [frames % 64] * (
+        assert [block.shape[0] for block in blocks[track_id]] == [64] * (frames // 64) + [frames % 64] * (
             frames % 64 > 0
         )
-        np.testing.assert_array_equal(np.concatenate(blocks[track_id], axis=1), values[track_id])
+        np.testing.assert_array_equal(np.concatenate(blocks[track_id]), values[track_id])
     mean, std, count = shard_writer.frame_statistics(block for track_id in tracks for block in blocks[track_id])
-    every_frame = np.concatenate(list(values.values()), axis=1).astype(np.float64)
+    every_frame = np.concatenate(list(values.values())).astype(np.float64)
     assert count == sum(tracks.values())
-    np.testing.assert_allclose(mean, every_frame.mean(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(std, every_frame.std(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(mean, every_frame.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, every_frame.std(axis=0), rtol=1e-12)
