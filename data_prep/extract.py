@@ -31,7 +31,7 @@ import tqdm
 from data_prep import features as features_lib
 from data_prep import files, worker_pool
 from data_prep.deadline import DEFAULT_DEADLINE, Deadline
-from data_prep.reader import time_major
+from data_prep.reader import stored_frames
 
 JOURNAL_NAME = "journal.jsonl"
 SETTINGS_NAME = "settings.json"
@@ -276,10 +276,10 @@ def _write_features(target: Path, shape: tuple[int, ...], blocks: Iterable[np.nd
     whole track's time-major float16 values; memory holds one block, whatever the track's length. False, and no file,
     when a value exceeds the float16 range.
 
-    Each block is cast into a time-major float16 buffer (one pass, the transposition with it) and appended to a
-    temporary file that is renamed into place once whole, as `files.write_atomically` does (a file there is whole):
-    on an error or an overflow the temporary file is removed, and one that a killed worker leaves is removed by the
-    next run (`TrackCache.tidy`)."""
+    Each block is cast into a time-major float16 buffer (`reader.stored_frames`) and appended to a temporary file
+    that is renamed into place once whole, as `files.write_atomically` does (a file there is whole): on an error or an
+    overflow the temporary file is removed, and one that a killed worker leaves is removed by the next run
+    (`TrackCache.tidy`)."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False, "shape": shape})
     temporary = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npy")
@@ -292,8 +292,7 @@ def _write_features(target: Path, shape: tuple[int, ...], blocks: Iterable[np.nd
                 if block.size and not np.isfinite(np.abs(block).max().astype(np.float16)):
                     temporary.unlink()
                     return False
-                stored = np.empty((block.shape[-1], *shape[1:]), np.float16)
-                np.copyto(stored, time_major(block), casting="same_kind")
+                stored = stored_frames(block)
                 out.write(stored.data)
                 written += len(stored)
             if written != shape[0]:

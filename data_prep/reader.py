@@ -38,6 +38,15 @@ def time_major(values: np.ndarray) -> np.ndarray:
     return np.moveaxis(values, -1, 0)
 
 
+def stored_frames(values: np.ndarray) -> np.ndarray:
+    """Computed features (n_mels, frames) or (channels, n_mels, frames) as the shards store them: a contiguous
+    float16 `time_major` array, cast and transposed in one pass (numpy's cast into the transposed buffer costs no
+    more than a plain cast)."""
+    stored = np.empty((values.shape[-1], *values.shape[:-1]), STORED_DTYPE)
+    np.copyto(stored, time_major(values), casting="same_kind")
+    return stored
+
+
 def masked_crc32c(data: bytes) -> int:
     """The checksum a TFRecord stores: CRC-32C (google-crc32c's C implementation, which releases the GIL) rotated
     right by 15 bits plus a constant (TFRecord's mask)."""

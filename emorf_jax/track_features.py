@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from data_prep import features
-from data_prep.reader import STORED_DTYPE, time_major
+from data_prep.reader import stored_frames
 
 
 def audio_settings(fields: dict[str, Any]) -> features.FeatureSettings:
@@ -49,7 +49,7 @@ def file_blocks(path: str | Path, settings: features.FeatureSettings) -> Iterato
 
 def stored(spectrogram: np.ndarray) -> np.ndarray:
     """Features as the shards store them, what the model steps read: float16, time-major (frames, ...)."""
-    return time_major(np.asarray(spectrogram).astype(STORED_DTYPE))
+    return stored_frames(np.asarray(spectrogram))
 
 
 def stored_file_features(path: str, settings: features.FeatureSettings) -> np.ndarray:
