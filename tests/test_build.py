@@ -1,6 +1,7 @@
 """The batch step end to end on the synthetic tree: shards, labels, features, stats, resumption, bad input."""
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -389,6 +390,11 @@ def test_a_cache_made_with_other_settings_is_refused(tmp_path):
     cache.claim(features.settings_for("hop512"))
     with pytest.raises(ValueError, match="other settings"):
         cache.claim(features.settings_for("hop1536"))
+    # A cache whose files hold another layout of the same features is refused alike: its files would be misread.
+    other_layout = {**features.settings_for("hop512").to_dict(), "layout": "bins_major"}
+    (tmp_path / extract.SETTINGS_NAME).write_text(json.dumps(other_layout))
+    with pytest.raises(ValueError, match="in another layout"):
+        cache.claim(features.settings_for("hop512"))
 
 
 def test_journal_of_a_killed_run_keeps_only_finished_tracks(tmp_path):
