@@ -36,6 +36,9 @@ setuptools.setup(
         "ml-collections>=0.1.1",
         "absl-py>=1.4",
         "numpy>=1.26",
+        # JAX's dtypes: ml_dtypes 0.7.0 takes 0.7 s to import (it registers its ufunc loops in quadratic time), 0.6.0
+        # 0.006 s, and every process that imports JAX pays it (benchmarks/RESULTS.md, "Start-up").
+        "ml_dtypes>=0.5.4,<0.7",
         "google-crc32c>=1.5",  # TFRecord checksums on the read side (data_prep.verify, config.dataset.verify_checksums)
         "librosa>=0.10.1",
         "soundfile>=0.12.1",
