@@ -53,6 +53,16 @@ def update_average(
     return optax.incremental_update(params, average, step_size), count + due.astype(count.dtype)
 
 
+@jax.jit
+def _tree_sum(total: Any, stats: Any) -> Any:
+    return jax.tree.map(jnp.add, total, stats)
+
+
+@jax.jit
+def _tree_mean(total: Any, count: jax.Array) -> Any:
+    return jax.tree.map(lambda x: x / count, total)
+
+
 def reestimate_batch_stats(
     batch_stats_fn: Callable[[Any, Any, jax.Array], Any],
     params: Any,
@@ -66,11 +76,15 @@ def reestimate_batch_stats(
     in training mode, its random layers drawn from `key`); it may be pmapped, in which case `params` and the result
     are replicated. Batch i gets the key `fold_in(rng, i)`: like training's forward passes, every batch draws
     its own frequency roll and Shake-Shake coefficients, and the same `rng` gives the same statistics.
+
+    Each batch's statistics join the sum in one computation, and a batch is dispatched only once the sum before
+    it is done: a host far ahead of XLA's CPU runtime with several devices deadlocks it (docs/training.md,
+    "Computations in flight").
     """
     if num_batches < 1:
         raise ValueError(f"BatchNorm re-estimation needs at least one batch, got {num_batches}")
     total = None
     for index, batch in zip(range(num_batches), batches):
         stats = batch_stats_fn(params, batch, jax.random.fold_in(rng, index))
-        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
-    return jax.tree.map(lambda x: x / num_batches, total)
+        total = stats if total is None else _tree_sum(jax.block_until_ready(total), stats)
+    return _tree_mean(total, num_batches)
