@@ -160,7 +160,8 @@ class TrackCache:
             )
 
     def tidy(self) -> None:
-        """After a killed run: ends a torn last journal line and removes half-written feature files."""
+        """Ends a torn last journal line and removes half-written feature files: a killed run's, when the next
+        starts, and those of the workers a run stops mid-track when it ends early (a full disk, Ctrl-C)."""
         journal = self.journal_path.read_bytes() if self.journal_path.exists() else b""
         if journal and not journal.endswith(b"\n"):
             with self.journal_path.open("a", encoding="utf-8") as ending:
@@ -362,7 +363,7 @@ def extract_all(
         task = functools.partial(
             extract_track, input_root=Path(input_root), cache_root=cache.root, settings=settings, resample=resample
         )
-        for job, result in worker_pool.run_jobs(
+        results = worker_pool.run_jobs(
             task,
             todo,
             workers,
@@ -370,16 +371,21 @@ def extract_all(
             memory=functools.partial(track_memory, settings=settings),
             jobs_per_worker=tracks_per_worker,
             deadline=deadline,
-        ):
-            outcome = result
-            if isinstance(result, worker_pool.Failed):
-                retry = "; --retry_failed tries it again" if result.kind == "timeout" else ""
-                outcome = _failure(job, result.kind, result.reason + retry)
-            if outcome.kind == NO_SPACE:
-                raise OSError(errno.ENOSPC, outcome.reason)
-            cache.append(outcome)
-            done[outcome.track_id] = outcome
-            failed += not outcome.ok
-            bar.update(round(durations[outcome.track_id]))
-            bar.set_postfix(failed=failed, refresh=False)
+        )
+        try:
+            for job, result in results:
+                outcome = result
+                if isinstance(result, worker_pool.Failed):
+                    retry = "; --retry_failed tries it again" if result.kind == "timeout" else ""
+                    outcome = _failure(job, result.kind, result.reason + retry)
+                if outcome.kind == NO_SPACE:
+                    raise OSError(errno.ENOSPC, outcome.reason)
+                cache.append(outcome)
+                done[outcome.track_id] = outcome
+                failed += not outcome.ok
+                bar.update(round(durations[outcome.track_id]))
+                bar.set_postfix(failed=failed, refresh=False)
+        finally:
+            results.close()  # its workers are stopped, killed mid-track when the run ends early
+            cache.tidy()
     return {job.track_id: done[job.track_id] for job in jobs}
