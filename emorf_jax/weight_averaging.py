@@ -77,9 +77,8 @@ def reestimate_batch_stats(
     are replicated. Batch i gets the key `fold_in(rng, i)`: like training's forward passes, every batch draws
     its own frequency roll and Shake-Shake coefficients, and the same `rng` gives the same statistics.
 
-    Each batch's statistics join the sum in one computation, and a batch is dispatched only once the sum before
-    it is done: a host far ahead of XLA's CPU runtime with several devices deadlocks it (docs/training.md,
-    "Computations in flight").
+    Each batch's statistics join the sum in one computation, dispatched once the sum before it is done: a host far
+    ahead of XLA's CPU runtime with several devices deadlocks it (docs/training.md, "Computations in flight").
     """
     if num_batches < 1:
         raise ValueError(f"BatchNorm re-estimation needs at least one batch, got {num_batches}")

@@ -8,9 +8,7 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +34,7 @@ from data_prep.reader import PARTS, load_prepared, time_major
 from emorf_jax import input_pipeline
 from tests.process_output import stderr_excerpt
 
-from . import unprivileged
+from . import file_size_limit, unprivileged
 from .test_build import _shard_bytes
 from .test_extract import _cli
 
@@ -44,21 +42,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(command: list[str], limit_bytes: int | None = None) -> subprocess.CompletedProcess:
-    """Runs a command; with `limit_bytes`, no file it (or a process it starts) writes may grow past that size:
-    a write beyond fails with EFBIG, as on a full disk."""
-
-    def limit_file_size() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return subprocess.run(
-        command,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit_file_size if limit_bytes else None,
-    )
+    """Runs a command; with `limit_bytes`, no file it (or a process it starts) writes may grow past that size."""
+    if limit_bytes:
+        command = file_size_limit.command(command, limit_bytes)
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _failures(data_dir: Path) -> dict[str, tuple[str, str]]:

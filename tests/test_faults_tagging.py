@@ -20,7 +20,7 @@ import soundfile
 from data_prep import features, metadata
 from emorf_jax import evaluate, report, split_predictions, tagger, thresholds, track_features, windowing
 from emorf_jax.predict import __main__ as predict_command
-from tests import unprivileged
+from tests import file_size_limit, unprivileged
 
 REPO = Path(__file__).resolve().parents[1]
 PREDICT = [sys.executable, "-m", "emorf_jax.predict", "--no_progress"]
@@ -33,19 +33,6 @@ def clips(synthetic_tree, tmp_path_factory) -> list[str]:
     for track in metadata.read_split(synthetic_tree / "data", 0, "train")[:4]:
         shutil.copy(synthetic_tree / "audio" / track.path, folder / Path(track.path).name)
     return sorted(str(path) for path in folder.iterdir())
-
-
-# Runs a command whose files cannot grow past argv[1] bytes: a write past it fails with EFBIG, as on a full disk,
-# instead of killing the process with SIGXFSZ. Set in a fresh interpreter that then becomes the command (rlimits and
-# an ignored signal survive exec), not in a preexec_fn, which would run in a fork of this process's JAX threads.
-_WITH_FILE_SIZE_LIMIT = (
-    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); os.execv(sys.argv[2], sys.argv[2:])"
-)
-
-
-def _limited(command: list[str], size: int) -> list[str]:
-    return [sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(size), *command]
 
 
 # The files of a run with --taggram --embeddings, in the order a tagged file's rows are written (side rows first).
@@ -107,7 +94,9 @@ def test_a_full_disk_ends_predict_with_one_line_and_the_same_command_completes_t
     output = tmp_path / f"tags{suffix}"
     named_path = output if named == "output" else tmp_path / f"tags.{named}"
     command = [*PREDICT, *flags, f"--output={output}", "--workers=1"]
-    full = subprocess.run(_limited(command, limit), cwd=REPO, capture_output=True, text=True, timeout=300)
+    full = subprocess.run(
+        file_size_limit.command(command, limit), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert full.returncode == 1, full.stderr
     assert "Traceback" not in full.stderr
     assert 0 < kept < len(clips)
@@ -130,7 +119,7 @@ def test_a_full_disk_ends_predict_with_one_line_and_the_same_command_completes_t
 def test_a_full_disk_under_a_json_output_leaves_no_half_document(clips, random_checkpoints, tmp_path):
     output = tmp_path / "tags.json"
     command = [*PREDICT, *clips[:2], f"--checkpoint={random_checkpoints[0]}", f"--output={output}", "--workers=0"]
-    full = subprocess.run(_limited(command, 100), cwd=REPO, capture_output=True, text=True, timeout=300)
+    full = subprocess.run(file_size_limit.command(command, 100), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
     assert full.stderr.strip().splitlines()[-1] == (
         f"python -m emorf_jax.predict: error: cannot write {output}: File too large; free space and run the same "

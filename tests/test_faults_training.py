@@ -20,6 +20,7 @@ import pytest
 
 from configs import faresnet
 from emorf_jax import checkpoints, ensemble, train, workdir_lock
+from tests import file_size_limit
 from tests.process_output import stderr_excerpt
 from tests.test_train import _assert_same_end, _latest_params
 from tests.test_train import _command as train_command
@@ -317,19 +318,6 @@ def test_a_structure_check_names_a_parameter_added_or_removed():
         checkpoints.check_structure(stored, removed, "C")
 
 
-def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
-    """The command in a process whose files cannot grow past `limit` bytes: a write beyond fails with EFBIG, as on
-    a full disk (set before exec, as a fork of this multithreaded process must not run Python). It reads the tests'
-    compilation cache but writes no entry there: JAX writes an entry in place, so a cut one would stay, unreadable."""
-    program = (
-        "import os, resource, signal, sys; limit = int(sys.argv[1]); "
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        "os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = str(2**62); "
-        "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
-    )
-    return [sys.executable, "-c", program, str(limit), *command[1:]]
-
-
 def test_a_truncated_checkpoint_then_a_full_disk_cost_one_line_each_and_the_rerun_ends_as_uninterrupted(
     reference_run, tmp_path
 ):
@@ -341,7 +329,7 @@ def test_a_truncated_checkpoint_then_a_full_disk_cost_one_line_each_and_the_reru
     data = _largest_file(workdir / checkpoints.LATEST / str(last))
     data.write_bytes(data.read_bytes()[:100])
     limit = _largest_file(workdir / checkpoints.LATEST / str(previous)).stat().st_size // 2
-    full = _run(_with_file_size_limit(_command(data_dir, workdir), limit))
+    full = _run(file_size_limit.command(_command(data_dir, workdir), limit))
     assert f"checkpoint of step {last} cannot be read" in full.stderr
     assert f"Resuming from step {previous}" in full.stderr
     _assert_one_line_refusal(
