@@ -18,8 +18,8 @@ import pytest
 
 from configs import faresnet
 from emorf_jax import checkpoints, distributed, train
+from tests import file_size_limit
 from tests.process_output import stderr_excerpt
-from tests.test_faults_training import _with_file_size_limit
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds for any run: a hang fails the test instead of blocking the suite
@@ -201,7 +201,7 @@ def test_a_full_disk_on_one_process_ends_every_process_at_once_with_the_same_lin
     limit = _largest_file(reference / checkpoints.LATEST / str(first_save)).stat().st_size // 2
     workdir = tmp_path / "full"
     processes = _start_two_processes(
-        data_dir, workdir, wrap_process_0=lambda command: _with_file_size_limit(command, limit)
+        data_dir, workdir, wrap_process_0=lambda command: file_size_limit.command(command, limit)
     )
     ended = [None, None]
     deadline = time.time() + TIMEOUT
