@@ -21,6 +21,7 @@ Layout of a workdir:
     best/<step>/           the weights chosen by validation (config.selection_metric)
 """
 
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -127,10 +128,14 @@ def _drop_reads_abandoned_by_failed_restores() -> None:
     """Keeps a failed restore's report to its one line.
 
     When one read of a damaged checkpoint fails, orbax closes its event loop while tensorstore's other reads are in
-    flight; each of those then raises `RuntimeError: Event loop is closed` as an unraisable exception, a traceback
-    on stderr per read, after the restore has returned. Those alone are dropped; every other unraisable exception
-    goes to the hook that was in place.
+    flight; each of those then raises `RuntimeError: Event loop is closed` as an unraisable exception, or, when its
+    own read of the damaged file failed too, is logged by asyncio as "Task exception was never retrieved": a
+    traceback on stderr per read, after the restore has returned. Those alone are dropped; every other unraisable
+    exception goes to the hook that was in place, and asyncio's other messages are logged.
     """
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFailures) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedReadFailures())
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
@@ -142,6 +147,15 @@ def _drop_reads_abandoned_by_failed_restores() -> None:
 
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
+
+
+class _AbandonedReadFailures(std_logging.Filter):
+    """Drops asyncio's report of a tensorstore read whose failure nobody awaited (the restore had already failed)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        unretrieved = str(record.msg).startswith("Task exception was never retrieved")
+        return not (unretrieved and "tensorstore_spec" in str(error))
 
 
 def restore_resumable(workdir: str, target: Any) -> Any | None:
